@@ -1,0 +1,1 @@
+"""CLIP space: CompAlign maps, text banks, scoring (to come)."""

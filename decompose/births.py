@@ -1,0 +1,136 @@
+"""Splitting a birth value into components at the requested level.
+
+A birth is where a branch's contribution becomes linear all the way to the
+output (see ``tracer.roles``). At level ``branch`` it is one component; an
+attention birth splits along its head axes (level ``head``: the non-batch,
+non-query, non-key axes of the attention weights) and further along the key
+axis of ``weights @ values`` (level ``token``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from tracer.attention import (AttentionParts, mha_arguments, mha_output_projection, mha_parts,
+                              sdpa_arguments, sdpa_values, sdpa_weights)
+from tracer.linear_rules import Offset
+from tracer.ops import is_multihead_attention
+from tracer.probe import node_arguments
+from tracer.roles import Birth
+
+LEVELS = ("branch", "head", "token")
+
+
+@dataclass
+class BornComponents:
+    """Components born at one node: ``values`` [K, *out.shape] (or MHA's (tensor, None))."""
+
+    values: torch.Tensor | tuple
+    heads: list[int | None]
+    tokens: list[int | None]
+    offsets: list[Offset]
+
+
+def split_birth(gm: fx.GraphModule, birth: Birth, real: dict, level: str) -> BornComponents:
+    node = birth.node
+    value = real[node]
+    if birth.kind != "attention" or (level == "branch" and not is_multihead_attention(node, gm)):
+        return BornComponents(value.unsqueeze(0), [None], [None], [])
+    if is_multihead_attention(node, gm):
+        return _split_multihead(gm, node, real, level)
+    parts = _attention_parts(node, real)
+    if level == "branch" or parts is None:
+        return BornComponents(value.unsqueeze(0), [None], [None], [])
+    head_dims = list(range(1, value.dim() - 2))
+    if level == "head":
+        return _split_heads(value, head_dims)
+    return _split_tokens(parts, value, head_dims)
+
+
+def _attention_parts(node: fx.Node, real: dict) -> AttentionParts | None:
+    args, kwargs = node_arguments(node, real)
+    if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
+        bound = sdpa_arguments(args, kwargs)
+        return AttentionParts(sdpa_weights(**bound), sdpa_values(bound["value"], bound["query"],
+                                                                 bound.get("enable_gqa", False)))
+    weights, values = args[0], args[1]
+    if weights.dim() < 2 or values.dim() < 2:
+        return None
+    return AttentionParts(weights, values)
+
+
+def _head_mask(shape: torch.Size, head_dims: list[int], like: torch.Tensor) -> torch.Tensor:
+    """[H, *broadcast shape] one-hot over the (flattened) head axes."""
+    count = math.prod(shape[d] for d in head_dims)
+    view = [shape[d] if d in head_dims else 1 for d in range(len(shape))]
+    return torch.eye(count, dtype=like.dtype, device=like.device).reshape(count, *view)
+
+
+def _split_heads(value: torch.Tensor, head_dims: list[int]) -> BornComponents:
+    if not head_dims:
+        return BornComponents(value.unsqueeze(0), [None], [None], [])
+    mask = _head_mask(value.shape, head_dims, value)
+    heads = list(range(mask.shape[0]))
+    return BornComponents(value.unsqueeze(0) * mask, heads, [None] * len(heads), [])
+
+
+def _split_tokens(parts: AttentionParts, value: torch.Tensor, head_dims: list[int]) -> BornComponents:
+    """[H*Nk, *out]: component (h, j) = weights[..., h, :, j] ⊗ values[..., h, j, :]."""
+    weights, values = parts.weights, parts.values
+    keys = weights.shape[-1]
+    # [Nk, ..., Nq, d]: contribution of each key token through all heads
+    per_token = torch.einsum("...qk,...kd->k...qd", weights, values)
+    per_token = per_token.expand(keys, *value.shape)
+    if head_dims:
+        mask = _head_mask(value.shape, head_dims, value)            # [H, *view]
+        components = (per_token.unsqueeze(0) * mask.unsqueeze(1)).flatten(0, 1)
+        heads = [h for h in range(mask.shape[0]) for _ in range(keys)]
+    else:
+        components, heads = per_token, [None] * keys
+    tokens = [j for _ in range(len(heads) // keys) for j in range(keys)]
+    return BornComponents(components, heads, tokens, [])
+
+
+def _split_multihead(gm: fx.GraphModule, node: fx.Node, real: dict, level: str) -> BornComponents:
+    """``nn.MultiheadAttention`` born in a branch: per-head (and per-token) outputs of out_proj."""
+    mha = gm.get_submodule(node.target)
+    args, kwargs = node_arguments(node, real)
+    parts = mha_parts(mha, **mha_arguments(args, kwargs))
+    heads_out = torch.matmul(parts.weights, parts.values)                     # [N, H, L, d]
+    count = mha.num_heads
+    if level == "branch":
+        values = mha_output_projection(mha, heads_out).unsqueeze(0)
+        heads, tokens = [None], [None]
+    else:
+        mask = torch.eye(count, dtype=heads_out.dtype, device=heads_out.device).view(count, 1, count, 1, 1)
+        if level == "head":
+            values = mha_output_projection(mha, heads_out.unsqueeze(0) * mask)  # [H, ...]
+            heads, tokens = list(range(count)), [None] * count
+        else:
+            keys = parts.weights.shape[-1]
+            per_token = torch.einsum("nhqk,nhkd->knhqd", parts.weights, parts.values)  # [S, N, H, L, d]
+            masked = (per_token.unsqueeze(0) * mask.unsqueeze(1)).flatten(0, 1)      # [H*S, N, H, L, d]
+            values = mha_output_projection(mha, masked)
+            heads = [h for h in range(count) for _ in range(keys)]
+            tokens = [j for _ in range(count) for j in range(keys)]
+    _check_multihead(real[node][0], values.sum(0), mha, node)
+    offsets = []
+    if mha.out_proj.bias is not None:
+        bias = mha.out_proj.bias.expand(real[node][0].shape)
+        offsets.append(Offset(bias, f"{node.target.removeprefix('model.')}.out_proj.bias"))
+    return BornComponents((values, None), heads, tokens, offsets)
+
+
+def _check_multihead(real_out: torch.Tensor, without_bias: torch.Tensor, mha, node) -> None:
+    bias = mha.out_proj.bias if mha.out_proj.bias is not None else 0
+    error = (without_bias + bias - real_out).norm() / real_out.norm().clamp_min(1e-30)
+    tolerance = 1e-9 if real_out.dtype == torch.float64 else 1e-4
+    if error > tolerance:
+        raise ValueError(f"nn.MultiheadAttention at {node.target}: re-computed heads differ from "
+                         f"its output (relative error {float(error):.2e}); this configuration is not supported")
+
+

@@ -1,0 +1,100 @@
+"""``trace_and_decompose(model)``: trace once, decompose any batch."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from tracer.probe import ModelRunError, run_probe
+from tracer.roles import TrunkPlan, plan_trunk
+from tracer.tracing import frozen_eval_copy, trace_representation
+
+from .births import LEVELS
+from .decomposition import Decomposition
+from .propagate import ComponentRegistry, propagate
+
+
+class Decomposer(nn.Module):
+    """Callable module: ``decomposer(images, level="head") -> Decomposition``.
+
+    Holds an eval-mode copy of the model traced with torch.fx; the user's model is
+    never modified. Graph roles are analysed once per input shape and dtype.
+    """
+
+    def __init__(self, model: nn.Module, output: str = "pre_logits"):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"trace_and_decompose expects a torch.nn.Module, got {type(model).__name__}")
+        started = time.perf_counter()
+        self.output = output
+        self.graph_module, self.opaque_modules = trace_representation(frozen_eval_copy(model), output)
+        self.trace_seconds = time.perf_counter() - started
+        self._plans: dict[tuple, TrunkPlan] = {}
+        self._expected_input = _expected_input_size(model)
+
+    def plan(self, images: torch.Tensor) -> TrunkPlan:
+        """Roles of the graph nodes for inputs shaped like ``images`` (cached)."""
+        signature = (tuple(images.shape[1:]), images.dtype, images.device.type)
+        if signature not in self._plans:
+            try:
+                probe = run_probe(self.graph_module, images[:1])
+            except ModelRunError as error:
+                hint = f" The model expects inputs of shape [B, {', '.join(map(str, self._expected_input))}]." \
+                    if self._expected_input else ""
+                raise ValueError(f"{error}.{hint}") from error
+            self._plans[signature] = plan_trunk(self.graph_module, probe)
+        return self._plans[signature]
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, level: str = "head") -> Decomposition:
+        """Decompose a batch ``images`` [B, C, H, W] into ``Decomposition.components`` [C, B, *D]."""
+        _check_images(images, self.graph_module, self._expected_input)
+        if level not in LEVELS:
+            raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+        plan = self.plan(images)
+        registry = ComponentRegistry()
+        representation, carried = propagate(self.graph_module, plan, images, level, registry)
+        order = sorted(range(len(carried.ids)), key=carried.ids.__getitem__)
+        components = carried.values[order]
+        labels = [registry.labels[carried.ids[i]] for i in order]
+        return Decomposition(components, labels, representation, level, plan.target.name,
+                             plan.describe_stop())
+
+
+def trace_and_decompose(model: nn.Module, output: str = "pre_logits") -> Decomposer:
+    """Trace ``model`` once and return a ``Decomposer``.
+
+    output: ``"pre_logits"`` (timm's ``num_classes=0`` features; open_clip image towers
+            give their embedding) or ``"logits"`` (the classifier output).
+    """
+    return Decomposer(model, output=output)
+
+
+def _expected_input_size(model: nn.Module) -> tuple | None:
+    config: Any = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    size = config.get("input_size") if isinstance(config, dict) else None
+    return tuple(size) if size else None
+
+
+def _check_images(images: Any, gm: nn.Module, expected: tuple | None) -> None:
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor [B, C, H, W], got {type(images).__name__}")
+    if images.dim() != 4:
+        hint = f" (e.g. [B, {', '.join(map(str, expected))}])" if expected else ""
+        raise ValueError(f"images must be a 4-D batch [B, C, H, W]{hint}, got shape {tuple(images.shape)}; "
+                         "add a batch axis with images.unsqueeze(0) for a single image")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be floating point (normalised pixels), got {images.dtype}")
+    if not bool(torch.isfinite(images).all()):
+        bad = (~torch.isfinite(images)).flatten(1).any(1).nonzero().flatten().tolist()
+        raise ValueError(f"images contain NaN or inf values (batch indices {bad}); clean the input first")
+    parameter = next(gm.parameters(), None)
+    if parameter is not None and parameter.dtype != images.dtype:
+        raise ValueError(f"images are {images.dtype} but the model is {parameter.dtype}; "
+                         f"convert with images.to({parameter.dtype}) or model.to({images.dtype}) "
+                         "before trace_and_decompose")
+    if parameter is not None and parameter.device != images.device:
+        raise ValueError(f"images are on {images.device} but the model is on {parameter.device}; "
+                         "move them to the same device")

@@ -1,0 +1,40 @@
+"""Labels of components: what each row of ``Decomposition.components`` is."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ComponentLabel:
+    """One component of a decomposition.
+
+    name:  module or parameter path (``blocks.3.attn``, ``pos_embed``, ``norm.bias``)
+    kind:  ``embedding`` (the image through the linear stem), ``constant`` (class/register
+           tokens, position embeddings), ``bias`` (an op's bias carried to the output),
+           ``attention`` (an attention branch or one of its heads), ``branch`` (any other
+           residual branch: MLP, conv block, gate)
+    layer: index of the residual block the component joins (None outside blocks)
+    head:  attention head index (level ``head`` and ``token``)
+    token: source token (level ``token``)
+    node:  fx node where the component is born
+    """
+
+    name: str
+    kind: str
+    layer: int | None = None
+    head: int | None = None
+    token: int | None = None
+    node: str = ""
+
+    @property
+    def key(self) -> str:
+        """Unique, stable text key: ``blocks.3.attn.h5`` / ``blocks.3.attn.h5.t17``."""
+        key = self.name
+        if self.head is not None:
+            key += f".h{self.head}"
+        if self.token is not None:
+            key += f".t{self.token}"
+        return key
+
+    def __str__(self) -> str:
+        return self.key

@@ -1,0 +1,351 @@
+"""Linearization rules: apply one graph op to a stack of components.
+
+Components of a value ``v`` are a tensor ``[C, *v.shape]`` whose sum over the
+first axis is ``v``. An op that is affine in ``v`` (given frozen scalars) maps
+them to ``[C, *out.shape]`` plus constant offsets (biases) that become
+components of their own. The rules:
+
+* ``F.linear`` / convolutions: called without bias; the bias is an offset.
+* norms: divide by the *real* per-token scale (biased variance, the op's eps);
+  each component is centred by its own mean; the norm's bias is an offset.
+* fused attention on the trunk: weights frozen at their real values.
+* everything else affine (reshapes, pooling, slicing, opaque affine leaves):
+  ``vmap`` of the op over the component axis, minus its value at zero.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from .attention import (mha_arguments, mha_output_projection, mha_parts, sdpa_arguments,
+                        sdpa_values, sdpa_weights)
+from .ops import META_FUNCTIONS, META_METHODS, OpKind, is_subtraction
+from .probe import node_arguments
+from .tracing import MODEL_PREFIX, call_target, module_path
+
+
+@dataclass
+class Offset:
+    """A constant term produced by an affine op (bias, shift), shaped like its output."""
+
+    value: torch.Tensor
+    name: str
+    kind: str = "bias"
+
+
+def parameter_name(node: Any, carriers: dict | None = None) -> str | None:
+    """``blocks.0.attn.proj.bias`` for a get_attr node (or a node computed from get_attr nodes)."""
+    if not isinstance(node, fx.Node):
+        return None
+    sources, stack, seen = [], [node], set()
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current.op == "get_attr":
+            sources.append(str(current.target).removeprefix(MODEL_PREFIX))
+        if current.target in META_FUNCTIONS or current.target in META_METHODS:
+            continue  # x.shape, x.size(): sizes, not values
+        stack.extend(current.all_input_nodes)
+    return "+".join(sorted(sources)) if sources else None
+
+
+class Evaluator:
+    """Calls a node's op with some inputs replaced (real values for the rest)."""
+
+    def __init__(self, gm: fx.GraphModule, node: fx.Node, real: dict):
+        self.gm, self.node, self.real = gm, node, real
+
+    def __call__(self, replaced: dict[fx.Node, Any]) -> Any:
+        args, kwargs = node_arguments(self.node, _Overlay(self.real, replaced))
+        return call_target(_out_of_place(self.node), self.gm, args, kwargs)
+
+    def over_components(self, carriers: dict[fx.Node, Any]) -> Any:
+        """The op applied to each component: vmap over axis 0 of every carried input."""
+        nodes = list(carriers)
+
+        def per_component(*components):
+            return self(dict(zip(nodes, components)))
+
+        try:
+            return torch.vmap(per_component)(*carriers.values())
+        except Exception:  # ops without a batching rule: loop (slow but exact)
+            count = _count(next(iter(carriers.values())))
+            outs = [per_component(*(_index(c, i) for c in carriers.values())) for i in range(count)]
+            return _stack(outs)
+
+
+_IN_PLACE_FUNCTIONS = {operator.iadd: operator.add, operator.isub: operator.sub,
+                       operator.imul: operator.mul, operator.itruediv: operator.truediv}
+
+
+def _out_of_place(node):
+    """In-place ops must not write into component tensors shared with other nodes."""
+    if node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_"):
+        return _StrippedNode(node, node.args, node.kwargs, target=node.target[:-1])
+    if node.op == "call_function" and node.target in _IN_PLACE_FUNCTIONS:
+        return _StrippedNode(node, node.args, node.kwargs, target=_IN_PLACE_FUNCTIONS[node.target])
+    return node
+
+
+class _Overlay(dict):
+    def __init__(self, base: dict, overlay: dict):
+        super().__init__(overlay)
+        self.base = base
+
+    def __missing__(self, key):
+        return self.base[key]
+
+
+def _count(components: Any) -> int:
+    if isinstance(components, torch.Tensor):
+        return components.shape[0]
+    return next(_count(c) for c in components if c is not None)
+
+
+def _index(components: Any, i: int) -> Any:
+    if isinstance(components, torch.Tensor):
+        return components[i]
+    if components is None:
+        return None
+    return type(components)(_index(c, i) for c in components)
+
+
+def _stack(outs: list) -> Any:
+    first = outs[0]
+    if isinstance(first, torch.Tensor):
+        return torch.stack(outs)
+    if first is None:
+        return None
+    return tuple(_stack([o[j] for o in outs]) for j in range(len(first)))
+
+
+def _is_zero(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return not bool(value.any())
+    if isinstance(value, (tuple, list)):
+        return all(_is_zero(v) for v in value)
+    return value is None
+
+
+def _zeros_like(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return torch.zeros_like(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_zeros_like(v) for v in value)
+    return value
+
+
+# --- single-carrier rules ------------------------------------------------------------
+
+def apply_affine(gm: fx.GraphModule, node: fx.Node, kind: OpKind, real: dict,
+                 carrier: fx.Node, components: Any) -> tuple[Any, list[Offset]]:
+    """``node`` applied to ``components`` of its single linear input ``carrier``."""
+    evaluate = Evaluator(gm, node, real)
+    if node.op == "call_function" and node.target in _BIAS_ARGUMENT and _first_arg(node) is carrier:
+        return _without_bias(evaluate, node, real, carrier, components)
+    if kind == OpKind.NORM:
+        return _NORM_RULES[node.target](node, real, components)
+    if kind == OpKind.ATTENTION:
+        return _frozen_attention(gm, node, real, carrier, components)
+    if kind == OpKind.AFFINE and node.target is operator.getitem and not isinstance(components, torch.Tensor):
+        return components[node.args[1]], []
+    out = evaluate.over_components({carrier: components})
+    if kind in (OpKind.AFFINE, OpKind.PRODUCT) and node.target is not F.pad:
+        return out, []
+    at_zero = evaluate({carrier: _zeros_like(real[carrier])})
+    if _is_zero(at_zero):
+        return out, []
+    shifted = _subtract(out, at_zero)
+    return shifted, [Offset(at_zero, f"{module_path(node) or node.name}:{node.name}.offset")]
+
+
+def _subtract(out: Any, at_zero: Any) -> Any:
+    if isinstance(out, torch.Tensor):
+        return out - at_zero
+    return type(out)(_subtract(o, z) for o, z in zip(out, at_zero))
+
+
+# functions with a bias argument: position of the bias
+_BIAS_ARGUMENT = {F.linear: 2, F.conv1d: 2, F.conv2d: 2, F.conv3d: 2,
+                  F.conv_transpose1d: 2, F.conv_transpose2d: 2, F.conv_transpose3d: 2}
+
+
+def _first_arg(node: fx.Node):
+    return node.args[0] if node.args else node.kwargs.get("input")
+
+
+def _without_bias(evaluate: Evaluator, node: fx.Node, real: dict, carrier: fx.Node, components):
+    position = _BIAS_ARGUMENT[node.target]
+    bias_node = node.args[position] if len(node.args) > position else node.kwargs.get("bias")
+    args = list(node.args)
+    kwargs = dict(node.kwargs)
+    if len(args) > position:
+        args[position] = None
+    else:
+        kwargs.pop("bias", None)
+    stripped = _StrippedNode(node, tuple(args), kwargs)
+    out = Evaluator(evaluate.gm, stripped, real).over_components({carrier: components})
+    if bias_node is None:
+        return out, []
+    bias = real[bias_node] if isinstance(bias_node, fx.Node) else bias_node
+    shape = (1, -1) + (1,) * (components.dim() - 3) if node.target is not F.linear else (-1,)
+    offset = bias.reshape(shape).expand(out.shape[1:])
+    return out, [Offset(offset, parameter_name(bias_node) or f"{module_path(node)}.bias")]
+
+
+class _StrippedNode:
+    """A stand-in node with replaced arguments (for calling an op without its bias)."""
+
+    def __init__(self, node: fx.Node, args: tuple, kwargs: dict, target=None):
+        self.op, self.args, self.kwargs = node.op, args, kwargs
+        self.target = node.target if target is None else target
+        self.name = node.name
+
+
+def _norm_bias(node: fx.Node, real: dict, name: str, shape_like: torch.Tensor, broadcast: Callable):
+    bias_node = _arg(node, name)
+    if bias_node is None:
+        return []
+    bias = real[bias_node] if isinstance(bias_node, fx.Node) else bias_node
+    return [Offset(broadcast(bias).expand(shape_like.shape), parameter_name(bias_node) or f"{module_path(node)}.bias")]
+
+
+_SIGNATURES = {
+    F.layer_norm: ["input", "normalized_shape", "weight", "bias", "eps"],
+    F.rms_norm: ["input", "normalized_shape", "weight", "eps"],
+    F.group_norm: ["input", "num_groups", "weight", "bias", "eps"],
+    F.batch_norm: ["input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"],
+    F.normalize: ["input", "p", "dim", "eps", "out"],
+}
+_DEFAULTS = {
+    F.layer_norm: {"weight": None, "bias": None, "eps": 1e-5},
+    F.rms_norm: {"weight": None, "eps": None},
+    F.group_norm: {"weight": None, "bias": None, "eps": 1e-5},
+    F.batch_norm: {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5},
+    F.normalize: {"p": 2.0, "dim": 1, "eps": 1e-12},
+}
+
+
+def _arg(node: fx.Node, name: str):
+    names = _SIGNATURES[node.target]
+    index = names.index(name)
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, _DEFAULTS[node.target].get(name))
+
+
+def _value(node: fx.Node, real: dict, name: str):
+    arg = _arg(node, name)
+    return real[arg] if isinstance(arg, fx.Node) else arg
+
+
+def _layer_norm(node: fx.Node, real: dict, components: torch.Tensor):
+    x = _value(node, real, "input")
+    dims = tuple(range(-len(tuple(_value(node, real, "normalized_shape"))), 0))
+    inv_std = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + _value(node, real, "eps"))
+    out = (components - components.mean(dims, keepdim=True)) * inv_std
+    weight = _value(node, real, "weight")
+    if weight is not None:
+        out = out * weight
+    return out, _norm_bias(node, real, "bias", x, lambda b: b)
+
+
+def _rms_norm(node: fx.Node, real: dict, components: torch.Tensor):
+    x = _value(node, real, "input")
+    dims = tuple(range(-len(tuple(_value(node, real, "normalized_shape"))), 0))
+    eps = _value(node, real, "eps")
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    out = components * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
+    weight = _value(node, real, "weight")
+    return (out * weight if weight is not None else out), []
+
+
+def _group_norm(node: fx.Node, real: dict, components: torch.Tensor):
+    x = _value(node, real, "input")
+    groups = _value(node, real, "num_groups")
+    grouped = x.reshape(x.shape[0], groups, -1)
+    inv_std = torch.rsqrt(grouped.var(-1, unbiased=False, keepdim=True) + _value(node, real, "eps"))
+    c = components.reshape(components.shape[0], x.shape[0], groups, -1)
+    out = ((c - c.mean(-1, keepdim=True)) * inv_std).reshape(components.shape)
+    channel = (-1,) + (1,) * (x.dim() - 2)
+    weight = _value(node, real, "weight")
+    if weight is not None:
+        out = out * weight.reshape(channel)
+    return out, _norm_bias(node, real, "bias", x, lambda b: b.reshape(channel))
+
+
+def _batch_norm(node: fx.Node, real: dict, components: torch.Tensor):
+    x = _value(node, real, "input")
+    if _value(node, real, "training"):
+        raise ValueError(f"batch_norm in training mode at {node.name}: call model.eval()")
+    channel = (-1,) + (1,) * (x.dim() - 2)
+    scale = torch.rsqrt(_value(node, real, "running_var") + _value(node, real, "eps"))
+    weight, bias = _value(node, real, "weight"), _value(node, real, "bias")
+    if weight is not None:
+        scale = scale * weight
+    shift = -_value(node, real, "running_mean") * scale
+    if bias is not None:
+        shift = shift + bias
+    out = components * scale.reshape(channel)
+    name = parameter_name(_arg(node, "bias")) or f"{module_path(node)}.shift"
+    return out, [Offset(shift.reshape(channel).expand(x.shape), name)]
+
+
+def _normalize(node: fx.Node, real: dict, components: torch.Tensor):
+    x = _value(node, real, "input")
+    norm = x.norm(_value(node, real, "p"), _value(node, real, "dim"), keepdim=True)
+    return components / norm.clamp_min(_value(node, real, "eps")), []
+
+
+_NORM_RULES = {F.layer_norm: _layer_norm, F.rms_norm: _rms_norm, F.group_norm: _group_norm,
+               F.batch_norm: _batch_norm, F.normalize: _normalize}
+
+
+def _frozen_attention(gm: fx.GraphModule, node: fx.Node, real: dict, carrier: fx.Node, components):
+    """Attention on the trunk (attention pooling): weights frozen, linear in the values."""
+    args, kwargs = node_arguments(node, real)
+    if node.op == "call_function":
+        bound = sdpa_arguments(args, kwargs)
+        weights = sdpa_weights(**bound)
+        values = sdpa_values(components, bound["query"], bound.get("enable_gqa", False))
+        return torch.matmul(weights, values), []
+    mha = gm.get_submodule(node.target)
+    bound = mha_arguments(args, kwargs)
+    parts = mha_parts(mha, **bound)
+    value_comps = components if mha.batch_first else components.transpose(1, 2)
+    _, _, w_v = mha.in_proj_weight.chunk(3) if mha._qkv_same_embed_dim else (None, None, mha.v_proj_weight)
+    v = F.linear(value_comps, w_v).unflatten(-1, (mha.num_heads, mha.head_dim)).transpose(-3, -2)
+    out = mha_output_projection(mha, torch.matmul(parts.weights, v))
+    zero_bound = dict(bound, value=torch.zeros_like(bound["value"]))
+    zero_parts = mha_parts(mha, **zero_bound)
+    at_zero = mha_output_projection(mha, torch.matmul(zero_parts.weights, zero_parts.values))
+    if mha.out_proj.bias is not None:
+        at_zero = at_zero + mha.out_proj.bias
+    offsets = [] if _is_zero(at_zero) else [Offset(at_zero, f"{module_path(node)}.bias")]
+    return (out, None), offsets
+
+
+# --- multi-carrier rules (additive) --------------------------------------------------
+
+def additive_sign(node: fx.Node, position: int) -> float:
+    """Coefficient of operand ``position`` in add / sub (``alpha`` included)."""
+    if position == 0:
+        return 1.0
+    alpha = node.kwargs.get("alpha", 1)
+    return -float(alpha) if is_subtraction(node) else float(alpha)
+
+
+def is_binary_additive(node: fx.Node) -> bool:
+    return node.target not in (torch.cat, torch.concat, torch.concatenate, torch.stack)
+
+
+def math_prod(shape) -> int:
+    return math.prod(shape)

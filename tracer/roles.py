@@ -1,0 +1,406 @@
+"""Graph analysis: the residual trunk, the branches, and where components are born.
+
+Walking backwards from the representation node:
+
+* a **trunk** node is on the residual stream. Every trunk op must be linear once
+  data-dependent scalars are frozen (norm scales, attention weights).
+* at an addition on the trunk, each data operand is tested against the nearest
+  node both operands come from (the fork): an operand that reaches the fork
+  through affine ops only is **stream** (stays on the trunk); one that does not
+  is a **branch**. Operand order and module names play no part.
+* a **carry** node is inside a branch, between the component's birth and the
+  residual add; it must be linear too (frozen norm scales allowed).
+* the **birth** of a branch is its last data-dependent product or nonlinearity
+  (attention ``A @ V`` or SDPA, an activation, a gate product).
+* a nonlinearity on the trunk before the first residual add (a ``tanh``
+  pre-logits head) moves the decomposed representation to its input; one after
+  residual adds with further residual adds upstream is an error; one with no
+  residual add upstream (a convolutional stem) is the birth of the embedding.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .affinity import is_affine_in
+from .ops import OpKind, attention_value_input, op_kind, product_positions
+from .probe import Probe, node_arguments
+from .tracing import call_target, describe, module_path, module_stack
+
+
+class Role(enum.Enum):
+    TRUNK = "trunk"
+    CARRY = "carry"
+    BIRTH = "birth"
+
+
+class NonlinearTrunkError(ValueError):
+    """A nonlinear operation sits on the residual trunk between residual blocks."""
+
+
+@dataclass
+class Birth:
+    """Where a component (or a group of head/token components) is born."""
+
+    node: fx.Node
+    kind: str                    # "embedding" | "attention" | "branch"
+    join: fx.Node | None         # residual add where the branch enters the trunk
+    name: str = ""               # module path naming the component
+    layer: int | None = None     # index of the residual block it joins
+
+
+@dataclass
+class TrunkPlan:
+    """Roles of the graph nodes for one input signature."""
+
+    target: fx.Node                          # node whose value is decomposed
+    roles: dict[fx.Node, Role]
+    births: dict[fx.Node, Birth]
+    joins: list[fx.Node]                     # residual adds, in graph order
+    branch_of: dict[fx.Node, fx.Node] = field(default_factory=dict)  # carry/birth node -> its join
+    stopped_before: fx.Node | None = None    # nonlinearity after the target, if any
+    layer_of_join: dict[fx.Node, int] = field(default_factory=dict)
+
+    def layer(self, node: fx.Node) -> int | None:
+        """Residual block index of the branch ``node`` belongs to (None on the trunk)."""
+        join = self.branch_of.get(node)
+        return None if join is None else self.layer_of_join[join]
+
+    @property
+    def carriers(self) -> set[fx.Node]:
+        return set(self.roles)
+
+    def describe_stop(self) -> str | None:
+        return describe(self.stopped_before) if self.stopped_before is not None else None
+
+
+class _Retarget(Exception):
+    def __init__(self, nonlinear: fx.Node, new_target: fx.Node):
+        super().__init__(nonlinear.name)
+        self.nonlinear, self.new_target = nonlinear, new_target
+
+
+class GraphAnalysis:
+    """Op kinds, data inputs, ancestry and affinity of the nodes of one probed graph."""
+
+    def __init__(self, gm: fx.GraphModule, probe: Probe):
+        self.gm, self.probe = gm, probe
+        self.order = {node: i for i, node in enumerate(gm.graph.nodes)}
+        self._kind: dict[fx.Node, OpKind] = {}
+        self._ancestors: dict[fx.Node, int] = {}
+        self._affine_cache: dict[tuple[fx.Node, tuple[fx.Node, ...]], bool] = {}
+        self._path_cache: dict[tuple[fx.Node, fx.Node], bool] = {}
+        self._residual_upstream: dict[fx.Node, bool] = {}
+
+    # --- node facts -----------------------------------------------------------
+    def kind(self, node: fx.Node) -> OpKind:
+        if node not in self._kind:
+            self._kind[node] = op_kind(node, self.gm)
+        return self._kind[node]
+
+    def data_inputs(self, node: fx.Node) -> list[fx.Node]:
+        """Image-dependent inputs that the op's value flows from (not shape/index inputs)."""
+        kind = self.kind(node)
+        if kind in (OpKind.AFFINE, OpKind.NORM):
+            first = node.args[0] if node.args else None
+            return [first] if self.probe.is_data(first) else []
+        return self.probe.data_inputs(node)
+
+    def ancestors(self, node: fx.Node) -> int:
+        """Bitset of data nodes ``node`` depends on (itself included), by graph order."""
+        if node not in self._ancestors:
+            bits = 1 << self.order[node]
+            for parent in self.probe.data_inputs(node):
+                bits |= self.ancestors(parent)
+            self._ancestors[node] = bits
+        return self._ancestors[node]
+
+    def fork(self, nodes: list[fx.Node]) -> fx.Node | None:
+        """The nearest node every one of ``nodes`` depends on (latest in graph order)."""
+        common = self.ancestors(nodes[0])
+        for node in nodes[1:]:
+            common &= self.ancestors(node)
+        if not common:
+            return None
+        index = common.bit_length() - 1
+        return next(n for n, i in self.order.items() if i == index)
+
+    def depends_on(self, node: fx.Node, ancestor: fx.Node) -> bool:
+        return bool(self.ancestors(node) >> self.order[ancestor] & 1)
+
+    # --- affinity --------------------------------------------------------------
+    def is_affine_in(self, node: fx.Node, inputs: tuple[fx.Node, ...]) -> bool:
+        """Numerically: is ``node`` affine in ``inputs`` jointly, other inputs frozen?"""
+        key = (node, inputs)
+        if key not in self._affine_cache:
+            values = self.probe.values
+
+            def evaluate(replacement):
+                replaced = dict(zip(inputs, replacement))
+                args, kwargs = node_arguments(node, _Overlay(values, replaced))
+                return call_target(node, self.gm, args, kwargs)
+
+            example = tuple(values[i] for i in inputs)
+            self._affine_cache[key] = is_affine_in(evaluate, example)
+        return self._affine_cache[key]
+
+    def linear_inputs(self, node: fx.Node) -> list[fx.Node] | None:
+        """Data inputs in which the op is linear with everything else frozen.
+
+        ``None`` means the op is nonlinear (or jointly linear is impossible).
+        For ADDITIVE ops and jointly-affine opaque ops this is every data input.
+        For PRODUCT and ATTENTION ops the caller decides which one to keep.
+        """
+        kind = self.kind(node)
+        inputs = self.data_inputs(node)
+        if kind in (OpKind.ADDITIVE, OpKind.AFFINE, OpKind.NORM):
+            return inputs
+        if kind == OpKind.UNKNOWN:
+            if inputs and self.is_affine_in(node, tuple(inputs)):
+                return inputs
+            return None
+        return None
+
+    def affine_path(self, fork: fx.Node, node: fx.Node) -> bool:
+        """Whether every path from ``fork`` to ``node`` is affine (norm scales frozen)."""
+        if node is fork:
+            return True
+        key = (fork, node)
+        if key in self._path_cache:
+            return self._path_cache[key]
+        upstream = [n for n in self.data_inputs(node) if self.depends_on(n, fork)]
+        kind = self.kind(node)
+        if kind in (OpKind.ADDITIVE, OpKind.AFFINE, OpKind.NORM):
+            result = all(self.affine_path(fork, n) for n in upstream)
+        elif kind == OpKind.PRODUCT:
+            positions = product_positions(node)
+            result = (len(upstream) == 1 and self._is_linear_position(node, upstream[0], positions)
+                      and self.affine_path(fork, upstream[0]))
+        elif kind == OpKind.UNKNOWN:
+            result = bool(upstream) and self.is_affine_in(node, tuple(upstream)) and all(
+                self.affine_path(fork, n) for n in upstream)
+        else:
+            result = False
+        self._path_cache[key] = result
+        return result
+
+    def _is_linear_position(self, node: fx.Node, operand: fx.Node, positions: tuple[int, ...] | None) -> bool:
+        if positions is None:
+            return True
+        return any(i < len(node.args) and node.args[i] is operand for i in positions)
+
+    def has_residual_upstream(self, node: fx.Node) -> bool:
+        """Whether any addition of two non-affinely related data operands feeds ``node``."""
+        if node not in self._residual_upstream:
+            bits = self.ancestors(node)
+            found = False
+            for candidate, index in self.order.items():
+                if not bits >> index & 1 or candidate is node:
+                    continue
+                if self.kind(candidate) == OpKind.ADDITIVE:
+                    inputs = self.data_inputs(candidate)
+                    if len(inputs) >= 2:
+                        fork = self.fork(inputs)
+                        if fork is None or not all(self.affine_path(fork, i) for i in inputs):
+                            found = True
+                            break
+            self._residual_upstream[node] = found
+        return self._residual_upstream[node]
+
+
+class _Overlay(dict):
+    """Read-through mapping: replacement values first, then the recorded ones."""
+
+    def __init__(self, base: dict, overlay: dict):
+        super().__init__(overlay)
+        self.base = base
+
+    def __missing__(self, key):
+        return self.base[key]
+
+
+def plan_trunk(gm: fx.GraphModule, probe: Probe) -> TrunkPlan:
+    """Assign trunk / carry / birth roles, moving the target before a nonlinear head."""
+    analysis = GraphAnalysis(gm, probe)
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    target = output.args[0]
+    if isinstance(target, (tuple, list)):
+        target = target[0]
+    if not probe.is_data(target) or not isinstance(probe.values[target], torch.Tensor):
+        raise ValueError("the model's output is not an image-dependent tensor; nothing to decompose")
+    stopped_before = None
+    while True:
+        try:
+            plan = _walk(analysis, target)
+        except _Retarget as retarget:
+            stopped_before = retarget.nonlinear
+            target = retarget.new_target
+            continue
+        plan.stopped_before = stopped_before
+        _name_births(plan, analysis)
+        return plan
+
+
+def _walk(analysis: GraphAnalysis, target: fx.Node) -> TrunkPlan:
+    roles: dict[fx.Node, Role] = {}
+    births: dict[fx.Node, Birth] = {}
+    joins: list[fx.Node] = []
+    branch_of: dict[fx.Node, fx.Node] = {}
+    # (node, role, join add, whether a residual add lies between it and the output)
+    stack: list[tuple[fx.Node, Role, fx.Node | None, bool]] = [(target, Role.TRUNK, None, False)]
+    while stack:
+        node, role, join, below_residual = stack.pop()
+        if node in roles:
+            if roles[node] is not role and Role.BIRTH not in (roles[node], role):
+                raise ValueError(
+                    f"{describe(node)} is reached both on the residual trunk and inside a branch; "
+                    "this graph shape is not supported yet")
+            continue
+        if not analysis.probe.is_data(node):
+            continue
+        if node.op == "placeholder":
+            roles[node] = Role.BIRTH
+            births[node] = Birth(node, "embedding", None)
+            continue
+        if role is Role.TRUNK:
+            pushed = _trunk_step(analysis, node, join, below_residual, joins)
+        else:
+            pushed = _carry_step(analysis, node, join)
+        if pushed is None:  # the node is a birth
+            kind = _birth_kind(analysis, node) if role is Role.CARRY else "embedding"
+            roles[node] = Role.BIRTH
+            births[node] = Birth(node, kind, join)
+            continue
+        roles[node] = role
+        if role is Role.CARRY:
+            branch_of[node] = join
+        stack.extend(pushed)
+    for node, birth in births.items():
+        if birth.join is not None:
+            branch_of[node] = birth.join
+    joins.sort(key=analysis.order.__getitem__)
+    return TrunkPlan(target, roles, births, joins, branch_of)
+
+
+def _trunk_step(analysis: GraphAnalysis, node: fx.Node, join, below_residual: bool, joins: list):
+    """Inputs to visit from a trunk node; ``None`` makes the node an embedding birth."""
+    kind = analysis.kind(node)
+    inputs = analysis.data_inputs(node)
+    if kind == OpKind.ADDITIVE and len(inputs) >= 2:
+        fork = analysis.fork(inputs)
+        affine = [fork is not None and analysis.affine_path(fork, i) for i in inputs]
+        if all(affine):
+            return [(i, Role.TRUNK, join, below_residual) for i in inputs]
+        joins.append(node)
+        return [(i, Role.TRUNK, join, True) if a else (i, Role.CARRY, node, True)
+                for i, a in zip(inputs, affine)]
+    linear = analysis.linear_inputs(node)
+    if linear is not None:
+        return [(i, Role.TRUNK, join, below_residual) for i in linear]
+    if kind == OpKind.PRODUCT and inputs:
+        carrier = _frozen_product_carrier(analysis, node, inputs)
+        if carrier is not None:
+            return [(carrier, Role.TRUNK, join, below_residual)]
+    if kind == OpKind.ATTENTION:
+        value = attention_value_input(node)
+        return [(value, Role.TRUNK, join, below_residual)] if analysis.probe.is_data(value) else []
+    if kind == OpKind.UNKNOWN and len(inputs) > 1:
+        carrier = _single_affine_input(analysis, node, inputs)
+        if carrier is not None:
+            return [(carrier, Role.TRUNK, join, below_residual)]
+    # a nonlinearity on the trunk
+    if not below_residual:
+        if len(inputs) != 1:
+            raise NonlinearTrunkError(
+                f"the representation ends in {describe(node)}, a nonlinear op of several inputs; "
+                "decompose an earlier output (output='pre_logits') instead")
+        raise _Retarget(node, inputs[0])
+    if analysis.has_residual_upstream(node):
+        raise NonlinearTrunkError(
+            f"{describe(node)} is a nonlinear op on the residual trunk between residual blocks, so "
+            "the representation is not a sum of block contributions. Decompose an output "
+            "before it, or report the architecture so a linearization rule can be added.")
+    return None
+
+
+def _frozen_product_carrier(analysis: GraphAnalysis, node: fx.Node, inputs: list[fx.Node]) -> fx.Node | None:
+    """For ``x * s``, ``x / s`` or ``A @ V`` on the trunk: the operand kept linear.
+
+    With one data operand it is that operand. With two, the one that reaches
+    their fork affinely is kept and the other (a norm scale, attention weights)
+    is frozen at its real value.
+    """
+    positions = product_positions(node)
+    candidates = [i for i in inputs if analysis._is_linear_position(node, i, positions)]
+    if len(inputs) == 1:
+        return candidates[0] if candidates else None
+    fork = analysis.fork(inputs)
+    if fork is None:
+        return None
+    affine = [i for i in inputs if analysis.affine_path(fork, i)]
+    if len(affine) == 1 and affine[0] in candidates:
+        return affine[0]
+    return None
+
+
+def _single_affine_input(analysis: GraphAnalysis, node: fx.Node, inputs: list[fx.Node]) -> fx.Node | None:
+    affine = [i for i in inputs if analysis.is_affine_in(node, (i,))]
+    if len(affine) != 1:
+        return None
+    fork = analysis.fork(inputs)
+    return affine[0] if fork is not None and analysis.affine_path(fork, affine[0]) else None
+
+
+def _carry_step(analysis: GraphAnalysis, node: fx.Node, join: fx.Node):
+    """Inputs to visit from a node inside a branch; ``None`` makes it the birth."""
+    kind = analysis.kind(node)
+    inputs = analysis.data_inputs(node)
+    linear = analysis.linear_inputs(node)
+    if linear is not None and inputs:
+        return [(i, Role.CARRY, join, True) for i in linear]
+    if kind == OpKind.PRODUCT and len(inputs) == 1 and analysis._is_linear_position(
+            node, inputs[0], product_positions(node)):
+        return [(inputs[0], Role.CARRY, join, True)]
+    return None
+
+
+def _birth_kind(analysis: GraphAnalysis, node: fx.Node) -> str:
+    kind = analysis.kind(node)
+    if kind == OpKind.ATTENTION:
+        return "attention"
+    if kind == OpKind.PRODUCT and len(analysis.data_inputs(node)) == 2 and node.target in (
+            torch.matmul, torch.bmm, "matmul", "bmm") or (
+            kind == OpKind.PRODUCT and getattr(node.target, "__name__", "") == "matmul"):
+        return "attention"
+    return "branch"
+
+
+def _name_births(plan: TrunkPlan, analysis: GraphAnalysis) -> None:
+    """Name each birth by the outermost module whose output lies in its branch.
+
+    ``blocks.3.mlp`` for a GELU born in ``blocks.3.mlp.act`` whose module output
+    (``fc2``'s dropout) is carried to the residual add; layers number the
+    residual blocks (module of the residual add) in graph order.
+    """
+    last_node: dict[str, fx.Node] = {}
+    for node in analysis.gm.graph.nodes:
+        for path in module_stack(node) + ([module_path(node)] if node.op == "call_module" else []):
+            last_node[path] = node
+    in_branch = {n for n, r in plan.roles.items() if r is not Role.TRUNK}
+    block_layers: dict[str, int] = {}
+    for join in plan.joins:
+        block_layers.setdefault(module_path(join) or join.name, len(block_layers))
+        plan.layer_of_join[join] = block_layers[module_path(join) or join.name]
+    for node, birth in plan.births.items():
+        stack = module_stack(node) + ([module_path(node)] if node.op == "call_module" else [])
+        name = next((p for p in stack if last_node.get(p) in in_branch), None)
+        if node.op == "placeholder":  # the image: named by the module that first reads it
+            first = min((u for u in node.users if u in plan.roles), key=analysis.order.__getitem__, default=None)
+            name = module_path(first) if first is not None else None
+        birth.name = name or module_path(node) or node.name
+        if birth.join is not None:
+            birth.layer = plan.layer_of_join[birth.join]
