@@ -1,0 +1,31 @@
+"""The model matrix: tiny configs of the architectures the core issue names.
+
+Data, not code: adding a row covers a new model with every test that uses it.
+"""
+TIMM_MODELS = {
+    "vit_tiny_patch16_224": dict(depth=2, img_size=64),
+    "deit_tiny_distilled_patch16_224": dict(depth=2, img_size=64),
+    "vit_small_patch14_reg4_dinov2": dict(depth=2, embed_dim=64, num_heads=2, img_size=56),
+    "vit_base_patch16_clip_224": dict(depth=2, embed_dim=64, num_heads=2, img_size=64),
+    "swin_tiny_patch4_window7_224": dict(depths=(2, 2), num_heads=(2, 4), embed_dim=32, img_size=112),
+    "swinv2_tiny_window8_256": dict(depths=(2, 2), num_heads=(2, 4), embed_dim=32, img_size=64),
+    "maxvit_tiny_tf_224": dict(depths=(1, 1), embed_dim=(32, 64), img_size=64),
+    "eva02_tiny_patch14_224": dict(depth=2, img_size=56),
+    "beit_base_patch16_224": dict(depth=2, embed_dim=64, num_heads=2, img_size=64),
+    "convnext_atto": dict(depths=(1, 1, 1, 1), dims=(16, 32, 48, 64)),
+}
+
+
+def input_size(model, kwargs) -> tuple:
+    if "img_size" in kwargs:
+        return (3, kwargs["img_size"], kwargs["img_size"])
+    return tuple(model.pretrained_cfg["input_size"])
+
+
+def tiny_open_clip_vision():
+    """open_clip ViT-B-32's image tower architecture, shrunk (same VisionTransformer class)."""
+    import open_clip
+
+    vision_cfg = dict(image_size=64, layers=2, width=64, head_width=32, patch_size=16)
+    return open_clip.CLIP(embed_dim=32, vision_cfg=vision_cfg,
+                          text_cfg=dict(context_length=8, vocab_size=100, width=32, heads=2, layers=1)).visual
