@@ -91,6 +91,8 @@ class ComponentTracer(fx.Tracer):
     def is_leaf_module(self, module: nn.Module, qualname: str) -> bool:
         if isinstance(module, self.timm_leaf_types):
             return True
+        if isinstance(module, nn.MultiheadAttention):  # a torch primitive with its own rule
+            return True
         if type(module) in self.opaque_types or qualname in self.opaque_paths:
             return True
         return False
@@ -116,6 +118,7 @@ def trace_representation(model: nn.Module, output: str = "pre_logits") -> tuple[
     opaque_types: set[type] = set()
     opaque_paths: set[str] = set()
     learned: list[str] = []
+    reasons: list[str] = []
     for _ in range(MAX_TRACE_ATTEMPTS):
         tracer = ComponentTracer(opaque_types, opaque_paths)
         try:
@@ -128,15 +131,21 @@ def trace_representation(model: nn.Module, output: str = "pre_logits") -> tuple[
             else:
                 opaque_paths.add(failure.qualname)
             learned.append(failure.qualname.removeprefix(MODEL_PREFIX))
+            reasons.append(f"{learned[-1]} ({type(failure.module).__name__}: {type(failure.error).__name__})")
             continue
         except Exception as error:
             raise _tracing_error("", root, error) from error
+        if reasons:
+            warnings.warn("torch.fx could not trace into " + "; ".join(reasons) + ". These modules are "
+                          "opaque: decomposed as a whole (one component, or an affine op on the trunk).",
+                          stacklevel=3)
         return fx.GraphModule(root, graph, class_name="TracedRepresentation"), learned
     raise TracingError(f"gave up after making {len(learned)} modules opaque: {learned}")
 
 
 def _tracing_error(qualname: str, module: nn.Module, error: BaseException) -> TracingError:
-    where = qualname.removeprefix(MODEL_PREFIX) or "the model's own forward"
+    inner = qualname.removeprefix(MODEL_PREFIX)
+    where = "the model's own forward" if inner in ("", "model") else inner
     return TracingError(
         f"torch.fx could not trace {where} ({type(module).__name__}): "
         f"{type(error).__name__}: {error}. Tracing needs forward code without Python control "
