@@ -1,0 +1,35 @@
+"""The command line: demo output files, local checkpoints, clear errors."""
+import json
+
+import timm
+import torch
+from safetensors.torch import save_file
+
+from decompose.cli import main
+from decompose.models import load_model
+
+
+def test_demo_writes_report_and_metrics(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--level", "branch"]) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert all(error < 1e-5 for error in metrics["additivity"].values())
+    assert "<section id='additivity'>" in (tmp_path / "report.html").read_text()
+    assert "relative additivity error" in capsys.readouterr().out
+
+
+def test_local_checkpoint_is_loaded(tmp_path):
+    torch.manual_seed(1)
+    kwargs = dict(depth=1, img_size=32)
+    source = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs)
+    save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
+    torch.save(source.state_dict(), tmp_path / "w.pth")
+    for path in ("w.safetensors", "w.pth"):
+        loaded = load_model("vit_tiny_patch16_224", checkpoint=str(tmp_path / path), **kwargs)
+        assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), source.state_dict().values()))
+
+
+def test_cli_reports_bad_checkpoint_and_unknown_model(tmp_path, capsys):
+    assert main(["trace", "--model", "vit_tiny_patch16_224", "--checkpoint", str(tmp_path / "missing.pth")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["trace", "--model", "not_a_model_xyz"]) == 2
+    assert "unknown timm model" in capsys.readouterr().err
