@@ -20,6 +20,7 @@ from tracer.attention import (AttentionParts, mha_arguments, mha_output_projecti
 from tracer.linear_rules import Offset
 from tracer.ops import is_multihead_attention
 from tracer.probe import node_arguments
+from tracer.relevance import Slice
 from tracer.roles import Birth
 
 LEVELS = ("branch", "head", "token")
@@ -35,19 +36,25 @@ class BornComponents:
     offsets: list[Offset]
 
 
-def split_birth(gm: fx.GraphModule, birth: Birth, real: dict, level: str) -> BornComponents:
+def split_birth(gm: fx.GraphModule, birth: Birth, real: dict, level: str,
+                spec: Slice | None = None) -> BornComponents:
+    """Components born at ``birth.node``; ``spec``: only these positions of its value are needed."""
     node = birth.node
-    value = real[node]
+    value = real[node] if spec is None or not isinstance(real[node], torch.Tensor) else spec.take(real[node])
     if birth.kind != "attention" or (level == "branch" and not is_multihead_attention(node, gm)):
         return BornComponents(value.unsqueeze(0), [None], [None], [])
     if is_multihead_attention(node, gm):
-        return _split_multihead(gm, node, real, level)
-    parts = _attention_parts(node, real)
-    if level == "branch" or parts is None:
-        return BornComponents(value.unsqueeze(0), [None], [None], [])
+        return _split_multihead(gm, node, real, level, spec)
     head_dims = list(range(1, value.dim() - 2))
+    if level == "branch":
+        return BornComponents(value.unsqueeze(0), [None], [None], [])
     if level == "head":
         return _split_heads(value, head_dims)
+    parts = _attention_parts(node, real)
+    if parts is None:
+        return _split_heads(value, head_dims)
+    if spec is not None:
+        parts = _slice_parts(parts, spec, real[node].dim())
     return _split_tokens(parts, value, head_dims)
 
 
@@ -60,6 +67,22 @@ def _attention_parts(node: fx.Node, real: dict) -> AttentionParts | None:
     weights, values = args[0], args[1]
     if weights.dim() < 2 or values.dim() < 2:
         return None
+    return AttentionParts(weights, values)
+
+
+def _slice_parts(parts: AttentionParts, spec: Slice, ndim: int) -> AttentionParts:
+    """Weights and values restricted to the positions ``spec`` keeps of ``weights @ values``."""
+    index = torch.tensor(spec.index, dtype=torch.long, device=parts.weights.device)
+    axis = spec.axis - ndim                     # negative: aligns operands of different rank
+    weights, values = parts.weights, parts.values
+    if axis == -2:                              # query axis
+        return AttentionParts(weights.index_select(-2, index), values)
+    if axis == -1:                              # value feature axis
+        return AttentionParts(weights, values.index_select(-1, index))
+    if weights.dim() >= -axis and weights.shape[axis] == spec.full:
+        weights = weights.index_select(axis, index)
+    if values.dim() >= -axis and values.shape[axis] == spec.full:
+        values = values.index_select(axis, index)
     return AttentionParts(weights, values)
 
 
@@ -95,11 +118,19 @@ def _split_tokens(parts: AttentionParts, value: torch.Tensor, head_dims: list[in
     return BornComponents(components, heads, tokens, [])
 
 
-def _split_multihead(gm: fx.GraphModule, node: fx.Node, real: dict, level: str) -> BornComponents:
+def _split_multihead(gm: fx.GraphModule, node: fx.Node, real: dict, level: str,
+                     spec: Slice | None) -> BornComponents:
     """``nn.MultiheadAttention`` born in a branch: per-head (and per-token) outputs of out_proj."""
     mha = gm.get_submodule(node.target)
     args, kwargs = node_arguments(node, real)
     parts = mha_parts(mha, **mha_arguments(args, kwargs))
+    real_out = real[node][0]
+    query_axis = 1 if mha.batch_first else 0
+    if spec is not None and spec.axis == query_axis:  # only some query tokens are needed
+        index = torch.tensor(spec.index, dtype=torch.long, device=parts.weights.device)
+        parts = AttentionParts(parts.weights.index_select(-2, index), parts.values)
+        real_out = spec.take(real_out)
+        spec = None
     heads_out = torch.matmul(parts.weights, parts.values)                     # [N, H, L, d]
     count = mha.num_heads
     if level == "branch":
@@ -117,10 +148,12 @@ def _split_multihead(gm: fx.GraphModule, node: fx.Node, real: dict, level: str) 
             values = mha_output_projection(mha, masked)
             heads = [h for h in range(count) for _ in range(keys)]
             tokens = [j for _ in range(count) for j in range(keys)]
-    _check_multihead(real[node][0], values.sum(0), mha, node)
+    if spec is not None:
+        values, real_out = spec.take(values, leading=1), spec.take(real_out)
+    _check_multihead(real_out, values.sum(0), mha, node)
     offsets = []
     if mha.out_proj.bias is not None:
-        bias = mha.out_proj.bias.expand(real[node][0].shape)
+        bias = mha.out_proj.bias.expand(real_out.shape)
         offsets.append(Offset(bias, f"{node.target.removeprefix('model.')}.out_proj.bias"))
     return BornComponents((values, None), heads, tokens, offsets)
 

@@ -8,12 +8,13 @@ import torch
 from torch import nn
 
 from tracer.probe import ModelRunError, run_probe
+from tracer.relevance import CompactPlan, plan_compaction
 from tracer.roles import TrunkPlan, plan_trunk
 from tracer.tracing import frozen_eval_copy, trace_representation
 
 from .births import LEVELS
 from .decomposition import Decomposition
-from .propagate import ComponentRegistry, propagate
+from .propagate import Carried, ComponentRegistry, propagate
 
 
 class Decomposer(nn.Module):
@@ -23,12 +24,13 @@ class Decomposer(nn.Module):
     never modified. Graph roles are analysed once per input shape and dtype.
     """
 
-    def __init__(self, model: nn.Module, output: str = "pre_logits"):
+    def __init__(self, model: nn.Module, output: str = "pre_logits", prune: bool = True):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"trace_and_decompose expects a torch.nn.Module, got {type(model).__name__}")
         started = time.perf_counter()
         self.output = output
+        self.prune = prune
         self.graph_module, self.opaque_modules = trace_representation(frozen_eval_copy(model), output)
         self.trace_seconds = time.perf_counter() - started
         self._plans: dict[tuple, TrunkPlan] = {}
@@ -44,7 +46,10 @@ class Decomposer(nn.Module):
                 hint = f" The model expects inputs of shape [B, {', '.join(map(str, self._expected_input))}]." \
                     if self._expected_input else ""
                 raise ValueError(f"{error}.{hint}") from error
-            self._plans[signature] = plan_trunk(self.graph_module, probe)
+            plan = plan_trunk(self.graph_module, probe)
+            if self.prune:
+                plan.compact = compaction_for(self.graph_module, plan, probe, images[:1])
+            self._plans[signature] = plan
         return self._plans[signature]
 
     @torch.no_grad()
@@ -55,7 +60,8 @@ class Decomposer(nn.Module):
             raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
         plan = self.plan(images)
         registry = ComponentRegistry()
-        representation, carried = propagate(self.graph_module, plan, images, level, registry)
+        representation, carried = propagate(self.graph_module, plan, images, level, registry,
+                                            compact=plan.compact)
         order = sorted(range(len(carried.ids)), key=carried.ids.__getitem__)
         components = carried.values[order]
         labels = [registry.labels[carried.ids[i]] for i in order]
@@ -63,13 +69,42 @@ class Decomposer(nn.Module):
                              plan.describe_stop())
 
 
-def trace_and_decompose(model: nn.Module, output: str = "pre_logits") -> Decomposer:
+def trace_and_decompose(model: nn.Module, output: str = "pre_logits", prune: bool = True) -> Decomposer:
     """Trace ``model`` once and return a ``Decomposer``.
 
     output: ``"pre_logits"`` (timm's ``num_classes=0`` features; open_clip image towers
             give their embedding) or ``"logits"`` (the classifier output).
+    prune:  compute each component only where it can reach the output (e.g. the class
+            token row); ``False`` computes every position (same result, slower).
     """
-    return Decomposer(model, output=output)
+    return Decomposer(model, output=output, prune=prune)
+
+
+def relevance_masks(gm, plan: TrunkPlan, image: torch.Tensor) -> dict:
+    """node -> bool mask of the elements of its value that reach the output (one image)."""
+    perturbations: dict = {}
+
+    def perturb(node, carried: Carried) -> Carried:
+        values = carried.values
+        if isinstance(values, torch.Tensor) and values.is_floating_point():
+            delta = torch.zeros(values.shape[1:], dtype=values.dtype, device=values.device, requires_grad=True)
+            perturbations[node] = delta
+            return Carried(carried.ids, values + delta)
+        return carried
+
+    with torch.enable_grad():
+        target, out = propagate(gm, plan, image, "branch", ComponentRegistry(), on_carried=perturb)
+        generator = torch.Generator().manual_seed(0)
+        direction = torch.randn(target.shape, generator=generator, dtype=torch.float64).to(target)
+        (out.values.sum(0) * direction).sum().backward()
+    return {node: (delta.grad != 0) if delta.grad is not None else torch.zeros(delta.shape, dtype=torch.bool)
+            for node, delta in perturbations.items()}
+
+
+def compaction_for(gm, plan: TrunkPlan, probe, image: torch.Tensor) -> CompactPlan:
+    masks = relevance_masks(gm, plan, image)
+    carriers = [n for n in gm.graph.nodes if n in plan.roles]
+    return plan_compaction(gm, carriers, masks, probe.values, set(plan.births))
 
 
 def _expected_input_size(model: nn.Module) -> tuple | None:

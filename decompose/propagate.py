@@ -8,7 +8,7 @@ row). Values are freed after their last use, like ``torch.fx.Interpreter``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -16,6 +16,7 @@ import torch.fx as fx
 from tracer.linear_rules import Evaluator, Offset, additive_sign, apply_affine, is_binary_additive, parameter_name
 from tracer.ops import OpKind, op_kind
 from tracer.probe import node_arguments
+from tracer.relevance import CompactPlan, Slice, compact_arguments
 from tracer.roles import Role, TrunkPlan
 from tracer.tracing import call_target, describe, module_path
 
@@ -60,8 +61,13 @@ def _last_uses(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
 
 
 def propagate(gm: fx.GraphModule, plan: TrunkPlan, images: torch.Tensor, level: str,
-              registry: ComponentRegistry) -> tuple[torch.Tensor, Carried]:
-    """Real value of ``plan.target`` and its components."""
+              registry: ComponentRegistry, compact: CompactPlan | None = None,
+              on_carried: Callable[[fx.Node, Carried], Carried] | None = None) -> tuple[torch.Tensor, Carried]:
+    """Real value of ``plan.target`` and its components.
+
+    compact:    slices of the carried values (only what reaches the output is computed)
+    on_carried: hook applied to every node's components (used to measure relevance)
+    """
     real: dict[fx.Node, Any] = {}
     carried: dict[fx.Node, Carried] = {}
     frees = _last_uses(gm.graph)
@@ -70,9 +76,15 @@ def propagate(gm: fx.GraphModule, plan: TrunkPlan, images: torch.Tensor, level: 
         if node.op == "output":
             break
         role = plan.roles.get(node)
-        if role is not None:
-            carried[node] = _components_of(gm, plan, node, role, real, carried, level, registry, images)
-        real[node] = _real_value(gm, node, real, images, placeholder)
+        if role is Role.BIRTH:  # births read their own real value
+            real[node] = _real_value(gm, node, real, images, placeholder)
+        if role is not None:  # components first: an in-place op may overwrite its input's value
+            carried[node] = _compacted_components(gm, plan, node, role, real, carried, level, registry,
+                                                  images, compact)
+            if on_carried is not None:
+                carried[node] = on_carried(node, carried[node])
+        if role is not Role.BIRTH:
+            real[node] = _real_value(gm, node, real, images, placeholder)
         if node is plan.target:
             return real[node], carried[node]
         for done in frees.get(node, ()):
@@ -93,17 +105,69 @@ def _real_value(gm, node, real, images, placeholder):
     return call_target(node, gm, args, kwargs)
 
 
-def _components_of(gm, plan, node, role, real, carried, level, registry, images) -> Carried:
+def _compacted_components(gm, plan, node, role, real, carried, level, registry, images,
+                          compact: CompactPlan | None) -> Carried:
+    """Components of ``node``, computed on the slices the compaction plan allows."""
+    if compact is None:
+        return _components_of(gm, plan, node, role, real, carried, level, registry, images, None, None)
+    if role is Role.BIRTH:
+        return _components_of(gm, plan, node, role, real, carried, level, registry, images, None,
+                              compact.slices.get(node))
+    compaction = compact.nodes.get(node)
+    if compaction is None:
+        return _components_of(gm, plan, node, role, real, carried, level, registry, images, None, None)
+    if compaction.mode == "compact":
+        overlay, callee = compact_arguments(node, real, compaction)
+        return _components_of(gm, plan, node, role, _Overlay(real, overlay), carried, level, registry,
+                              images, callee, None)
+    full_inputs = dict(carried)
+    for parent in node.all_input_nodes:
+        spec = compact.slices.get(parent)
+        if parent in carried and spec is not None:
+            full_inputs[parent] = Carried(carried[parent].ids, _scatter(carried[parent].values, spec))
+    result = _components_of(gm, plan, node, role, real, full_inputs, level, registry, images, None, None)
+    if compaction.output is not None:
+        result = Carried(result.ids, _take(result.values, compaction.output))
+    return result
+
+
+def _scatter(values: Any, spec: Slice) -> Any:
+    if isinstance(values, torch.Tensor):
+        return spec.scatter(values, leading=1)
+    return values
+
+
+def _take(values: Any, spec: Slice) -> Any:
+    if isinstance(values, torch.Tensor):
+        return spec.take(values, leading=1)
+    return values
+
+
+class _Overlay(dict):
+    def __init__(self, base: dict, overlay: dict):
+        super().__init__(overlay)
+        self.base = base
+
+    def __missing__(self, key):
+        return self.base[key]
+
+    def get(self, key, default=None):
+        return self[key] if key in self or key in self.base else default
+
+
+def _components_of(gm, plan, node, role, real, carried, level, registry, images, callee,
+                   birth_slice: Slice | None) -> Carried:
+    """Components of ``node`` (``callee``: the same op with replaced arguments, if any)."""
     layer = plan.layer(node)
+    op = callee if callee is not None else node
     if role is Role.BIRTH:
         if node.op == "placeholder":
             birth = plan.births[node]
             label = ComponentLabel(birth.name, "embedding", None, None, None, node.name)
-            return Carried([registry.new(label)], images.unsqueeze(0))
+            values = images.unsqueeze(0)
+            return Carried([registry.new(label)], _take(values, birth_slice) if birth_slice else values)
         birth = plan.births[node]
-        real_with_self = dict(real)
-        real_with_self[node] = _real_value(gm, node, real, images, None)
-        born = split_birth(gm, birth, real_with_self, level)
+        born = split_birth(gm, birth, real, level, birth_slice)
         ids = [registry.new(ComponentLabel(birth.name, birth.kind, birth.layer, h, t, node.name))
                for h, t in zip(born.heads, born.tokens)]
         result = Carried(ids, born.values)
@@ -111,11 +175,11 @@ def _components_of(gm, plan, node, role, real, carried, level, registry, images)
     kind = op_kind(node, gm)
     inputs = [n for n in node.all_input_nodes if n in carried]
     if kind == OpKind.ADDITIVE or (kind == OpKind.UNKNOWN and len(inputs) > 1):
-        return _additive(gm, node, kind, real, carried, layer, registry)
+        return _additive(gm, op, kind, real, carried, layer, registry)
     if len(inputs) != 1:
         raise RuntimeError(f"internal: {describe(node)} has {len(inputs)} carried inputs")
     source = carried[inputs[0]]
-    values, offsets = apply_affine(gm, node, kind, real, inputs[0], source.values)
+    values, offsets = apply_affine(gm, op, kind, real, inputs[0], source.values)
     return _with_offsets(Carried(list(source.ids), values), offsets, layer, node, registry)
 
 
@@ -169,7 +233,7 @@ def _additive(gm, node, kind, real, carried, layer, registry) -> Carried:
                 operands.append(carried[operand])
             else:
                 value = real[operand] if isinstance(operand, fx.Node) else operand
-                like = next(real[n] for n in node.all_input_nodes if n in carried)
+                like = next(carried[n].values for n in node.all_input_nodes if n in carried)
                 operands.append(_constant_operand(value, operand, node, layer, registry, like))
         result = operands[0]
         for position, operand in enumerate(operands[1:], start=1):

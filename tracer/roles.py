@@ -64,6 +64,7 @@ class TrunkPlan:
     branch_of: dict[fx.Node, fx.Node] = field(default_factory=dict)  # carry/birth node -> its join
     stopped_before: fx.Node | None = None    # nonlinearity after the target, if any
     layer_of_join: dict[fx.Node, int] = field(default_factory=dict)
+    compact: Any = None                      # relevance.CompactPlan when pruning is on
 
     def layer(self, node: fx.Node) -> int | None:
         """Residual block index of the branch ``node`` belongs to (None on the trunk)."""

@@ -1,0 +1,32 @@
+"""Pruning to what reaches the output changes nothing but the cost."""
+import pytest
+import timm
+import torch
+
+from decompose import trace_and_decompose
+from tests.models import TIMM_MODELS, input_size
+
+PRUNED_MODELS = ["vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224", "vit_small_patch14_reg4_dinov2",
+                 "swin_tiny_patch4_window7_224", "maxvit_tiny_tf_224", "beit_base_patch16_224"]
+
+
+@pytest.mark.parametrize("name", PRUNED_MODELS)
+def test_pruned_equals_unpruned(name):
+    torch.manual_seed(0)
+    kwargs = TIMM_MODELS[name]
+    model = timm.create_model(name, pretrained=False, **kwargs).eval().double()
+    images = torch.randn(2, *input_size(model, kwargs), dtype=torch.float64)
+    pruned = trace_and_decompose(model)(images, level="head")
+    full = trace_and_decompose(model, prune=False)(images, level="head")
+    assert pruned.keys == full.keys
+    torch.testing.assert_close(pruned.components, full.components, rtol=1e-9, atol=1e-12)
+
+
+def test_class_token_model_prunes_to_the_class_row():
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, img_size=64).eval()
+    decomposer = trace_and_decompose(model)
+    plan = decomposer.plan(torch.randn(1, 3, 64, 64))
+    attention_births = [n for n, b in plan.births.items() if b.kind == "attention"]
+    assert attention_births
+    for birth in attention_births:  # [B, heads, tokens, d]: only the class-token query row
+        assert plan.compact.slices[birth].index == (0,)
