@@ -66,12 +66,44 @@ def _command_trace(args) -> int:
     kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
     model = load_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, **kwargs)
     size = tuple(model.pretrained_cfg["input_size"]) if hasattr(model, "pretrained_cfg") else (3, 224, 224)
-    if args.image_size:
-        size = (size[0], args.image_size, args.image_size)
+    image_size = args.image_size or kwargs.get("img_size")
+    if image_size:
+        size = (size[0], image_size, image_size)
     images = _synthetic_images(args.batch, size[-1])[:, : size[0]]
     summary, table = _decompose_and_report(model, images, args.level)
     print(table)
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _command_decompose(args) -> int:
+    import os
+
+    from .dataset import decompose_dataset, evaluation_transform
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed and not torch.distributed.is_initialized():  # launched by torchrun
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    model = load_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, **kwargs)
+    config = dict(getattr(model, "pretrained_cfg", None) or {})
+    image_size = args.image_size or kwargs.get("img_size")  # timm keeps the default size in pretrained_cfg
+    if image_size:
+        config["input_size"] = (3, image_size, image_size)
+        config.pop("test_input_size", None)
+    transform, preprocessing = evaluation_transform(config)
+    decomposer = trace_and_decompose(model)
+    try:
+        store = decompose_dataset(decomposer, args.images, args.out, level=args.level, transform=transform,
+                                  preprocessing=preprocessing, model_name=args.model, checkpoint=args.checkpoint,
+                                  batch_size=args.batch_size, num_workers=args.workers,
+                                  store_dtype=getattr(torch, args.dtype))
+    finally:
+        if distributed:
+            torch.distributed.destroy_process_group()
+    if store is not None:
+        print(f"{args.out}: {len(store)} images, {len(store.labels)} components per image at level "
+              f"{store.level}, {store.manifest['skipped_count']} unreadable files skipped")
     return 0
 
 
@@ -92,6 +124,20 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--batch", type=int, default=2)
     trace.add_argument("--image-size", type=int)
     trace.set_defaults(run=_command_trace)
+    dataset = commands.add_parser("decompose", help="decompose a folder of images into a store on disk "
+                                  "(resumable; shards across ranks under torchrun)")
+    dataset.add_argument("--model", required=True, help="timm name, or open_clip:ARCH[:TAG]")
+    dataset.add_argument("--checkpoint", help="local weights file (safetensors / .pth)")
+    dataset.add_argument("--pretrained", action="store_true", help="download the named weights")
+    dataset.add_argument("--model-kwargs", help="JSON keyword arguments for the model constructor")
+    dataset.add_argument("--images", required=True, help="image folder (ImageFolder layout works)")
+    dataset.add_argument("--out", required=True, help="store folder (created; an existing one is resumed)")
+    dataset.add_argument("--level", default="head", choices=["branch", "head", "token"])
+    dataset.add_argument("--batch-size", type=int, default=16)
+    dataset.add_argument("--workers", type=int, default=0)
+    dataset.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    dataset.add_argument("--image-size", type=int, help="override the model's input size")
+    dataset.set_defaults(run=_command_decompose)
     return parser
 
 
@@ -99,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ModelLoadError, ValueError) as error:
+    except (ModelLoadError, ValueError, FileNotFoundError) as error:
         print(f"vit-decompose: error: {error}", file=sys.stderr)
         return 2
 

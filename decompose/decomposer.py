@@ -35,6 +35,8 @@ class Decomposer(nn.Module):
         self.trace_seconds = time.perf_counter() - started
         self._plans: dict[tuple, TrunkPlan] = {}
         self._expected_input = _expected_input_size(model)
+        config = getattr(model, "pretrained_cfg", None)
+        self.pretrained_cfg = dict(config) if isinstance(config, dict) else None  # preprocessing
 
     def plan(self, images: torch.Tensor) -> TrunkPlan:
         """Roles of the graph nodes for inputs shaped like ``images`` (cached)."""
@@ -43,8 +45,8 @@ class Decomposer(nn.Module):
             try:
                 probe = run_probe(self.graph_module, images[:1])
             except ModelRunError as error:
-                hint = f" The model expects inputs of shape [B, {', '.join(map(str, self._expected_input))}]." \
-                    if self._expected_input else ""
+                hint = (f" Its pretrained_cfg gives input_size [B, {', '.join(map(str, self._expected_input))}]"
+                        " (models created with another img_size expect that size)." if self._expected_input else "")
                 raise ValueError(f"{error}.{hint}") from error
             plan = plan_trunk(self.graph_module, probe)
             if self.prune:

@@ -32,7 +32,7 @@ def test_train_mode_warns_and_leaves_model_in_train_mode(vit):
 
 @pytest.mark.parametrize("shape, match", [
     ((3, 32, 32), "4-D batch"),
-    ((2, 3, 48, 48), "failed on input of shape .* expects inputs of shape"),
+    ((2, 3, 48, 48), "failed on input of shape .*pretrained_cfg gives input_size"),
     ((2, 1, 32, 32), "failed on input of shape"),
 ])
 def test_wrong_input_shape(vit, shape, match):

@@ -1,0 +1,146 @@
+"""A decomposition store on disk: shards of components plus a manifest.
+
+Layout of ``DIR``::
+
+    manifest.json                  model, level, labels, preprocessing, shard index, skipped files
+    shards/shard-000012.safetensors  components [C, n, *D], representation [n, *D], image ids
+
+Shard ``k`` always holds images ``k*S .. (k+1)*S-1`` of the sorted image list (``S`` the
+shard size), whoever wrote it: a resumed run, or rank ``k % world`` of a ``torchrun`` job,
+writes exactly the same files. Every file is written to a temporary name and renamed
+(atomic on POSIX), so a killed run leaves complete shards only.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .labels import ComponentLabel
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class StoreMismatch(ValueError):
+    """The store on disk was written for another model, level or image list."""
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def shard_path(root: Path, index: int) -> Path:
+    return root / "shards" / f"shard-{index:06d}.safetensors"
+
+
+def write_shard(root: Path, index: int, components: torch.Tensor, representation: torch.Tensor,
+                image_ids: list[str], positions: list[int]) -> None:
+    """Atomically write one shard (``positions``: indices of its images in the full image list)."""
+    path = shard_path(root, index)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({"components": components.contiguous(), "representation": representation.contiguous(),
+               "positions": torch.tensor(positions, dtype=torch.long)},
+              str(temporary), metadata={"image_ids": json.dumps(image_ids)})
+    os.replace(temporary, path)
+
+
+def label_records(labels: list[ComponentLabel]) -> list[dict]:
+    return [dict(key=l.key, name=l.name, kind=l.kind, layer=l.layer, head=l.head, token=l.token, node=l.node)
+            for l in labels]
+
+
+def check_compatible(existing: dict, wanted: dict) -> None:
+    """Refuse to mix shards of different models / levels / image lists in one store."""
+    for field in ("model", "checkpoint", "output", "level", "dtype", "shard_size", "image_count", "images_digest"):
+        if existing.get(field) != wanted.get(field):
+            raise StoreMismatch(
+                f"the store was written with {field}={existing.get(field)!r}, this run has "
+                f"{field}={wanted.get(field)!r}; use another --out folder (or delete it) rather than "
+                "mixing decompositions")
+    if existing.get("labels") and wanted.get("labels") and existing["labels"] != wanted["labels"]:
+        raise StoreMismatch("the store's component labels differ from this model's; use another --out folder")
+
+
+@dataclass
+class ShardInfo:
+    index: int
+    path: Path
+    count: int
+
+
+class DecompositionStore:
+    """Reads a store lazily: one shard file is opened when its images are asked for.
+
+    ``store.labels``; ``store.components(i)`` -> [C, *D] for image ``i`` (position in the
+    stored order); ``store.iter_shards()`` -> (components [C, n, *D], representation, ids).
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        manifest_path = self.root / MANIFEST
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"{manifest_path} not found: not a decomposition store (or still running)")
+        self.manifest = json.loads(manifest_path.read_text())
+        self.labels = [ComponentLabel(r["name"], r["kind"], r["layer"], r["head"], r["token"], r["node"])
+                       for r in self.manifest["labels"]]
+        self.shards = [ShardInfo(s["index"], self.root / s["file"], s["count"])
+                       for s in sorted(self.manifest["shards"], key=lambda s: s["index"])]
+        self._offsets = []
+        total = 0
+        for shard in self.shards:
+            self._offsets.append(total)
+            total += shard.count
+        self._length = total
+
+    def __len__(self) -> int:
+        return self._length
+
+    @property
+    def level(self) -> str:
+        return self.manifest["level"]
+
+    def _locate(self, item: int) -> tuple[ShardInfo, int]:
+        if not 0 <= item < self._length:
+            raise IndexError(item)
+        for shard, offset in zip(reversed(self.shards), reversed(self._offsets)):
+            if item >= offset:
+                return shard, item - offset
+        raise IndexError(item)
+
+    def components(self, item: int) -> torch.Tensor:
+        shard, row = self._locate(item)
+        with safe_open(str(shard.path), framework="pt") as handle:
+            return handle.get_slice("components")[:, row]
+
+    def representation(self, item: int) -> torch.Tensor:
+        shard, row = self._locate(item)
+        with safe_open(str(shard.path), framework="pt") as handle:
+            return handle.get_slice("representation")[row]
+
+    def image_ids(self) -> list[str]:
+        ids: list[str] = []
+        for shard in self.shards:
+            with safe_open(str(shard.path), framework="pt") as handle:
+                ids += json.loads(handle.metadata()["image_ids"])
+        return ids
+
+    def iter_shards(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+        for shard in self.shards:
+            with safe_open(str(shard.path), framework="pt") as handle:
+                yield (handle.get_tensor("components"), handle.get_tensor("representation"),
+                       json.loads(handle.metadata()["image_ids"]))
+
+
+def read_manifest(root: Path) -> dict[str, Any] | None:
+    path = root / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
