@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch.utils._pytree import tree_map
 
 from tracer.attention import (AttentionParts, mha_arguments, mha_output_projection, mha_parts,
                               sdpa_arguments, sdpa_values, sdpa_weights)
@@ -40,7 +41,11 @@ def split_birth(gm: fx.GraphModule, birth: Birth, real: dict, level: str,
                 spec: Slice | None = None) -> BornComponents:
     """Components born at ``birth.node``; ``spec``: only these positions of its value are needed."""
     node = birth.node
-    value = real[node] if spec is None or not isinstance(real[node], torch.Tensor) else spec.take(real[node])
+    if not isinstance(real[node], torch.Tensor) and not is_multihead_attention(node, gm):
+        # an opaque op with several outputs, e.g. an LSTM's (out, (h, c)): one component
+        return BornComponents(tree_map(lambda v: v.unsqueeze(0) if torch.is_tensor(v) and v.is_floating_point()
+                                       else v, real[node]), [None], [None], [])
+    value = real[node] if spec is None else spec.take(real[node])
     if birth.kind != "attention" or (level == "branch" and not is_multihead_attention(node, gm)):
         return BornComponents(value.unsqueeze(0), [None], [None], [])
     if is_multihead_attention(node, gm):
@@ -153,8 +158,8 @@ def _split_multihead(gm: fx.GraphModule, node: fx.Node, real: dict, level: str,
     _check_multihead(real_out, values.sum(0), mha, node)
     offsets = []
     if mha.out_proj.bias is not None:
-        bias = mha.out_proj.bias.expand(real_out.shape)
-        offsets.append(Offset(bias, f"{node.target.removeprefix('model.')}.out_proj.bias"))
+        bias = mha.out_proj.bias.expand(real_out.shape)  # MHA returns (output, weights)
+        offsets.append(Offset((bias, None), f"{node.target.removeprefix('model.')}.out_proj.bias"))
     return BornComponents((values, None), heads, tokens, offsets)
 
 

@@ -14,7 +14,7 @@ from tracer.tracing import frozen_eval_copy, trace_representation
 
 from .births import LEVELS
 from .decomposition import Decomposition
-from .propagate import Carried, ComponentRegistry, propagate
+from .propagate import Carried, Chunk, ComponentRegistry, propagate
 
 
 class Decomposer(nn.Module):
@@ -64,9 +64,10 @@ class Decomposer(nn.Module):
         registry = ComponentRegistry()
         representation, carried = propagate(self.graph_module, plan, images, level, registry,
                                             compact=plan.compact)
-        order = sorted(range(len(carried.ids)), key=carried.ids.__getitem__)
-        components = carried.values[order]
-        labels = [registry.labels[carried.ids[i]] for i in order]
+        ids = carried.ids
+        order = sorted(range(len(ids)), key=ids.__getitem__)
+        components = carried.stacked()[order]
+        labels = [registry.labels[ids[i]] for i in order]
         return Decomposition(components, labels, representation, level, plan.target.name,
                              plan.describe_stop())
 
@@ -87,18 +88,19 @@ def relevance_masks(gm, plan: TrunkPlan, image: torch.Tensor) -> dict:
     perturbations: dict = {}
 
     def perturb(node, carried: Carried) -> Carried:
-        values = carried.values
-        if isinstance(values, torch.Tensor) and values.is_floating_point():
+        first = carried.chunks[0]
+        if isinstance(first.values, torch.Tensor) and first.values.is_floating_point():
+            values = first.values
             delta = torch.zeros(values.shape[1:], dtype=values.dtype, device=values.device, requires_grad=True)
             perturbations[node] = delta
-            return Carried(carried.ids, values + delta)
+            return Carried([Chunk(first.ids, values + delta)] + carried.chunks[1:])
         return carried
 
     with torch.enable_grad():
         target, out = propagate(gm, plan, image, "branch", ComponentRegistry(), on_carried=perturb)
         generator = torch.Generator().manual_seed(0)
         direction = torch.randn(target.shape, generator=generator, dtype=torch.float64).to(target)
-        (out.values.sum(0) * direction).sum().backward()
+        (out.stacked().sum(0) * direction).sum().backward()
     return {node: (delta.grad != 0) if delta.grad is not None else torch.zeros(delta.shape, dtype=torch.bool)
             for node, delta in perturbations.items()}
 

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import torch
 import torch.fx as fx
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from tracer.linear_rules import Evaluator, Offset, additive_sign, apply_affine, is_binary_additive, parameter_name
 from tracer.ops import OpKind, op_kind
@@ -25,11 +26,36 @@ from .labels import ComponentLabel
 
 
 @dataclass
-class Carried:
-    """Components of one node's value: ``values`` [C, *shape] (or a tuple of such) with ``ids``."""
+class Chunk:
+    """Components ``ids`` with values ``[len(ids), *shape]`` (or a tuple of such, e.g. MHA's output)."""
 
     ids: list[int]
     values: Any
+
+
+@dataclass
+class Carried:
+    """Components of one node's value, kept as chunks so that a residual add concatenates
+    lists instead of copying every earlier component (the sum over all chunks' rows is the value)."""
+
+    chunks: list[Chunk]
+
+    @classmethod
+    def single(cls, ids: list[int], values: Any) -> "Carried":
+        return cls([Chunk(list(ids), values)])
+
+    @property
+    def ids(self) -> list[int]:
+        return [i for chunk in self.chunks for i in chunk.ids]
+
+    def map(self, transform: Callable[[Any], Any]) -> "Carried":
+        return Carried([Chunk(chunk.ids, transform(chunk.values)) for chunk in self.chunks])
+
+    def stacked(self) -> torch.Tensor:
+        """All components as one tensor ``[C, *shape]`` in ``ids`` order."""
+        values = [chunk.values for chunk in self.chunks]
+        return values[0] if len(values) == 1 else torch.cat([v.expand(len(c.ids), *values[0].shape[1:])
+                                                             for v, c in zip(values, self.chunks)])
 
 
 class ComponentRegistry:
@@ -81,6 +107,7 @@ def propagate(gm: fx.GraphModule, plan: TrunkPlan, images: torch.Tensor, level: 
         if role is not None:  # components first: an in-place op may overwrite its input's value
             carried[node] = _compacted_components(gm, plan, node, role, real, carried, level, registry,
                                                   images, compact)
+            carried[node] = _consolidated(carried[node])
             if on_carried is not None:
                 carried[node] = on_carried(node, carried[node])
         if role is not Role.BIRTH:
@@ -124,11 +151,21 @@ def _compacted_components(gm, plan, node, role, real, carried, level, registry, 
     for parent in node.all_input_nodes:
         spec = compact.slices.get(parent)
         if parent in carried and spec is not None:
-            full_inputs[parent] = Carried(carried[parent].ids, _scatter(carried[parent].values, spec))
+            full_inputs[parent] = carried[parent].map(lambda values: _scatter(values, spec))
     result = _components_of(gm, plan, node, role, real, full_inputs, level, registry, images, None, None)
     if compaction.output is not None:
-        result = Carried(result.ids, _take(result.values, compaction.output))
+        result = result.map(lambda values: _take(values, compaction.output))
     return result
+
+
+MAX_CHUNKS = 32
+
+
+def _consolidated(carried: Carried) -> Carried:
+    """Bound the number of chunks (each op runs once per chunk) with an occasional copy."""
+    if len(carried.chunks) <= MAX_CHUNKS or not all(isinstance(c.values, torch.Tensor) for c in carried.chunks):
+        return carried
+    return Carried.single(carried.ids, carried.stacked())
 
 
 def _scatter(values: Any, spec: Slice) -> Any:
@@ -161,56 +198,99 @@ def _components_of(gm, plan, node, role, real, carried, level, registry, images,
     layer = plan.layer(node)
     op = callee if callee is not None else node
     if role is Role.BIRTH:
+        birth = plan.births[node]
         if node.op == "placeholder":
-            birth = plan.births[node]
             label = ComponentLabel(birth.name, "embedding", None, None, None, node.name)
             values = images.unsqueeze(0)
-            return Carried([registry.new(label)], _take(values, birth_slice) if birth_slice else values)
-        birth = plan.births[node]
+            return Carried.single([registry.new(label)], _take(values, birth_slice) if birth_slice else values)
         born = split_birth(gm, birth, real, level, birth_slice)
         ids = [registry.new(ComponentLabel(birth.name, birth.kind, birth.layer, h, t, node.name))
                for h, t in zip(born.heads, born.tokens)]
-        result = Carried(ids, born.values)
-        return _with_offsets(result, born.offsets, layer, node, registry)
+        return _with_offsets(Carried.single(ids, born.values), born.offsets, layer, node, registry)
     kind = op_kind(node, gm)
     inputs = [n for n in node.all_input_nodes if n in carried]
+    if kind in (OpKind.AFFINE, OpKind.NORM):  # reshape_as(x), type_as(x): x gives a shape, not data
+        inputs = [n for n in inputs if node.args and n is node.args[0]]
     if kind == OpKind.ADDITIVE or (kind == OpKind.UNKNOWN and len(inputs) > 1):
         return _additive(gm, op, kind, real, carried, layer, registry)
     if len(inputs) != 1:
         raise RuntimeError(f"internal: {describe(node)} has {len(inputs)} carried inputs")
-    source = carried[inputs[0]]
-    values, offsets = apply_affine(gm, op, kind, real, inputs[0], source.values)
-    return _with_offsets(Carried(list(source.ids), values), offsets, layer, node, registry)
+    chunks, offsets = [], []
+    for k, chunk in enumerate(carried[inputs[0]].chunks):
+        values, chunk_offsets = apply_affine(gm, op, kind, real, inputs[0], chunk.values)
+        chunks.append(Chunk(chunk.ids, values))
+        if k == 0:  # offsets do not depend on the components
+            offsets = chunk_offsets
+    return _with_offsets(Carried(chunks), offsets, layer, node, registry)
 
 
 def _with_offsets(result: Carried, offsets: list[Offset], layer, node, registry) -> Carried:
     for offset in offsets:
         label = ComponentLabel(offset.name, offset.kind, layer, None, None, node.name)
-        constant = Carried([registry.new(label)], _unsqueeze(offset.value))
+        constant = Carried.single([registry.new(label)], _unsqueeze(offset.value))
         result = _merge_sum(result, constant, 1.0)
     return result
 
 
+def _is_floating(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
+
+
+def _leafwise(transform: Callable, *values: Any) -> Any:
+    """Apply ``transform`` to aligned floating leaves; other leaves (sizes, None) from the first."""
+    flat = [tree_flatten(v)[0] for v in values]
+    leaves, structure = tree_flatten(values[0])
+    out = [transform(*(f[i] for f in flat)) if _is_floating(leaf) else leaf for i, leaf in enumerate(leaves)]
+    return tree_unflatten(out, structure)
+
+
 def _unsqueeze(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.unsqueeze(0)
-    return type(value)(_unsqueeze(v) if v is not None else None for v in value)
+    return _leafwise(lambda leaf: leaf.unsqueeze(0), value)
 
 
 def _merge_sum(a: Carried, b: Carried, sign: float) -> Carried:
-    """Row-aligned ``a + sign * b``; tuple values (e.g. MHA's (out, None)) merge their first item."""
-    if not isinstance(a.values, torch.Tensor):
-        merged = _merge_sum(Carried(a.ids, a.values[0]), Carried(b.ids, b.values[0]), sign)
-        return Carried(merged.ids, (merged.values,) + tuple(a.values[1:]))
-    ids = list(a.ids) + [i for i in b.ids if i not in set(a.ids)]
+    """``a + sign * b`` row-aligned by component id.
+
+    Disjoint components (a residual add, a new constant) just join the chunk list; chunks
+    holding the same ids (two slices of one value added together) add up. Rows are broadcast
+    to the common shape (``x + pos_embed``), leaf by leaf for tuple-valued ops.
+    """
+    everything = a.chunks + b.chunks
+    shapes = [tree_flatten(c.values)[0] for c in everything]
+    common = [torch.broadcast_shapes(*(leaves[i].shape[1:] for leaves in shapes)) if _is_floating(leaf) else None
+              for i, leaf in enumerate(shapes[0])]
+
+    def broadcast(values: Any) -> Any:
+        leaves, structure = tree_flatten(values)
+        return tree_unflatten([leaf.expand(leaf.shape[0], *common[i]) if _is_floating(leaf) else leaf
+                               for i, leaf in enumerate(leaves)], structure)
+
+    chunks = [Chunk(c.ids, broadcast(c.values)) for c in a.chunks]
+    a_ids = set(a.ids)
+    for chunk in b.chunks:
+        values = broadcast(chunk.values if sign == 1.0 else _leafwise(lambda leaf: leaf * sign, chunk.values))
+        if not a_ids.intersection(chunk.ids):
+            chunks.append(Chunk(chunk.ids, values))
+            continue
+        same = next((k for k, c in enumerate(chunks) if c.ids == chunk.ids), None)
+        if same is None:
+            return _merge_by_index(a, b, sign, common[0])
+        chunks[same] = Chunk(chunk.ids, _leafwise(torch.add, chunks[same].values, values))
+    return Carried(chunks)
+
+
+def _merge_by_index(a: Carried, b: Carried, sign: float, shape) -> Carried:
+    """General row alignment (partially overlapping id sets): one dense chunk."""
+    if not all(isinstance(c.values, torch.Tensor) for c in a.chunks + b.chunks):
+        raise NotImplementedError("partially overlapping components of a tuple-valued op")
+    ids = a.ids + [i for i in b.ids if i not in set(a.ids)]
     position = {i: k for k, i in enumerate(ids)}
-    shape = torch.broadcast_shapes(a.values.shape[1:], b.values.shape[1:])
-    if len(ids) == len(a.ids) + len(b.ids) and a.values.shape[1:] == shape and b.values.shape[1:] == shape:
-        return Carried(ids, torch.cat([a.values, b.values * sign if sign != 1.0 else b.values]))
-    out = a.values.new_zeros((len(ids),) + tuple(shape))
-    out[[position[i] for i in a.ids]] += a.values.expand(len(a.ids), *shape)
-    out[[position[i] for i in b.ids]] += sign * b.values.expand(len(b.ids), *shape)
-    return Carried(ids, out)
+    first = a.chunks[0].values
+    out = first.new_zeros((len(ids),) + tuple(shape))
+    for carried, factor in ((a, 1.0), (b, sign)):
+        for chunk in carried.chunks:
+            out[[position[i] for i in chunk.ids]] += factor * chunk.values.expand(len(chunk.ids), *shape)
+    return Carried.single(ids, out)
 
 
 def _constant_operand(value: Any, operand: Any, node: fx.Node, layer, registry,
@@ -221,19 +301,19 @@ def _constant_operand(value: Any, operand: Any, node: fx.Node, layer, registry,
     label = ComponentLabel(name, kind, layer, None, None, node.name)
     tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(
         value, dtype=like.dtype if like is not None else None, device=like.device if like is not None else None)
-    return Carried([registry.new(label)], tensor.unsqueeze(0))
+    return Carried.single([registry.new(label)], tensor.unsqueeze(0))
 
 
 def _additive(gm, node, kind, real, carried, layer, registry) -> Carried:
     """add / sub / cat / stack (and jointly affine opaque ops) of several carried values."""
     if kind == OpKind.ADDITIVE and is_binary_additive(node):
         operands = []
-        for position, operand in enumerate(node.args[:2]):
+        for operand in node.args[:2]:
             if isinstance(operand, fx.Node) and operand in carried:
                 operands.append(carried[operand])
             else:
                 value = real[operand] if isinstance(operand, fx.Node) else operand
-                like = next(carried[n].values for n in node.all_input_nodes if n in carried)
+                like = next(_first_tensor(carried[n]) for n in node.all_input_nodes if n in carried)
                 operands.append(_constant_operand(value, operand, node, layer, registry, like))
         result = operands[0]
         for position, operand in enumerate(operands[1:], start=1):
@@ -242,32 +322,60 @@ def _additive(gm, node, kind, real, carried, layer, registry) -> Carried:
     return _zero_filled(gm, node, real, carried, layer, registry)
 
 
+def _first_tensor(carried: Carried) -> torch.Tensor:
+    return next(leaf for leaf in tree_flatten(carried.chunks[0].values)[0] if _is_floating(leaf))
+
+
 def _zero_filled(gm, node, real, carried, layer, registry) -> Carried:
-    """Linear multi-input op: each component runs with zeros in the inputs it is absent from."""
+    """Linear multi-input op (cat, stack ...): each chunk runs with zeros in the other inputs."""
     operand_nodes = [n for n in node.all_input_nodes if n in carried]
-    constants = []
+    sources: dict[fx.Node, Carried] = {n: carried[n] for n in operand_nodes}
     if op_kind(node, gm) == OpKind.ADDITIVE:  # cat / stack: constant pieces become components
         pieces = node.args[0] if isinstance(node.args[0], (list, tuple)) else node.args
-        constants = [p for p in pieces if isinstance(p, fx.Node) and p not in carried
-                     and isinstance(real.get(p), torch.Tensor)]
-    sources: dict[fx.Node, Carried] = {n: carried[n] for n in operand_nodes}
-    for piece in constants:
-        sources[piece] = _constant_operand(real[piece], piece, node, layer, registry)
-    ids: list[int] = []
-    for source in sources.values():
-        ids += [i for i in source.ids if i not in ids]
-    position = {i: k for k, i in enumerate(ids)}
-    aligned = {}
-    for n, source in sources.items():
-        full = source.values.new_zeros((len(ids),) + tuple(real[n].shape))
-        full[[position[i] for i in source.ids]] = source.values.expand(len(source.ids), *real[n].shape)
-        aligned[n] = full
+        for piece in pieces:
+            if isinstance(piece, fx.Node) and piece not in carried and isinstance(real.get(piece), torch.Tensor):
+                sources[piece] = _constant_operand(real[piece], piece, node, layer, registry)
+    all_ids = [i for source in sources.values() for i in source.ids]
+    if len(all_ids) != len(set(all_ids)):  # the same components in several inputs: align rows
+        sources = {n: Carried.single(*_aligned(source, all_ids, real[n].shape)) for n, source in sources.items()}
+        first = next(iter(sources.values()))
+        return _zero_filled_aligned(gm, node, real, sources, first.ids, layer, registry)
     evaluate = Evaluator(gm, node, real)
-    values = evaluate.over_components(aligned)
-    offsets = []
-    if op_kind(node, gm) != OpKind.ADDITIVE:
-        at_zero = evaluate({n: torch.zeros_like(real[n]) for n in aligned})
-        if bool(at_zero.any()):
-            values = values - at_zero
-            offsets.append(Offset(at_zero, f"{module_path(node) or node.name}:{node.name}.offset"))
-    return _with_offsets(Carried(ids, values), offsets, layer, node, registry)
+    offsets = _offset_at_zero(gm, node, real, sources, evaluate)
+    chunks = []
+    for n, source in sources.items():
+        for chunk in source.chunks:
+            count = len(chunk.ids)
+            inputs = {m: (chunk.values.expand(count, *real[m].shape) if m is n else
+                          real[m].new_zeros(()).expand(count, *real[m].shape)) for m in sources}
+            values = evaluate.over_components(inputs)
+            chunks.append(Chunk(chunk.ids, values - offsets[0].value if offsets else values))
+    return _with_offsets(Carried(chunks), offsets, layer, node, registry)
+
+
+def _aligned(source: Carried, ids: list[int], shape) -> tuple[list[int], torch.Tensor]:
+    unique = list(dict.fromkeys(ids))
+    position = {i: k for k, i in enumerate(unique)}
+    full = _first_tensor(source).new_zeros((len(unique),) + tuple(shape))
+    for chunk in source.chunks:
+        full[[position[i] for i in chunk.ids]] = chunk.values.expand(len(chunk.ids), *shape)
+    return unique, full
+
+
+def _zero_filled_aligned(gm, node, real, sources, ids, layer, registry) -> Carried:
+    evaluate = Evaluator(gm, node, real)
+    offsets = _offset_at_zero(gm, node, real, sources, evaluate)
+    values = evaluate.over_components({n: s.chunks[0].values for n, s in sources.items()})
+    if offsets:
+        values = values - offsets[0].value
+    return _with_offsets(Carried.single(ids, values), offsets, layer, node, registry)
+
+
+def _offset_at_zero(gm, node, real, sources, evaluate) -> list[Offset]:
+    """Opaque jointly-affine ops may have a constant term f(0)."""
+    if op_kind(node, gm) == OpKind.ADDITIVE:
+        return []
+    at_zero = evaluate({n: torch.zeros_like(real[n]) for n in sources})
+    if not bool(at_zero.any()):
+        return []
+    return [Offset(at_zero, f"{module_path(node) or node.name}:{node.name}.offset")]

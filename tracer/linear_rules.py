@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .attention import (mha_arguments, mha_output_projection, mha_parts, sdpa_arguments,
                         sdpa_values, sdpa_weights)
@@ -68,18 +69,35 @@ class Evaluator:
         return call_target(_out_of_place(self.node), self.gm, args, kwargs)
 
     def over_components(self, carriers: dict[fx.Node, Any]) -> Any:
-        """The op applied to each component: vmap over axis 0 of every carried input."""
+        """The op applied to each component: vmap over axis 0 of every carried input.
+
+        Outputs may be pytrees (``(x, (h, w))``): floating tensors get the component axis,
+        other leaves (sizes) are taken from one call.
+        """
         nodes = list(carriers)
+        template = self({n: _index(c, 0) for n, c in carriers.items()})
+        leaves, structure = tree_flatten(template)
+        floating = [i for i, leaf in enumerate(leaves) if _is_floating(leaf)]
 
         def per_component(*components):
-            return self(dict(zip(nodes, components)))
+            out = tree_flatten(self(dict(zip(nodes, components))))[0]
+            return tuple(out[i] for i in floating)
 
         try:
-            return torch.vmap(per_component)(*carriers.values())
+            stacked = torch.vmap(per_component)(*carriers.values())
         except Exception:  # ops without a batching rule: loop (slow but exact)
             count = _count(next(iter(carriers.values())))
-            outs = [per_component(*(_index(c, i) for c in carriers.values())) for i in range(count)]
-            return _stack(outs)
+            rows = [per_component(*(_index(c, i) for c in carriers.values())) for i in range(count)]
+            stacked = tuple(torch.stack([row[k] for row in rows]) for k in range(len(floating)))
+        if isinstance(template, torch.Tensor):
+            return stacked[0]
+        for k, i in enumerate(floating):
+            leaves[i] = stacked[k]
+        return tree_unflatten(leaves, structure)
+
+
+def _is_floating(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
 
 
 _IN_PLACE_FUNCTIONS = {operator.iadd: operator.add, operator.isub: operator.sub,
@@ -105,42 +123,20 @@ class _Overlay(dict):
 
 
 def _count(components: Any) -> int:
-    if isinstance(components, torch.Tensor):
-        return components.shape[0]
-    return next(_count(c) for c in components if c is not None)
+    return next(leaf.shape[0] for leaf in tree_flatten(components)[0] if _is_floating(leaf))
 
 
 def _index(components: Any, i: int) -> Any:
-    if isinstance(components, torch.Tensor):
-        return components[i]
-    if components is None:
-        return None
-    return type(components)(_index(c, i) for c in components)
-
-
-def _stack(outs: list) -> Any:
-    first = outs[0]
-    if isinstance(first, torch.Tensor):
-        return torch.stack(outs)
-    if first is None:
-        return None
-    return tuple(_stack([o[j] for o in outs]) for j in range(len(first)))
+    """Component ``i`` of a pytree of component stacks (non-float leaves are shared)."""
+    return tree_map(lambda leaf: leaf[i] if _is_floating(leaf) else leaf, components)
 
 
 def _is_zero(value: Any) -> bool:
-    if isinstance(value, torch.Tensor):
-        return not bool(value.any())
-    if isinstance(value, (tuple, list)):
-        return all(_is_zero(v) for v in value)
-    return value is None
+    return all(not bool(leaf.any()) for leaf in tree_flatten(value)[0] if _is_floating(leaf))
 
 
 def _zeros_like(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return torch.zeros_like(value)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_zeros_like(v) for v in value)
-    return value
+    return tree_map(lambda leaf: torch.zeros_like(leaf) if _is_floating(leaf) else leaf, value)
 
 
 # --- single-carrier rules ------------------------------------------------------------
@@ -155,7 +151,7 @@ def apply_affine(gm: fx.GraphModule, node: fx.Node, kind: OpKind, real: dict,
         return _NORM_RULES[node.target](node, real, components)
     if kind == OpKind.ATTENTION:
         return _frozen_attention(gm, node, real, carrier, components)
-    if kind == OpKind.AFFINE and node.target is operator.getitem and not isinstance(components, torch.Tensor):
+    if kind == OpKind.AFFINE and node.target is operator.getitem and isinstance(components, (tuple, list)):
         return components[node.args[1]], []
     out = evaluate.over_components({carrier: components})
     if kind in (OpKind.AFFINE, OpKind.PRODUCT) and node.target is not F.pad:
@@ -170,7 +166,10 @@ def apply_affine(gm: fx.GraphModule, node: fx.Node, kind: OpKind, real: dict,
 def _subtract(out: Any, at_zero: Any) -> Any:
     if isinstance(out, torch.Tensor):
         return out - at_zero
-    return type(out)(_subtract(o, z) for o, z in zip(out, at_zero))
+    left, structure = tree_flatten(out)
+    right = tree_flatten(at_zero)[0]
+    return tree_unflatten([o - z if _is_floating(o) and _is_floating(z) else o for o, z in zip(left, right)],
+                          structure)
 
 
 # functions with a bias argument: position of the bias

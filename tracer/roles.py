@@ -20,6 +20,7 @@ Walking backwards from the representation node:
 from __future__ import annotations
 
 import enum
+import heapq
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -247,20 +248,32 @@ def plan_trunk(gm: fx.GraphModule, probe: Probe) -> TrunkPlan:
 
 
 def _walk(analysis: GraphAnalysis, target: fx.Node) -> TrunkPlan:
+    """Assign roles in reverse graph order, so every consumer's request is in before a node is
+    decided. A node asked for as trunk by one consumer and as carry by another (a branch that
+    contains an affine copy of the stream, two streams feeding each other) is trunk: its
+    components are the stream's, which the branch then carries along."""
     roles: dict[fx.Node, Role] = {}
     births: dict[fx.Node, Birth] = {}
     joins: list[fx.Node] = []
     branch_of: dict[fx.Node, fx.Node] = {}
-    # (node, role, join add, whether a residual add lies between it and the output)
-    stack: list[tuple[fx.Node, Role, fx.Node | None, bool]] = [(target, Role.TRUNK, None, False)]
-    while stack:
-        node, role, join, below_residual = stack.pop()
-        if node in roles:
-            if roles[node] is not role and Role.BIRTH not in (roles[node], role):
-                raise ValueError(
-                    f"{describe(node)} is reached both on the residual trunk and inside a branch; "
-                    "this graph shape is not supported yet")
-            continue
+    order = analysis.order
+    requests: dict[fx.Node, tuple[Role, fx.Node | None, bool]] = {}
+    heap: list[tuple[int, fx.Node]] = []
+
+    def request(node: fx.Node, role: Role, join: fx.Node | None, below_residual: bool) -> None:
+        current = requests.get(node)
+        if current is None:
+            requests[node] = (role, join, below_residual)
+            heapq.heappush(heap, (-order[node], id(node), node))
+        elif current[0] is Role.CARRY and role is Role.TRUNK:
+            requests[node] = (role, join, below_residual or current[2])
+        else:
+            requests[node] = (current[0], current[1], current[2] or below_residual)
+
+    request(target, Role.TRUNK, None, False)
+    while heap:
+        node = heapq.heappop(heap)[2]
+        role, join, below_residual = requests[node]
         if not analysis.probe.is_data(node):
             continue
         if node.op == "placeholder":
@@ -279,11 +292,12 @@ def _walk(analysis: GraphAnalysis, target: fx.Node) -> TrunkPlan:
         roles[node] = role
         if role is Role.CARRY:
             branch_of[node] = join
-        stack.extend(pushed)
+        for item in pushed:
+            request(*item)
     for node, birth in births.items():
         if birth.join is not None:
             branch_of[node] = birth.join
-    joins.sort(key=analysis.order.__getitem__)
+    joins.sort(key=order.__getitem__)
     return TrunkPlan(target, roles, births, joins, branch_of)
 
 
@@ -315,6 +329,11 @@ def _trunk_step(analysis: GraphAnalysis, node: fx.Node, join, below_residual: bo
             return [(carrier, Role.TRUNK, join, below_residual)]
     # a nonlinearity on the trunk
     if not below_residual:
+        if node.op == "call_module":  # an opaque module may hide residual blocks: do not skip it
+            raise NonlinearTrunkError(
+                f"the representation is computed by {describe(node)}, a module torch.fx could not trace "
+                "and that is not affine, so nothing before it can be decomposed. Make it traceable "
+                "(no Python control flow on tensor values) or decompose an earlier output.")
         if len(inputs) != 1:
             raise NonlinearTrunkError(
                 f"the representation ends in {describe(node)}, a nonlinear op of several inputs; "

@@ -11,6 +11,7 @@ caught at the innermost module and tracing restarts with that module opaque.
 from __future__ import annotations
 
 import copy
+import sys
 import warnings
 from typing import Any
 
@@ -87,6 +88,14 @@ class ComponentTracer(fx.Tracer):
         self.timm_leaf_types = _timm_leaf_types()
         self.opaque_types = opaque_types
         self.opaque_paths = opaque_paths
+
+    def trace(self, root, concrete_args=None):
+        # timm's helper functions are autowrapped only where fx looks for them: the globals of
+        # modules whose forward it enters through Module.__call__. RepresentationOf calls the
+        # model's forward_features directly, so add every submodule's Python module.
+        modules = {sys.modules.get(type(m).__module__) for m in root.modules()}
+        self._autowrap_search = list(self._autowrap_search) + [m for m in modules if m is not None]
+        return super().trace(root, concrete_args)
 
     def is_leaf_module(self, module: nn.Module, qualname: str) -> bool:
         if isinstance(module, self.timm_leaf_types):
