@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -84,7 +85,9 @@ class Evaluator:
             return tuple(out[i] for i in floating)
 
         try:
-            stacked = torch.vmap(per_component)(*carriers.values())
+            with warnings.catch_warnings():  # "no batching rule ... performance drop": still exact
+                warnings.filterwarnings("ignore", message="There is a performance drop")
+                stacked = torch.vmap(per_component)(*carriers.values())
         except Exception:  # ops without a batching rule: loop (slow but exact)
             count = _count(next(iter(carriers.values())))
             rows = [per_component(*(_index(c, i) for c in carriers.values())) for i in range(count)]

@@ -140,7 +140,8 @@ def trace_representation(model: nn.Module, output: str = "pre_logits") -> tuple[
             else:
                 opaque_paths.add(failure.qualname)
             learned.append(failure.qualname.removeprefix(MODEL_PREFIX))
-            reasons.append(f"{learned[-1]} ({type(failure.module).__name__}: {type(failure.error).__name__})")
+            if not _is_torch_nn_module(failure.module):  # torch's own modules (BatchNorm ...) are expected
+                reasons.append(f"{learned[-1]} ({type(failure.module).__name__}: {type(failure.error).__name__})")
             continue
         except Exception as error:
             raise _tracing_error("", root, error) from error
