@@ -148,7 +148,7 @@ def weights_digest(model: nn.Module) -> str:
     for key, tensor in model.state_dict().items():
         digest.update(key.encode())
         digest.update(str(tensor.dtype).encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

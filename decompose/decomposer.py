@@ -24,13 +24,15 @@ class Decomposer(nn.Module):
     never modified. Graph roles are analysed once per input shape and dtype.
     """
 
-    def __init__(self, model: nn.Module, output: str = "pre_logits", prune: bool = True):
+    def __init__(self, model: nn.Module, output: str = "pre_logits", prune: bool = True,
+                 cut_nonlinear_trunk: bool = False):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"trace_and_decompose expects a torch.nn.Module, got {type(model).__name__}")
         started = time.perf_counter()
         self.output = output
         self.prune = prune
+        self.cut_nonlinear_trunk = cut_nonlinear_trunk
         self.graph_module, self.opaque_modules = trace_representation(frozen_eval_copy(model), output)
         self.trace_seconds = time.perf_counter() - started
         self._plans: dict[tuple, TrunkPlan] = {}
@@ -48,7 +50,7 @@ class Decomposer(nn.Module):
                 hint = (f" Its pretrained_cfg gives input_size [B, {', '.join(map(str, self._expected_input))}]"
                         " (models created with another img_size expect that size)." if self._expected_input else "")
                 raise ValueError(f"{error}.{hint}") from error
-            plan = plan_trunk(self.graph_module, probe)
+            plan = plan_trunk(self.graph_module, probe, self.cut_nonlinear_trunk)
             if self.prune:
                 plan.compact = compaction_for(self.graph_module, plan, probe, images[:1])
             self._plans[signature] = plan
@@ -72,15 +74,19 @@ class Decomposer(nn.Module):
                              plan.describe_stop())
 
 
-def trace_and_decompose(model: nn.Module, output: str = "pre_logits", prune: bool = True) -> Decomposer:
+def trace_and_decompose(model: nn.Module, output: str = "pre_logits", prune: bool = True,
+                        cut_nonlinear_trunk: bool = False) -> Decomposer:
     """Trace ``model`` once and return a ``Decomposer``.
 
     output: ``"pre_logits"`` (timm's ``num_classes=0`` features; open_clip image towers
             give their embedding) or ``"logits"`` (the classifier output).
     prune:  compute each component only where it can reach the output (e.g. the class
             token row); ``False`` computes every position (same result, slower).
+    cut_nonlinear_trunk: for models with a nonlinear op between residual blocks (hybrid CNN
+            stems, nonlinear downsampling): everything up to the last such op becomes one
+            ``embedding`` component named after its module, instead of an error.
     """
-    return Decomposer(model, output=output, prune=prune)
+    return Decomposer(model, output=output, prune=prune, cut_nonlinear_trunk=cut_nonlinear_trunk)
 
 
 def relevance_masks(gm, plan: TrunkPlan, image: torch.Tensor) -> dict:

@@ -85,6 +85,15 @@ def test_nonlinearity_on_trunk_names_node_and_module():
         trace_and_decompose(_NonlinearBetweenBlocks())(torch.randn(1, 3, 8, 8))
 
 
+def test_cut_nonlinear_trunk_starts_the_decomposition_after_it():
+    model = _NonlinearBetweenBlocks().eval()
+    dec = trace_and_decompose(model, cut_nonlinear_trunk=True)(torch.randn(2, 3, 8, 8), level="head")
+    assert dec.relative_error() < 1e-5
+    embedding = [label for label in dec.labels if label.kind == "embedding"]
+    assert [label.name for label in embedding] == ["squash"]
+    assert not any(label.name.startswith("block1") for label in dec.labels)
+
+
 class _ValueControlFlow(nn.Module):
     def __init__(self):
         super().__init__()

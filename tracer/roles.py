@@ -89,8 +89,9 @@ class _Retarget(Exception):
 class GraphAnalysis:
     """Op kinds, data inputs, ancestry and affinity of the nodes of one probed graph."""
 
-    def __init__(self, gm: fx.GraphModule, probe: Probe):
+    def __init__(self, gm: fx.GraphModule, probe: Probe, cut_nonlinear_trunk: bool = False):
         self.gm, self.probe = gm, probe
+        self.cut_nonlinear_trunk = cut_nonlinear_trunk
         self.order = {node: i for i, node in enumerate(gm.graph.nodes)}
         self._kind: dict[fx.Node, OpKind] = {}
         self._ancestors: dict[fx.Node, int] = {}
@@ -225,9 +226,13 @@ class _Overlay(dict):
         return self.base[key]
 
 
-def plan_trunk(gm: fx.GraphModule, probe: Probe) -> TrunkPlan:
-    """Assign trunk / carry / birth roles, moving the target before a nonlinear head."""
-    analysis = GraphAnalysis(gm, probe)
+def plan_trunk(gm: fx.GraphModule, probe: Probe, cut_nonlinear_trunk: bool = False) -> TrunkPlan:
+    """Assign trunk / carry / birth roles, moving the target before a nonlinear head.
+
+    cut_nonlinear_trunk: a nonlinear op between residual blocks (hybrid stems, nonlinear
+    downsampling) becomes the birth of an 'embedding' component instead of an error.
+    """
+    analysis = GraphAnalysis(gm, probe, cut_nonlinear_trunk)
     output = next(n for n in gm.graph.nodes if n.op == "output")
     target = output.args[0]
     if isinstance(target, (tuple, list)):
@@ -339,11 +344,12 @@ def _trunk_step(analysis: GraphAnalysis, node: fx.Node, join, below_residual: bo
                 f"the representation ends in {describe(node)}, a nonlinear op of several inputs; "
                 "decompose an earlier output (output='pre_logits') instead")
         raise _Retarget(node, inputs[0])
-    if analysis.has_residual_upstream(node):
+    if analysis.has_residual_upstream(node) and not analysis.cut_nonlinear_trunk:
         raise NonlinearTrunkError(
             f"{describe(node)} is a nonlinear op on the residual trunk between residual blocks, so "
-            "the representation is not a sum of block contributions. Decompose an output "
-            "before it, or report the architecture so a linearization rule can be added.")
+            "the representation is not a sum of block contributions. Pass "
+            "trace_and_decompose(model, cut_nonlinear_trunk=True) to decompose only what follows it "
+            "(everything before becomes one 'embedding' component named after its module).")
     return None
 
 
