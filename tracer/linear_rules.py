@@ -76,6 +76,12 @@ class Evaluator:
         other leaves (sizes) are taken from one call.
         """
         nodes = list(carriers)
+        try:  # the common case: tensor (or tuple of tensors) out, an op with a batching rule
+            with warnings.catch_warnings():  # "no batching rule ... performance drop": still exact
+                warnings.filterwarnings("ignore", message="There is a performance drop")
+                return torch.vmap(lambda *components: self(dict(zip(nodes, components))))(*carriers.values())
+        except Exception:
+            pass
         template = self({n: _index(c, 0) for n, c in carriers.items()})
         leaves, structure = tree_flatten(template)
         floating = [i for i, leaf in enumerate(leaves) if _is_floating(leaf)]
@@ -85,9 +91,7 @@ class Evaluator:
             return tuple(out[i] for i in floating)
 
         try:
-            with warnings.catch_warnings():  # "no batching rule ... performance drop": still exact
-                warnings.filterwarnings("ignore", message="There is a performance drop")
-                stacked = torch.vmap(per_component)(*carriers.values())
+            stacked = torch.vmap(per_component)(*carriers.values())
         except Exception:  # ops without a batching rule: loop (slow but exact)
             count = _count(next(iter(carriers.values())))
             rows = [per_component(*(_index(c, i) for c in carriers.values())) for i in range(count)]
