@@ -1,6 +1,7 @@
 """``trace_and_decompose(model)``: trace once, decompose any batch."""
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -8,6 +9,7 @@ import torch
 from torch import nn
 
 from tracer.probe import ModelRunError, run_probe
+from tracer.positions import attention_key_positions, fork_of, value_input
 from tracer.relevance import CompactPlan, plan_compaction
 from tracer.roles import TrunkPlan, plan_trunk
 from tracer.tracing import frozen_eval_copy, trace_representation
@@ -51,10 +53,17 @@ class Decomposer(nn.Module):
                         " (models created with another img_size expect that size)." if self._expected_input else "")
                 raise ValueError(f"{error}.{hint}") from error
             plan = plan_trunk(self.graph_module, probe, self.cut_nonlinear_trunk)
+            plan.probe = probe
             if self.prune:
                 plan.compact = compaction_for(self.graph_module, plan, probe, images[:1])
             self._plans[signature] = plan
         return self._plans[signature]
+
+    def _key_positions(self, plan: TrunkPlan, images: torch.Tensor) -> dict:
+        """Source position of every attention key (computed once per plan)."""
+        if plan.key_positions is None:
+            plan.key_positions = key_positions_for(self.graph_module, plan, plan.probe, images[:1])
+        return plan.key_positions
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, level: str = "head") -> Decomposition:
@@ -64,8 +73,9 @@ class Decomposer(nn.Module):
             raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
         plan = self.plan(images)
         registry = ComponentRegistry()
+        positions = self._key_positions(plan, images) if level == "token" else None
         representation, carried = propagate(self.graph_module, plan, images, level, registry,
-                                            compact=plan.compact)
+                                            compact=plan.compact, positions=positions)
         ids = carried.ids
         order = sorted(range(len(ids)), key=ids.__getitem__)
         components = carried.stacked()[order]
@@ -109,6 +119,74 @@ def relevance_masks(gm, plan: TrunkPlan, image: torch.Tensor) -> dict:
         (out.stacked().sum(0) * direction).sum().backward()
     return {node: (delta.grad != 0) if delta.grad is not None else torch.zeros(delta.shape, dtype=torch.bool)
             for node, delta in perturbations.items()}
+
+
+def key_positions_for(gm, plan: TrunkPlan, probe, image: torch.Tensor) -> dict:
+    """Attention birth -> position of each key, from one linear pass on ``image`` [1, C, H, W]."""
+    births = [n for n, b in plan.births.items() if b.kind == "attention"]
+    forks = set()
+    for birth in births:
+        found = value_input(gm, birth)
+        fork = fork_of(plan, found[0], probe.data_nodes) if found else None
+        if fork is not None:
+            forks.add(fork)
+    captured: dict = {}
+
+    def capture(node, carried: Carried) -> Carried:
+        if node in forks:
+            captured[node] = carried
+        return carried
+
+    leaf = image.detach().double().requires_grad_(True)
+    registry = ComponentRegistry()
+    with torch.enable_grad(), in_float64(gm):  # exact integer codes need float64 gradients
+        propagate(gm, plan, leaf, "branch", registry, on_carried=capture)
+        placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder").name
+        fork_components = {}
+        for fork, carried in captured.items():
+            parts: dict = {"constants": {}}
+            for chunk in carried.chunks:
+                if not isinstance(chunk.values, torch.Tensor):
+                    continue
+                for row, component in enumerate(chunk.ids):
+                    label = registry.labels[component]
+                    if label.kind == "embedding" and label.node == placeholder:
+                        parts["embedding"] = chunk.values[row]
+                    elif label.kind == "constant":
+                        parts["constants"][label.name] = chunk.values[row].detach()
+            fork_components[fork] = parts
+        values = _Float64Values(probe.values)
+        return attention_key_positions(gm, plan, values, probe.data_nodes, leaf, fork_components)
+
+
+class _Float64Values(dict):
+    """Probe values with floating tensors read as float64."""
+
+    def __init__(self, values: dict):
+        super().__init__()
+        self.values = values
+
+    def __missing__(self, key):
+        value = self.values[key]
+        converted = value.double() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+        self[key] = converted
+        return converted
+
+    def get(self, key, default=None):
+        return self[key] if key in self.values else default
+
+
+@contextlib.contextmanager
+def in_float64(module: nn.Module):
+    """Temporarily run ``module`` (our own copy) in float64; the original tensors come back."""
+    saved = [(t, t.data) for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point()]
+    try:
+        for tensor, data in saved:
+            tensor.data = data.double()
+        yield module
+    finally:
+        for tensor, data in saved:
+            tensor.data = data
 
 
 def compaction_for(gm, plan: TrunkPlan, probe, image: torch.Tensor) -> CompactPlan:

@@ -25,6 +25,7 @@ class ComponentLabel:
     head: int | None = None
     token: int | None = None
     node: str = ""
+    position: tuple[int, int] | str | None = None
 
     @property
     def key(self) -> str:

@@ -88,11 +88,13 @@ def _last_uses(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
 
 def propagate(gm: fx.GraphModule, plan: TrunkPlan, images: torch.Tensor, level: str,
               registry: ComponentRegistry, compact: CompactPlan | None = None,
-              on_carried: Callable[[fx.Node, Carried], Carried] | None = None) -> tuple[torch.Tensor, Carried]:
+              on_carried: Callable[[fx.Node, Carried], Carried] | None = None,
+              positions: dict | None = None) -> tuple[torch.Tensor, Carried]:
     """Real value of ``plan.target`` and its components.
 
     compact:    slices of the carried values (only what reaches the output is computed)
     on_carried: hook applied to every node's components (used to measure relevance)
+    positions:  attention birth -> source position of each key (labels at level token)
     """
     real: dict[fx.Node, Any] = {}
     carried: dict[fx.Node, Carried] = {}
@@ -106,7 +108,7 @@ def propagate(gm: fx.GraphModule, plan: TrunkPlan, images: torch.Tensor, level: 
             real[node] = _real_value(gm, node, real, images, placeholder)
         if role is not None:  # components first: an in-place op may overwrite its input's value
             carried[node] = _compacted_components(gm, plan, node, role, real, carried, level, registry,
-                                                  images, compact)
+                                                  images, compact, positions or {})
             carried[node] = _consolidated(carried[node])
             if on_carried is not None:
                 carried[node] = on_carried(node, carried[node])
@@ -133,13 +135,14 @@ def _real_value(gm, node, real, images, placeholder):
 
 
 def _compacted_components(gm, plan, node, role, real, carried, level, registry, images,
-                          compact: CompactPlan | None) -> Carried:
+                          compact: CompactPlan | None, positions: dict) -> Carried:
     """Components of ``node``, computed on the slices the compaction plan allows."""
+    if role is Role.BIRTH:
+        spec = compact.slices.get(node) if compact is not None else None
+        return _components_of(gm, plan, node, role, real, carried, level, registry, images, None, spec,
+                              positions.get(node))
     if compact is None:
         return _components_of(gm, plan, node, role, real, carried, level, registry, images, None, None)
-    if role is Role.BIRTH:
-        return _components_of(gm, plan, node, role, real, carried, level, registry, images, None,
-                              compact.slices.get(node))
     compaction = compact.nodes.get(node)
     if compaction is None:
         return _components_of(gm, plan, node, role, real, carried, level, registry, images, None, None)
@@ -193,7 +196,7 @@ class _Overlay(dict):
 
 
 def _components_of(gm, plan, node, role, real, carried, level, registry, images, callee,
-                   birth_slice: Slice | None) -> Carried:
+                   birth_slice: Slice | None, key_positions: list | None = None) -> Carried:
     """Components of ``node`` (``callee``: the same op with replaced arguments, if any)."""
     layer = plan.layer(node)
     op = callee if callee is not None else node
@@ -204,7 +207,8 @@ def _components_of(gm, plan, node, role, real, carried, level, registry, images,
             values = images.unsqueeze(0)
             return Carried.single([registry.new(label)], _take(values, birth_slice) if birth_slice else values)
         born = split_birth(gm, birth, real, level, birth_slice)
-        ids = [registry.new(ComponentLabel(birth.name, birth.kind, birth.layer, h, t, node.name))
+        ids = [registry.new(ComponentLabel(birth.name, birth.kind, birth.layer, h, t, node.name,
+                                           key_positions[t] if key_positions and t is not None else None))
                for h, t in zip(born.heads, born.tokens)]
         return _with_offsets(Carried.single(ids, born.values), born.offsets, layer, node, registry)
     kind = op_kind(node, gm)

@@ -1,0 +1,57 @@
+"""Source positions of token components, and that they are the true image positions."""
+import pytest
+import timm
+import torch
+
+from decompose import trace_and_decompose
+from tests.models import tiny_open_clip_vision
+
+
+def test_perturbing_one_patch_changes_only_its_own_token_components():
+    """One attention layer: token j's component is A[cls, j] · V[j]. Changing the pixels of patch p
+    changes V[p] and (through the softmax normaliser) rescales every A[cls, j] of a head by one
+    common factor, so all other token components of that head are scaled copies of themselves."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32, patch_size=8,
+                              embed_dim=32, num_heads=2).eval().double()
+    images = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    perturbed = images.clone()
+    perturbed[:, :, 8:16, 16:24] += torch.randn(1, 3, 8, 8, dtype=torch.float64)  # patch row 1, col 2
+    decomposer = trace_and_decompose(model)
+    before, after = decomposer(images, level="token"), decomposer(perturbed, level="token")
+    assert before.keys == after.keys
+    for head in (0, 1):
+        rows = [i for i, label in enumerate(before.labels) if label.head == head and label.token is not None]
+        positions = [before.labels[i].position for i in rows]
+        assert sorted(p for p in positions if isinstance(p, tuple)) == [(r, c) for r in range(4) for c in range(4)]
+        assert positions.count("cls_token") == 1
+        old, new = before.components[rows, 0], after.components[rows, 0]
+        factors = (new * old).sum(-1) / (old * old).sum(-1)
+        changed = [p for p, f, o, n in zip(positions, factors, old, new)
+                   if not torch.allclose(n, f * o, rtol=1e-9, atol=1e-12)]
+        assert changed == [(1, 2)], changed
+        unchanged = [f for p, f in zip(positions, factors) if p != (1, 2)]
+        assert torch.allclose(torch.stack(unchanged), unchanged[0], rtol=1e-9)
+
+
+@pytest.mark.parametrize("name, kwargs, size, roles", [
+    ("vit_small_patch14_reg4_dinov2", dict(depth=1, embed_dim=32, num_heads=2, img_size=56), 56,
+     ["cls_token"] + ["reg_token"] * 4),
+    ("deit_tiny_distilled_patch16_224", dict(depth=1, img_size=48), 48, ["cls_token", "dist_token"]),
+])
+def test_special_tokens_are_named_by_their_parameter(name, kwargs, size, roles):
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    dec = trace_and_decompose(model)(torch.randn(1, 3, size, size), level="token")
+    head0 = [label.position for label in dec.labels if label.head == 0 and label.token is not None]
+    assert head0[:len(roles)] == roles
+    grid = size // (14 if "patch14" in name else 16)
+    assert head0[len(roles):] == [(r, c) for r in range(grid) for c in range(grid)]
+
+
+def test_open_clip_token_positions():
+    torch.manual_seed(0)
+    dec = trace_and_decompose(tiny_open_clip_vision().eval())(torch.randn(1, 3, 64, 64), level="token")
+    head0 = [label.position for label in dec.labels if label.head == 0 and label.token is not None
+             and label.layer == 0]
+    assert head0 == ["class_embedding"] + [(r, c) for r in range(4) for c in range(4)]

@@ -1,0 +1,214 @@
+"""Where each attention key comes from in the image, found by pushing indices through the graph.
+
+For an attention birth ``weights @ values``, key ``j`` reads one token of the stream the
+branch forked from, and that token (through the linear trunk) reads a patch of pixels.
+Both maps are recovered with one trick on the probe image: for a linear-in-its-input map
+``y = f(x)`` where each input element feeds one output position, the gradients of
+``⟨y, code ⊙ r⟩`` and ``⟨y, r⟩`` (``r`` random, ``code`` the output position + 1) have the
+ratio ``code`` at every input element that feeds position ``code``. No names, no layouts:
+
+1. values ← fork:   key index of every element of the fork value (the real branch path:
+   norm, qkv linear, reshapes, permutes);
+2. fork ← image:    key index of every pixel, through the embedding component carried
+   along the linear trunk (patch embedding, position adds, norms);
+3. keys that no pixel reaches are special tokens: named by the constant component
+   (``cls_token``, ``reg_token``, ``dist_token``) with the smallest support covering them.
+
+Positions are ``(row, col)`` in the grid of key centroids, or the constant's name.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from .ops import is_multihead_attention
+from .probe import node_arguments
+from .roles import Role, TrunkPlan
+from .tracing import call_target
+
+Position = tuple[int, int] | str | None
+
+
+def value_input(gm: fx.GraphModule, birth: fx.Node) -> tuple[fx.Node, int] | None:
+    """The values operand of an attention birth and its key axis."""
+    if birth.op == "call_function" and birth.target is F.scaled_dot_product_attention:
+        node = birth.kwargs.get("value", birth.args[2] if len(birth.args) > 2 else None)
+        return (node, -2) if isinstance(node, fx.Node) else None
+    if is_multihead_attention(birth, gm):
+        node = birth.kwargs.get("value", birth.args[2] if len(birth.args) > 2 else None)
+        batch_first = gm.get_submodule(birth.target).batch_first
+        return (node, 1 if batch_first else 0) if isinstance(node, fx.Node) else None
+    if len(birth.args) >= 2 and isinstance(birth.args[1], fx.Node):
+        return birth.args[1], -2
+    return None
+
+
+def fork_of(plan: TrunkPlan, node: fx.Node, data_nodes: set[fx.Node]) -> fx.Node | None:
+    """The nearest trunk node ``node`` is computed from (the stream the branch read)."""
+    frontier, seen = [node], set()
+    while frontier:
+        current = frontier.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if plan.roles.get(current) is Role.TRUNK or (current in plan.births and plan.births[current].kind == "embedding"):
+            return current
+        frontier.extend(n for n in current.all_input_nodes if n in data_nodes)
+    return None
+
+
+def subgraph_function(gm: fx.GraphModule, values: dict, start: fx.Node, end: fx.Node) -> Callable:
+    """``x -> value of end`` with ``start`` replaced by ``x`` (other inputs at their probe values)."""
+    order = list(gm.graph.nodes)
+    ancestors_of_end = _ancestors(end)
+    path = [n for n in order[order.index(start) + 1: order.index(end) + 1]
+            if n in ancestors_of_end and start in _ancestors(n)]
+
+    def run(x: torch.Tensor):
+        env = _Overlay(values, {start: x})
+        for node in path:
+            args, kwargs = node_arguments(node, env)
+            env[node] = call_target(node, gm, args, kwargs)
+        return env[end]
+
+    return run
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current not in seen:
+            seen.add(current)
+            stack.extend(current.all_input_nodes)
+    return seen
+
+
+class _Overlay(dict):
+    def __init__(self, base: dict, overlay: dict):
+        super().__init__(overlay)
+        self.base = base
+
+    def __missing__(self, key):
+        return self.base[key]
+
+
+def code_of_inputs(function: Callable, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor | None:
+    """For ``y = function(x)``: the code of the output position each input element feeds.
+
+    ``codes`` (shaped like ``y``, integers ≥ 1) label output positions. Returns an integer tensor
+    shaped like ``x`` (0: feeds nothing), or None when some element feeds several positions.
+    """
+    x = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        return codes_from_graph(x, function(x), codes)
+
+
+def codes_from_graph(x: torch.Tensor, y: torch.Tensor, codes: torch.Tensor, directions: int = 4
+                     ) -> torch.Tensor | None:
+    """``code_of_inputs`` for an already computed ``y`` (graph kept for further calls).
+
+    A random direction can make an element's plain gradient cancel to almost zero, so each
+    element reads its ratio from the direction where that gradient is largest.
+    """
+    generator = torch.Generator().manual_seed(1)
+    best_plain = torch.zeros_like(x)
+    best_ratio = torch.zeros_like(x)
+    for _ in range(directions):
+        direction = (torch.rand(y.shape, generator=generator, dtype=torch.float64) + 0.5).to(y)
+        coded, = torch.autograd.grad(y, x, direction * codes.to(y), retain_graph=True)
+        plain, = torch.autograd.grad(y, x, direction, retain_graph=True)
+        better = plain.abs() > best_plain.abs()
+        best_ratio = torch.where(better, coded / torch.where(better, plain, torch.ones_like(plain)), best_ratio)
+        best_plain = torch.where(better, plain, best_plain)
+    active = best_plain.abs() > 1e-9 * best_plain.abs().max().clamp_min(1e-300)
+    ratio = torch.where(active, best_ratio, torch.zeros_like(best_ratio))
+    rounded = ratio.round()
+    tolerance = 1e-6 if y.dtype == torch.float64 else 1e-2
+    if bool(((ratio - rounded).abs() > tolerance * rounded.abs().clamp_min(1))[active].any()):
+        return None
+    return rounded.long()
+
+
+def key_codes(shape: torch.Size, axis: int) -> torch.Tensor:
+    """Key index + 1 broadcast over a values tensor of ``shape``."""
+    axis = axis % len(shape)
+    view = [1] * len(shape)
+    view[axis] = shape[axis]
+    return torch.arange(1, shape[axis] + 1, dtype=torch.float64).view(view).expand(shape)
+
+
+def grid_positions(pixel_keys: torch.Tensor, count: int) -> list[tuple[int, int] | None]:
+    """(row, col) per key from the centroids of the pixels that feed it (``pixel_keys`` [H, W])."""
+    rows = torch.arange(pixel_keys.shape[0], dtype=torch.float64)[:, None].expand(pixel_keys.shape)
+    cols = torch.arange(pixel_keys.shape[1], dtype=torch.float64)[None, :].expand(pixel_keys.shape)
+    centroids: list[tuple[float, float] | None] = []
+    for key in range(1, count + 1):
+        mask = pixel_keys == key
+        if not bool(mask.any()):
+            centroids.append(None)
+            continue
+        centroids.append((float(rows[mask].mean()), float(cols[mask].mean())))
+    ys = sorted({round(c[0], 3) for c in centroids if c})
+    xs = sorted({round(c[1], 3) for c in centroids if c})
+    return [(ys.index(round(c[0], 3)), xs.index(round(c[1], 3))) if c else None for c in centroids]
+
+
+def attention_key_positions(gm: fx.GraphModule, plan: TrunkPlan, values: dict, data_nodes: set[fx.Node],
+                            image: torch.Tensor, fork_components: dict[fx.Node, dict[str, Any]]
+                            ) -> dict[fx.Node, list[Position]]:
+    """Per attention birth, the position of every key (None where it cannot be told).
+
+    image: the probe image, a leaf requiring grad; fork_components: fork node ->
+    {"embedding": the image's component at the fork (computed from ``image``),
+    "constants": {name: component value at the fork}}, from one linear pass.
+    """
+    positions: dict[fx.Node, list[Position]] = {}
+    for birth_node, birth in plan.births.items():
+        if birth.kind != "attention":
+            continue
+        found = value_input(gm, birth_node)
+        if found is None:
+            continue
+        value_node, axis = found
+        fork = fork_of(plan, value_node, data_nodes)
+        value = values.get(value_node)
+        if fork is None or not isinstance(value, torch.Tensor) or fork not in fork_components:
+            continue
+        keys = value.shape[axis]
+        batch_axis = 1 if axis == 0 else 0
+        if value.dim() < 2 or value.shape[batch_axis] != 1:  # keys of several windows: not yet
+            positions[birth_node] = [None] * keys
+            continue
+        element_keys = code_of_inputs(subgraph_function(gm, values, fork, value_node), values[fork],
+                                      key_codes(value.shape, axis))
+        if element_keys is None:
+            positions[birth_node] = [None] * keys
+            continue
+        positions[birth_node] = _positions_from_fork(element_keys, keys, image, fork_components[fork])
+    return positions
+
+
+def _positions_from_fork(element_keys: torch.Tensor, keys: int, image: torch.Tensor,
+                         fork: dict[str, Any]) -> list[Position]:
+    embedding: torch.Tensor | None = fork.get("embedding")   # [*fork shape], a function of image
+    result: list[Position] = [None] * keys
+    if embedding is not None:
+        pixel_codes = codes_from_graph(image, embedding, element_keys)
+        if pixel_codes is not None:
+            per_pixel = pixel_codes.amax(dim=tuple(range(pixel_codes.dim() - 2)))  # [H, W]
+            result = list(grid_positions(per_pixel, keys))
+    supports = []
+    for name, constant in fork.get("constants", {}).items():
+        covered = {int(k) - 1 for k in element_keys[(constant != 0) & (element_keys > 0)].unique().tolist()}
+        if covered and len(covered) < keys:
+            supports.append((len(covered), name, covered))
+    for key in range(keys):
+        if result[key] is None:
+            owners = sorted(s for s in supports if key in s[2])
+            if owners:
+                result[key] = owners[0][1]
+    return result
