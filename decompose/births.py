@@ -38,8 +38,12 @@ class BornComponents:
 
 
 def split_birth(gm: fx.GraphModule, birth: Birth, real: dict, level: str,
-                spec: Slice | None = None) -> BornComponents:
-    """Components born at ``birth.node``; ``spec``: only these positions of its value are needed."""
+                spec: Slice | None = None, batch_size: int | None = None) -> BornComponents:
+    """Components born at ``birth.node``; ``spec``: only these positions of its value are needed.
+
+    batch_size: images in the batch; an attention whose batch axis holds more rows than that
+    attends within windows (level ``token`` splits its keys per window).
+    """
     node = birth.node
     if not isinstance(real[node], torch.Tensor) and not is_multihead_attention(node, gm):
         # an opaque op with several outputs, e.g. an LSTM's (out, (h, c)): one component
@@ -60,7 +64,9 @@ def split_birth(gm: fx.GraphModule, birth: Birth, real: dict, level: str,
         return _split_heads(value, head_dims)
     if spec is not None:
         parts = _slice_parts(parts, spec, real[node].dim())
-    return _split_tokens(parts, value, head_dims)
+    rows = value.shape[0]
+    windows = rows // batch_size if batch_size and rows % batch_size == 0 else 1
+    return _split_tokens(parts, value, head_dims, windows)
 
 
 def _attention_parts(node: fx.Node, real: dict) -> AttentionParts | None:
@@ -106,13 +112,25 @@ def _split_heads(value: torch.Tensor, head_dims: list[int]) -> BornComponents:
     return BornComponents(value.unsqueeze(0) * mask, heads, [None] * len(heads), [])
 
 
-def _split_tokens(parts: AttentionParts, value: torch.Tensor, head_dims: list[int]) -> BornComponents:
-    """[H*Nk, *out]: component (h, j) = weights[..., h, :, j] ⊗ values[..., h, j, :]."""
+def _split_tokens(parts: AttentionParts, value: torch.Tensor, head_dims: list[int],
+                  windows: int = 1) -> BornComponents:
+    """[H*S, *out]: component (h, s) = weights[..., h, :, j] ⊗ values[..., h, j, :] for source s.
+
+    Without windows the sources are the keys j. With ``windows`` attention groups per image
+    on the batch axis (rows ``b * windows + w``, as window partitions lay them out), source
+    ``s = w * Nk + j`` is key j of window w: it lives in the rows of window w only.
+    """
     weights, values = parts.weights, parts.values
     keys = weights.shape[-1]
     # [Nk, ..., Nq, d]: contribution of each key token through all heads
     per_token = torch.einsum("...qk,...kd->k...qd", weights, values)
     per_token = per_token.expand(keys, *value.shape)
+    if windows > 1:  # [nW * Nk, B * nW, ...]: key j of window w, zero outside window w's rows
+        rows = per_token.unflatten(1, (-1, windows))                                # [Nk, B, nW, ...]
+        own_window = torch.eye(windows, dtype=value.dtype, device=value.device)
+        own_window = own_window.view(windows, 1, 1, windows, *([1] * (rows.dim() - 3)))
+        per_token = (rows.unsqueeze(0) * own_window).flatten(2, 3).flatten(0, 1)
+        keys = keys * windows
     if head_dims:
         mask = _head_mask(value.shape, head_dims, value)            # [H, *view]
         components = (per_token.unsqueeze(0) * mask.unsqueeze(1)).flatten(0, 1)

@@ -131,17 +131,23 @@ def key_positions_for(gm, plan: TrunkPlan, probe, image: torch.Tensor) -> dict:
         if fork is not None:
             forks.add(fork)
     captured: dict = {}
+    embedding_birth = next((n for n, b in plan.births.items() if b.kind == "embedding"), None)
+    leaves: dict = {}
 
     def capture(node, carried: Carried) -> Carried:
+        if node is embedding_birth and isinstance(carried.chunks[0].values, torch.Tensor):
+            # the embedding's own value (the image, or a convolutional stem's output) is the grid
+            leaf = carried.chunks[0].values.detach().clone().requires_grad_(True)
+            leaves["grid"] = leaf
+            carried = Carried([Chunk(carried.chunks[0].ids, leaf)] + carried.chunks[1:])
         if node in forks:
             captured[node] = carried
         return carried
 
-    leaf = image.detach().double().requires_grad_(True)
     registry = ComponentRegistry()
     with torch.enable_grad(), in_float64(gm):  # exact integer codes need float64 gradients
-        propagate(gm, plan, leaf, "branch", registry, on_carried=capture)
-        placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder").name
+        propagate(gm, plan, image.double(), "branch", registry, on_carried=capture)
+        grid = leaves.get("grid")
         fork_components = {}
         for fork, carried in captured.items():
             parts: dict = {"constants": {}}
@@ -150,13 +156,14 @@ def key_positions_for(gm, plan: TrunkPlan, probe, image: torch.Tensor) -> dict:
                     continue
                 for row, component in enumerate(chunk.ids):
                     label = registry.labels[component]
-                    if label.kind == "embedding" and label.node == placeholder:
+                    if label.kind == "embedding" and grid is not None and grid.dim() == 5:  # [1, B, C, H, W]
                         parts["embedding"] = chunk.values[row]
                     elif label.kind == "constant":
                         parts["constants"][label.name] = chunk.values[row].detach()
             fork_components[fork] = parts
         values = _Float64Values(probe.values)
-        return attention_key_positions(gm, plan, values, probe.data_nodes, leaf, fork_components)
+        grid_leaf = grid if grid is not None else image.double().requires_grad_(True)
+        return attention_key_positions(gm, plan, values, probe.data_nodes, grid_leaf, fork_components)
 
 
 class _Float64Values(dict):

@@ -206,7 +206,7 @@ def _components_of(gm, plan, node, role, real, carried, level, registry, images,
             label = ComponentLabel(birth.name, "embedding", None, None, None, node.name)
             values = images.unsqueeze(0)
             return Carried.single([registry.new(label)], _take(values, birth_slice) if birth_slice else values)
-        born = split_birth(gm, birth, real, level, birth_slice)
+        born = split_birth(gm, birth, real, level, birth_slice, batch_size=images.shape[0])
         ids = [registry.new(ComponentLabel(birth.name, birth.kind, birth.layer, h, t, node.name,
                                            key_positions[t] if key_positions and t is not None else None))
                for h, t in zip(born.heads, born.tokens)]

@@ -66,3 +66,33 @@ def test_logits_option_decomposes_classifier_output():
         torch.testing.assert_close(dec.representation, model(images), rtol=0, atol=0)
     assert dec.relative_error() <= 1e-5
     assert "head.bias" in dec.keys
+
+
+TOKEN_MODELS = {
+    "vit_tiny_patch16_224": dict(depth=2, img_size=32, embed_dim=32, num_heads=2),
+    "deit_tiny_distilled_patch16_224": dict(depth=2, img_size=32, embed_dim=32, num_heads=2),
+    "vit_small_patch14_reg4_dinov2": dict(depth=2, embed_dim=32, num_heads=2, img_size=28),
+    "swin_tiny_patch4_window7_224": dict(depths=(2,), num_heads=(2,), embed_dim=16, window_size=4, img_size=40),
+    "maxvit_tiny_tf_224": dict(depths=(1, 1), embed_dim=(32, 64), img_size=32),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("name", list(TOKEN_MODELS))
+def test_token_level_sums_to_heads_and_representation(name, dtype):
+    torch.manual_seed(0)
+    kwargs = TOKEN_MODELS[name]
+    model = timm.create_model(name, pretrained=False, **kwargs).eval().to(dtype)
+    images = torch.randn(2, *input_size(model, kwargs), dtype=dtype)
+    decomposer = trace_and_decompose(model)
+    heads, tokens = decomposer(images, level="head"), decomposer(images, level="token")
+    assert tokens.relative_error() <= (1e-4 if dtype == torch.float32 else 1e-10)
+    for i, label in enumerate(heads.labels):
+        if label.head is None:
+            continue
+        rows = [k for k, t in enumerate(tokens.labels) if t.name == label.name and t.head == label.head]
+        assert len(rows) > 1
+        scale = heads.components[i].abs().max().clamp_min(1e-6)
+        torch.testing.assert_close(tokens.components[rows].sum(0) / scale, heads.components[i] / scale,
+                                   rtol=0, atol=1e-4 if dtype == torch.float32 else 1e-10)
+    assert all(t.position is not None for t in tokens.labels if t.token is not None)

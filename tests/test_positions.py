@@ -55,3 +55,26 @@ def test_open_clip_token_positions():
     head0 = [label.position for label in dec.labels if label.head == 0 and label.token is not None
              and label.layer == 0]
     assert head0 == ["class_embedding"] + [(r, c) for r in range(4) for c in range(4)]
+
+
+def test_windowed_attention_token_positions_are_image_positions():
+    """Swin with padding (10×10 tokens, 4×4 windows): every real position once per head, padded keys
+    named, and a perturbed patch leaves every token component of the other windows unchanged."""
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, depths=(1,), num_heads=(2,),
+                              embed_dim=16, window_size=4, img_size=40).eval().double()
+    images = torch.randn(1, 3, 40, 40, dtype=torch.float64)
+    perturbed = images.clone()
+    perturbed[:, :, 4:8, 24:28] += 1.0                       # token (1, 6): window (0, 1)
+    decomposer = trace_and_decompose(model)
+    before, after = decomposer(images, level="token"), decomposer(perturbed, level="token")
+    assert before.relative_error() < 1e-10 and after.relative_error() < 1e-10
+    rows = [i for i, label in enumerate(before.labels) if label.head == 0 and label.token is not None]
+    positions = [before.labels[i].position for i in rows]
+    assert sorted(p for p in positions if isinstance(p, tuple)) == [(r, c) for r in range(10) for c in range(10)]
+    assert positions.count("padding") == 9 * 16 - 100
+    for i, position in zip(rows, positions):
+        if isinstance(position, tuple) and not (position[0] < 4 and 4 <= position[1] < 8):
+            torch.testing.assert_close(after.components[i], before.components[i], rtol=1e-10, atol=1e-12)
+    same_window = [i for i, p in zip(rows, positions) if isinstance(p, tuple) and p[0] < 4 and 4 <= p[1] < 8]
+    assert not torch.allclose(after.components[same_window], before.components[same_window])

@@ -14,7 +14,10 @@ ratio ``code`` at every input element that feeds position ``code``. No names, no
 3. keys that no pixel reaches are special tokens: named by the constant component
    (``cls_token``, ``reg_token``, ``dist_token``) with the smallest support covering them.
 
-Positions are ``(row, col)`` in the grid of key centroids, or the constant's name.
+Positions are ``(row, col)`` in the grid of key centroids, the constant's name, or
+``"padding"`` for keys no input feeds (a partial window padded inside the branch). Windowed
+attention (more attention rows than images on the batch axis) numbers its sources
+``window * Nk + key``.
 """
 from __future__ import annotations
 
@@ -133,12 +136,43 @@ def codes_from_graph(x: torch.Tensor, y: torch.Tensor, codes: torch.Tensor, dire
     return rounded.long()
 
 
-def key_codes(shape: torch.Size, axis: int) -> torch.Tensor:
-    """Key index + 1 broadcast over a values tensor of ``shape``."""
-    axis = axis % len(shape)
-    view = [1] * len(shape)
-    view[axis] = shape[axis]
-    return torch.arange(1, shape[axis] + 1, dtype=torch.float64).view(view).expand(shape)
+def source_codes(shape: torch.Size, key_axis: int, window_axis: int) -> torch.Tensor:
+    """``window * Nk + key + 1`` broadcast over a values tensor of ``shape``."""
+    key_axis, window_axis = key_axis % len(shape), window_axis % len(shape)
+    key_view, window_view = [1] * len(shape), [1] * len(shape)
+    key_view[key_axis], window_view[window_axis] = shape[key_axis], shape[window_axis]
+    keys = torch.arange(shape[key_axis], dtype=torch.float64).view(key_view)
+    windows = torch.arange(shape[window_axis], dtype=torch.float64).view(window_view)
+    return (windows * shape[key_axis] + keys + 1).expand(shape)
+
+
+def support_positions(image: torch.Tensor, embedding: torch.Tensor, element_keys: torch.Tensor, keys: int,
+                      chunk: int = 64) -> list[tuple[int, int] | None]:
+    """(row, col) per key from the centroid of the grid cells its elements depend on.
+
+    One batched vector-Jacobian product per chunk of keys; used when receptive fields overlap.
+    """
+    generator = torch.Generator().manual_seed(2)
+    direction = (torch.rand(embedding.shape, generator=generator, dtype=torch.float64) + 0.5).to(embedding)
+    centroids: list[tuple[float, float] | None] = []
+    for start in range(0, keys, chunk):
+        codes = torch.arange(start + 1, min(start + chunk, keys) + 1, device=element_keys.device)
+        masks = (element_keys.unsqueeze(0) == codes.view(-1, *[1] * element_keys.dim())).to(embedding)
+        grads, = torch.autograd.grad(embedding, image, masks * direction, retain_graph=True, is_grads_batched=True)
+        support = grads.abs().flatten(1, -3).amax(1) > 0                        # [keys, H, W]
+        for mask in support:
+            if not bool(mask.any()):
+                centroids.append(None)
+                continue
+            cells = mask.nonzero().double()
+            centroids.append((float(cells[:, 0].mean()), float(cells[:, 1].mean())))
+    return _rank_centroids(centroids)
+
+
+def _rank_centroids(centroids: list[tuple[float, float] | None]) -> list[tuple[int, int] | None]:
+    ys = sorted({round(c[0], 3) for c in centroids if c})
+    xs = sorted({round(c[1], 3) for c in centroids if c})
+    return [(ys.index(round(c[0], 3)), xs.index(round(c[1], 3))) if c else None for c in centroids]
 
 
 def grid_positions(pixel_keys: torch.Tensor, count: int) -> list[tuple[int, int] | None]:
@@ -152,9 +186,7 @@ def grid_positions(pixel_keys: torch.Tensor, count: int) -> list[tuple[int, int]
             centroids.append(None)
             continue
         centroids.append((float(rows[mask].mean()), float(cols[mask].mean())))
-    ys = sorted({round(c[0], 3) for c in centroids if c})
-    xs = sorted({round(c[1], 3) for c in centroids if c})
-    return [(ys.index(round(c[0], 3)), xs.index(round(c[1], 3))) if c else None for c in centroids]
+    return _rank_centroids(centroids)
 
 
 def attention_key_positions(gm: fx.GraphModule, plan: TrunkPlan, values: dict, data_nodes: set[fx.Node],
@@ -178,13 +210,11 @@ def attention_key_positions(gm: fx.GraphModule, plan: TrunkPlan, values: dict, d
         value = values.get(value_node)
         if fork is None or not isinstance(value, torch.Tensor) or fork not in fork_components:
             continue
-        keys = value.shape[axis]
-        batch_axis = 1 if axis == 0 else 0
-        if value.dim() < 2 or value.shape[batch_axis] != 1:  # keys of several windows: not yet
-            positions[birth_node] = [None] * keys
-            continue
+        batch_axis = 1 if axis % value.dim() == 0 else 0
+        windows = value.shape[batch_axis]  # the probe has one image: more rows are windows
+        keys = value.shape[axis] * windows
         element_keys = code_of_inputs(subgraph_function(gm, values, fork, value_node), values[fork],
-                                      key_codes(value.shape, axis))
+                                      source_codes(value.shape, axis, batch_axis))
         if element_keys is None:
             positions[birth_node] = [None] * keys
             continue
@@ -201,14 +231,19 @@ def _positions_from_fork(element_keys: torch.Tensor, keys: int, image: torch.Ten
         if pixel_codes is not None:
             per_pixel = pixel_codes.amax(dim=tuple(range(pixel_codes.dim() - 2)))  # [H, W]
             result = list(grid_positions(per_pixel, keys))
+        else:  # overlapping receptive fields (a pooled or strided-conv shortcut): support centroids
+            result = list(support_positions(image, embedding, element_keys, keys))
     supports = []
     for name, constant in fork.get("constants", {}).items():
         covered = {int(k) - 1 for k in element_keys[(constant != 0) & (element_keys > 0)].unique().tolist()}
         if covered and len(covered) < keys:
             supports.append((len(covered), name, covered))
+    fed = {int(k) - 1 for k in element_keys.unique().tolist() if k > 0}
     for key in range(keys):
         if result[key] is None:
             owners = sorted(s for s in supports if key in s[2])
             if owners:
                 result[key] = owners[0][1]
+            elif key not in fed:  # made inside the branch (F.pad of a partial window): no source
+                result[key] = "padding"
     return result
