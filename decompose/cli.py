@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     dataset.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     dataset.add_argument("--image-size", type=int, help="override the model's input size")
     dataset.set_defaults(run=_command_decompose)
+    from align.cli import add_align_commands  # align / rank / describe (CLIP side)
+
+    add_align_commands(commands)
     return parser
 
 
