@@ -127,10 +127,11 @@ def _command_rank(args) -> int:
         raise ValueError(f"unknown property {args.property!r}; known: {sorted(properties)} "
                          "(add your own with --properties FILE)")
     clip = _clip_for_aligner(args, aligner, device)
-    bases = property_bases(clip, properties, _templates(args.templates), TextEmbeddingCache(Path(args.aligner) / TEXT_CACHE))
-    scores, variance = score_store(aligner, store, bases, batch_size=args.batch_size, max_images=args.max_images)
-    ranked = rank_components(scores, aligner.keys, args.property, specific=not args.plain, variance=variance,
-                             top=args.top)
+    cache = TextEmbeddingCache(Path(args.aligner) / TEXT_CACHE)
+    bases = property_bases(clip, properties, _templates(args.templates), cache)
+    scorer = score_store(aligner, store, bases, batch_size=args.batch_size, max_images=args.max_images)
+    ranked = rank_components(scorer.scores(), aligner.keys, args.property, specific=not args.plain,
+                             variance=scorer.variance_explained(), top=args.top, constant=scorer.constant())
     print(f"property {args.property!r}: {len(properties[args.property])} descriptions, ranked by "
           f"{'score' if args.plain else 'score − max(0, best other property score)'} over "
           f"{min(len(store), args.max_images or len(store))} images\n")

@@ -32,12 +32,36 @@ class AlignerMismatch(ValueError):
     """An aligner is used with components of another model, level or component list."""
 
 
-def semi_orthogonal(count: int, rows: int, columns: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """[count, rows, columns] random matrices with orthonormal columns (rows >= columns) or rows."""
-    tall = torch.randn(count, max(rows, columns), min(rows, columns), generator=generator)
-    q, r = torch.linalg.qr(tall)
-    q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)  # uniform (Haar) orientation
-    return q if rows >= columns else q.transpose(-1, -2)
+def semi_orthogonal(count: int, rows: int, columns: int, generator: torch.Generator | None = None,
+                    chunk: int = 16) -> torch.Tensor:
+    """[count, rows, columns] random matrices with orthonormal columns (rows >= columns) or rows.
+
+    Built ``chunk`` matrices at a time, so temporaries stay small next to the result.
+    """
+    out = torch.empty(count, rows, columns)
+    for start in range(0, count, chunk):
+        size = min(chunk, count - start)
+        q, r = torch.linalg.qr(torch.randn(size, max(rows, columns), min(rows, columns), generator=generator))
+        q *= torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)  # uniform (Haar) orientation
+        out[start:start + size] = q if rows >= columns else q.transpose(-1, -2)
+    return out
+
+
+def check_component_source(aligner_model: str, aligner_level: str, aligner_keys: Sequence[str], model: str | None,
+                           level: str | None, labels: Sequence[ComponentLabel] | None) -> None:
+    """Raise ``AlignerMismatch`` unless the given model / level / labels (None: unchecked) are the aligner's."""
+    for field, mine, theirs in (("model", aligner_model, model), ("level", aligner_level, level)):
+        if theirs is not None and mine != theirs:
+            raise AlignerMismatch(f"this aligner was trained on {field}={mine!r} components, not "
+                                  f"{field}={theirs!r}; train one for these components with `vit-decompose align`")
+    if labels is not None:
+        keys = [label.key for label in labels]
+        if keys != list(aligner_keys):
+            extra = sorted(set(keys) - set(aligner_keys))[:3]
+            absent = sorted(set(aligner_keys) - set(keys))[:3]
+            raise AlignerMismatch(f"the components differ from the aligner's ({len(keys)} vs {len(aligner_keys)}; "
+                                  f"not in aligner: {extra}, missing: {absent}); train an aligner for this "
+                                  "decomposition")
 
 
 class CompAlign(nn.Module):
@@ -64,7 +88,7 @@ class CompAlign(nn.Module):
             weights = semi_orthogonal(len(self.labels), d_model, d_clip, generator)
         if tuple(weights.shape) != (len(self.labels), d_model, d_clip):
             raise ValueError(f"weights of shape {tuple(weights.shape)}, expected {(len(self.labels), d_model, d_clip)}")
-        self.weights = nn.Parameter(weights.float())
+        self.weights = nn.Parameter(weights.float())  # no copy when already float32
         self.bias = nn.Parameter(torch.zeros(d_clip) if bias is None else bias.float())
 
     @property
@@ -106,8 +130,11 @@ class CompAlign(nn.Module):
 
         m = min(d_model, d_clip): ``W_iᵀW_i`` when d_model >= d_clip, ``W_i W_iᵀ`` otherwise.
         """
-        weights = self.weights[start:stop]
-        gram = weights.transpose(-1, -2) @ weights if self.d_model >= self.d_clip else weights @ weights.transpose(-1, -2)
+        weights = self.weights[start:stop]                                       # [c, d_model, d_clip]
+        if self.d_model >= self.d_clip:
+            gram = weights.transpose(-1, -2) @ weights                           # [c, d_clip, d_clip]
+        else:
+            gram = weights @ weights.transpose(-1, -2)                           # [c, d_model, d_model]
         size = gram.shape[-1]
         identity = torch.eye(size, device=gram.device, dtype=gram.dtype)
         return (gram - identity).pow(2).sum((-1, -2)) / size**2
@@ -127,18 +154,7 @@ class CompAlign(nn.Module):
     def check_matches(self, model: str | None = None, level: str | None = None,
                       labels: Sequence[ComponentLabel] | None = None) -> None:
         """Refuse (``AlignerMismatch``) components of another model, level or component list."""
-        for field, mine, theirs in (("model", self.model_name, model), ("level", self.level, level)):
-            if theirs is not None and mine != theirs:
-                raise AlignerMismatch(f"this aligner was trained on {field}={mine!r} components, not "
-                                      f"{field}={theirs!r}; train one for these components with `vit-decompose align`")
-        if labels is not None:
-            theirs_keys = [label.key for label in labels]
-            if theirs_keys != self.keys:
-                extra = sorted(set(theirs_keys) - set(self.keys))[:3]
-                absent = sorted(set(self.keys) - set(theirs_keys))[:3]
-                raise AlignerMismatch(f"the components differ from the aligner's ({len(theirs_keys)} vs "
-                                      f"{len(self.keys)}; not in aligner: {extra}, missing: {absent}); "
-                                      "train an aligner for this decomposition")
+        check_component_source(self.model_name, self.level, self.keys, model, level, labels)
 
     # --- files ---------------------------------------------------------------------------
 
@@ -174,10 +190,11 @@ class CompAlign(nn.Module):
         metadata = json.loads((root / METADATA_FILE).read_text())
         component_labels = [ComponentLabel(r["name"], r["kind"], r["layer"], r["head"], r["token"], r["node"])
                             for r in metadata["labels"]]
+        check_component_source(metadata["model"], metadata["level"], [l.key for l in component_labels],
+                               model, level, labels)  # before reading the weights
         with safe_open(str(root / WEIGHTS_FILE), framework="pt", device=str(device)) as handle:
             weights, bias = handle.get_tensor("weights"), handle.get_tensor("bias")
         aligner = cls(component_labels, metadata["d_model"], metadata["d_clip"], metadata["model"],
                       metadata["level"], metadata["clip"], weights=weights, bias=bias)
         aligner.training_summary = metadata.get("training", {})
-        aligner.check_matches(model, level, labels)
         return aligner

@@ -84,6 +84,10 @@ class PropertyScorer:
         """Variances below this count as zero (constant components: biases, class tokens)."""
         return 1e-10 * float(self._total_variance().max()) + 1e-300
 
+    def constant(self) -> torch.Tensor:
+        """Bool [C]: components that do not vary over the images (their scores are 0 by convention)."""
+        return (self._total_variance() <= self._variance_floor()).cpu()
+
     def scores(self) -> dict[str, torch.Tensor]:
         """property -> [C] mean over basis vectors of Pearson(⟨a_i, b_j⟩, ⟨Σ a, b_j⟩); 0 where constant."""
         if self.count < 2:
@@ -143,12 +147,19 @@ class RankedComponent:
 
 
 def rank_components(scores: Mapping[str, torch.Tensor], keys: Sequence[str], target: str, specific: bool = True,
-                    variance: Mapping[str, torch.Tensor] | None = None, top: int | None = None) -> list[RankedComponent]:
-    """Components sorted for ``target``: by specific score (default) or by the plain score."""
+                    variance: Mapping[str, torch.Tensor] | None = None, top: int | None = None,
+                    constant: torch.Tensor | None = None) -> list[RankedComponent]:
+    """Components sorted for ``target``: by specific score (default) or by the plain score.
+
+    constant: bool [C] (``PropertyScorer.constant()``): components ranked last, whatever their score
+    """
     specific_values = specific_scores(scores, target)
     others = [name for name in scores if name != target]
     rival_index = torch.stack([scores[name] for name in others]).argmax(0) if others else None
-    order = (specific_values if specific else scores[target]).argsort(descending=True, stable=True).tolist()
+    ranking = (specific_values if specific else scores[target]).double()
+    if constant is not None:
+        ranking = torch.where(constant, torch.tensor(-torch.inf, dtype=ranking.dtype), ranking)
+    order = ranking.argsort(descending=True, stable=True).tolist()
     return [RankedComponent(index=i, key=keys[i], score=float(scores[target][i]),
                             specific_score=float(specific_values[i]),
                             rival=others[int(rival_index[i])] if others else None,

@@ -30,8 +30,11 @@ def property_bases(clip: ClipModel, properties: Mapping[str, Sequence[str]], tem
 @torch.no_grad()
 def score_store(aligner: CompAlign, store: DecompositionStore, bases: Mapping[str, torch.Tensor],
                 batch_size: int = 64, max_images: int | None = None,
-                progress: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(scores, variance explained): property -> [C], over the store's images (refuses a mismatch)."""
+                progress: bool = True) -> PropertyScorer:
+    """A ``PropertyScorer`` fed with every image of the store (refuses a mismatching aligner).
+
+    Its ``scores()`` / ``variance_explained()`` give property -> [C], ``constant()`` bool [C].
+    """
     aligner.check_matches(store.manifest.get("model", ""), store.level, store.labels)
     scorer = PropertyScorer(bases)
     total = len(store) if max_images is None else min(max_images, len(store))
@@ -39,7 +42,7 @@ def score_store(aligner: CompAlign, store: DecompositionStore, bases: Mapping[st
         for components in store_component_batches(store, batch_size, max_images):
             scorer.update(aligner.map_components(components.to(aligner.weights.device)))  # [C, b, d_clip]
             bar.update(components.shape[1])
-    return scorer.scores(), scorer.variance_explained()
+    return scorer
 
 
 @torch.no_grad()

@@ -69,6 +69,24 @@ def orthogonality_term(aligner: CompAlign) -> torch.Tensor:
     return total / len(aligner.labels)
 
 
+def training_step_backward(aligner: CompAlign, components: torch.Tensor, targets: torch.Tensor,
+                           orthogonality_weight: float) -> float:
+    """Accumulate the gradient of the loss on one batch; returns the loss.
+
+    The penalty is differentiated one chunk of components at a time, so only one chunk's Gram
+    matrices [chunk, m, m] are alive at once (the gradient is the same as for the whole sum).
+    """
+    cosine = cosine_loss(aligner, components, targets).mean()
+    cosine.backward()
+    penalty = 0.0
+    count, chunk = len(aligner.labels), aligner.component_chunk
+    for start in range(0, count, chunk):
+        part = aligner.orthogonality_penalty(start, start + chunk).sum() / count
+        (orthogonality_weight * part).backward()
+        penalty += float(part.detach())
+    return float(cosine.detach()) + orthogonality_weight * penalty
+
+
 @torch.no_grad()
 def evaluate_alignment(aligner: CompAlign, data: AlignmentData, split: str = "heldout") -> dict[str, float]:
     """Mean cosine of Σ a_i + b with the CLIP target, and the loss, over ``split``."""
@@ -84,7 +102,7 @@ def evaluate_alignment(aligner: CompAlign, data: AlignmentData, split: str = "he
     return {"cosine": cosine, "loss": 1 - cosine}
 
 
-def _adam(parameters, lr: float, device: torch.device) -> torch.optim.Adam:
+def _adam(parameters, lr: float) -> torch.optim.Adam:
     # fused Adam updates in place (no full-size temporaries): matters at ~400 × 1024 × 768 weights
     try:
         return torch.optim.Adam(parameters, lr=lr, fused=True)
@@ -107,22 +125,21 @@ def train_compalign(data: AlignmentData, options: TrainingOptions | None = None,
                             component_chunk=options.component_chunk,
                             generator=torch.Generator().manual_seed(options.seed))
     aligner = aligner.to(device)
-    optimizer = _adam(aligner.parameters(), options.lr, device)
+    optimizer = _adam(aligner.parameters(), options.lr)
     started = time.perf_counter()
     best = {"loss": math.inf, "epoch": -1, "cosine": float("nan")}
-    best_state = {k: v.detach().cpu().clone() for k, v in aligner.state_dict().items()}
+    best_state = {k: v.detach().to("cpu", copy=True) for k, v in aligner.state_dict().items()}
     history: list[dict[str, float]] = []
     bar = tqdm(total=options.max_epochs, desc="compalign", unit="epoch", disable=not options.progress)
     epoch = 0
     for epoch in range(options.max_epochs):
         train_loss, batches = 0.0, 0
         for components, targets in data.batches("train", epoch=epoch):
-            loss = cosine_loss(aligner, components.to(device, non_blocking=True), targets.to(device)).mean()
-            loss = loss + options.orthogonality_weight * orthogonality_term(aligner)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = training_step_backward(aligner, components.to(device, non_blocking=True), targets.to(device),
+                                          options.orthogonality_weight)
             optimizer.step()
-            train_loss, batches = train_loss + float(loss.detach()), batches + 1
+            train_loss, batches = train_loss + loss, batches + 1
         heldout = evaluate_alignment(aligner, data, "heldout")
         with torch.no_grad():
             penalty = float(orthogonality_term(aligner))
@@ -133,7 +150,8 @@ def train_compalign(data: AlignmentData, options: TrainingOptions | None = None,
         bar.set_postfix(heldout_cos=f"{heldout['cosine']:.4f}", ortho=f"{penalty:.2e}")
         if heldout_loss < best["loss"] - options.min_improvement:
             best = {"loss": heldout_loss, "epoch": epoch, "cosine": heldout["cosine"]}
-            best_state = {k: v.detach().cpu().clone() for k, v in aligner.state_dict().items()}
+            for key, value in aligner.state_dict().items():
+                best_state[key].copy_(value)  # in place: one CPU copy of the maps, never two
         elif epoch - best["epoch"] >= options.patience:
             break
     bar.close()

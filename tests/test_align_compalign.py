@@ -73,3 +73,20 @@ def test_save_load_round_trip_and_refusals(tmp_path):
         CompAlign.load(tmp_path, labels=labels(4))
     with pytest.raises(AlignerMismatch, match="do not fit"):
         loaded(torch.zeros(3, 2, 5))
+
+
+def test_chunked_penalty_backward_gives_the_full_gradient():
+    from align.training import cosine_loss, orthogonality_term, training_step_backward
+
+    generator = torch.Generator().manual_seed(2)
+    aligner = CompAlign(labels(5), 6, 4, component_chunk=2, generator=generator)
+    with torch.no_grad():
+        aligner.weights.add_(0.3 * torch.randn(aligner.weights.shape, generator=generator))
+    components, targets = torch.randn(5, 8, 6, generator=generator), torch.randn(8, 4, generator=generator)
+    loss = training_step_backward(aligner, components, targets, orthogonality_weight=0.7)
+    chunked = aligner.weights.grad.clone()
+    aligner.weights.grad = None
+    full = cosine_loss(aligner, components, targets).mean() + 0.7 * orthogonality_term(aligner)
+    full.backward()
+    torch.testing.assert_close(chunked, aligner.weights.grad)
+    assert abs(loss - float(full.detach())) < 1e-5

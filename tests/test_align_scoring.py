@@ -37,6 +37,11 @@ def test_planted_component_ranks_first_for_its_property_only():
     assert scores["p"][0] == 0  # constant component: no correlation, no error
     ranked = rank_components(scores, [f"c{i}" for i in range(6)], "p")
     assert ranked[0].key == "c2" and ranked[0].rival == "q"
+    scorer = PropertyScorer({"p": property_basis(texts_p), "q": property_basis(texts_q)})
+    scorer.update(aligned)
+    assert scorer.constant().tolist() == [True] + [False] * 5
+    ranked = rank_components(scorer.scores(), [f"c{i}" for i in range(6)], "p", constant=scorer.constant())
+    assert ranked[0].key == "c2" and ranked[-1].key == "c0"  # a constant is tied to no property
     assert rank_components(scores, [f"c{i}" for i in range(6)], "q")[0].key == "c4"
     explained = variance_explained(aligned, texts_p)
     assert int(explained.argmax()) == 2 and explained[2] > 0.5 and explained[0] == 0
@@ -44,7 +49,8 @@ def test_planted_component_ranks_first_for_its_property_only():
 
 
 def test_specific_score_discounts_components_shared_by_properties():
-    scores = {"p": torch.tensor([0.9, 0.6, 0.35]), "q": torch.tensor([0.8, -0.3, 0.1]), "r": torch.tensor([0.1, 0.0, -1.0])}
+    scores = {"p": torch.tensor([0.9, 0.6, 0.35]), "q": torch.tensor([0.8, -0.3, 0.1]),
+              "r": torch.tensor([0.1, 0.0, -1.0])}
     torch.testing.assert_close(specific_scores(scores, "p"), torch.tensor([0.1, 0.6, 0.25]))
     assert [row.index for row in rank_components(scores, ["a", "b", "c"], "p")] == [1, 2, 0]
     assert [row.index for row in rank_components(scores, ["a", "b", "c"], "p", specific=False)] == [0, 1, 2]
