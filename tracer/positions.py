@@ -177,15 +177,15 @@ def _rank_centroids(centroids: list[tuple[float, float] | None]) -> list[tuple[i
 
 def grid_positions(pixel_keys: torch.Tensor, count: int) -> list[tuple[int, int] | None]:
     """(row, col) per key from the centroids of the pixels that feed it (``pixel_keys`` [H, W])."""
-    rows = torch.arange(pixel_keys.shape[0], dtype=torch.float64)[:, None].expand(pixel_keys.shape)
-    cols = torch.arange(pixel_keys.shape[1], dtype=torch.float64)[None, :].expand(pixel_keys.shape)
-    centroids: list[tuple[float, float] | None] = []
-    for key in range(1, count + 1):
-        mask = pixel_keys == key
-        if not bool(mask.any()):
-            centroids.append(None)
-            continue
-        centroids.append((float(rows[mask].mean()), float(cols[mask].mean())))
+    codes = pixel_keys.flatten()
+    rows = torch.arange(pixel_keys.shape[0], dtype=torch.float64).repeat_interleave(pixel_keys.shape[1])
+    cols = torch.arange(pixel_keys.shape[1], dtype=torch.float64).repeat(pixel_keys.shape[0])
+    size = count + 1
+    pixels = torch.bincount(codes, minlength=size)[1:size].double()
+    sum_rows = torch.bincount(codes, weights=rows, minlength=size)[1:size]
+    sum_cols = torch.bincount(codes, weights=cols, minlength=size)[1:size]
+    centroids = [(float(r / n), float(c / n)) if n > 0 else None
+                 for r, c, n in zip(sum_rows.tolist(), sum_cols.tolist(), pixels.tolist())]
     return _rank_centroids(centroids)
 
 
