@@ -198,13 +198,46 @@ def _without_bias(evaluate: Evaluator, node: fx.Node, real: dict, carrier: fx.No
     else:
         kwargs.pop("bias", None)
     stripped = _StrippedNode(node, tuple(args), kwargs)
-    out = Evaluator(evaluate.gm, stripped, real).over_components({carrier: components})
+    out = None
+    if node.target is F.linear and isinstance(components, torch.Tensor):
+        weight = args[1] if len(args) > 1 else kwargs.get("weight")
+        out = blockwise_linear(components, real[weight] if isinstance(weight, fx.Node) else weight)
+    if out is None:
+        out = Evaluator(evaluate.gm, stripped, real).over_components({carrier: components})
     if bias_node is None:
         return out, []
     bias = real[bias_node] if isinstance(bias_node, fx.Node) else bias_node
     shape = (1, -1) + (1,) * (components.dim() - 3) if node.target is not F.linear else (-1,)
     offset = bias.reshape(shape).expand(out.shape[1:])
     return out, [Offset(offset, parameter_name(bias_node) or f"{module_path(node)}.bias")]
+
+
+def blockwise_linear(components: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """``F.linear(components, weight)`` [K, ..., Din] -> [K, ..., Dout] using exact zero blocks.
+
+    A component that is nonzero in one contiguous block of input features only (one
+    attention head after the heads are merged) needs that block of ``weight`` only: the head
+    split then costs one projection in total instead of one per head. None when the
+    components are not block-sparse (the caller runs the plain op).
+    """
+    if components.dim() < 2 or components.shape[0] < 2 or weight.dim() != 2:
+        return None
+    features = components.shape[-1]
+    nonzero = components.reshape(components.shape[0], -1, features).ne(0).any(1)          # [K, Din]
+    count = nonzero.sum(1)
+    start = nonzero.float().argmax(1)
+    stop = features - nonzero.flip(1).float().argmax(1)
+    if bool(((stop - start != count) & (count > 0)).any()) or bool((count > features // 2).any()):
+        return None
+    out = components.new_zeros(components.shape[:-1] + (weight.shape[0],))
+    blocks: dict[tuple[int, int], list[int]] = {}
+    for k, (a, b, n) in enumerate(zip(start.tolist(), stop.tolist(), count.tolist())):
+        if n:
+            blocks.setdefault((a, b), []).append(k)
+    for (a, b), rows in blocks.items():
+        index = torch.tensor(rows, device=components.device)
+        out[index] = F.linear(components[index][..., a:b], weight[:, a:b])
+    return out
 
 
 class _StrippedNode:
