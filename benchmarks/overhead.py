@@ -5,10 +5,10 @@
     python -m benchmarks.overhead --models vit_small_patch16_224 --batch 32 --levels head
 
 Everything is measured in one process on the same model and batch: warm-up, then the
-median of ``--repeats`` runs. CPU peak memory is the high-water mark of the process's
-resident set (``tracemalloc`` does not see torch's allocator), read in a fresh child process
-per measurement so runs do not hide each other; on CUDA, ``torch.cuda.max_memory_allocated``
-and CUDA events. Targets (DESIGN §4 / the cost issue): head ≤ 1.3× time and ≤ 1.5× memory
+median of ``--repeats`` runs. Times are medians with the plain forward and every level
+interleaved in one process (fair under machine load). CPU peak memory is what one call adds to
+the resident set's high-water mark (freed heap returned to the OS first, VmHWM reset), each in
+a fresh child process; on CUDA, ``torch.cuda.max_memory_allocated`` and CUDA events. Targets (DESIGN §4 / the cost issue): head ≤ 1.3× time and ≤ 1.5× memory
 of a plain forward; token ≤ 3× time.
 """
 from __future__ import annotations
@@ -38,71 +38,113 @@ def _build(name: str, image_size: int | None, depth: int | None):
     return timm.create_model(name, pretrained=False, **kwargs).eval()
 
 
-def _measure(name, batch, level, repeats, image_size, depth, device, queue):
-    """Runs in a child process: (median seconds, peak bytes over baseline) for one task."""
+def _setup(name, batch, image_size, depth, device):
     warnings.simplefilter("ignore")
     sys.path.insert(0, ".")
-    from decompose import trace_and_decompose
-
     torch.manual_seed(0)
     model = _build(name, image_size, depth).to(device)
     size = image_size or model.pretrained_cfg["input_size"][-1]
     images = torch.randn(batch, 3, size, size, device=device)
+    return model, images
+
+
+def _runner(model, images, level):
+    from decompose import trace_and_decompose
+
     if level == "forward":
         def run():
             with torch.no_grad():
                 return model.forward_head(model.forward_features(images), pre_logits=True)
-    else:
-        decomposer = trace_and_decompose(model)
-        decomposer(images[:1], level=level)  # trace analysis for this input shape (cached)
+        return run
+    decomposer = trace_and_decompose(model)
+    decomposer(images[:1], level=level)  # graph analysis for this input shape (cached, once per shape)
+    return lambda: decomposer(images, level=level)
 
-        def run():
-            return decomposer(images, level=level)
-    baseline = _resident_bytes() if device == "cpu" else torch.cuda.memory_allocated()
-    if device != "cpu":
-        torch.cuda.reset_peak_memory_stats()
-    run()  # warm-up (counted in the peak: freed memory may stay resident)
-    times = []
+
+def _timings(name, batch, levels, repeats, image_size, depth, device, queue):
+    """Child process: median seconds per level, forward and levels interleaved (fair under load)."""
+    model, images = _setup(name, batch, image_size, depth, device)
+    runners = {level: _runner(model, images, level) for level in ("forward", *levels)}
+    times = {level: [] for level in runners}
+    for run in runners.values():
+        run()  # warm-up
     for _ in range(repeats):
-        if device == "cpu":
-            started = time.perf_counter()
-            out = run()
-            times.append(time.perf_counter() - started)
-        else:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = run()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1000)
-        del out
+        for level, run in runners.items():
+            times[level].append(_elapsed(run, device))
+    queue.put({level: statistics.median(values) for level, values in times.items()})
+
+
+def _elapsed(run, device) -> float:
     if device == "cpu":
-        peak = _peak_resident_bytes() - baseline
+        started = time.perf_counter()
+        run()
+        return time.perf_counter() - started
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    run()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1000
+
+
+def _peak_memory(name, batch, level, image_size, depth, device, queue):
+    """Child process: peak bytes one call of ``level`` adds to the process (model and plan excluded)."""
+    model, images = _setup(name, batch, image_size, depth, device)
+    run = _runner(model, images, level)
+    if device == "cpu":
+        _release_free_memory()
+        baseline = _resident_bytes()
+        _reset_peak()
+        run()
+        queue.put(max(_peak_resident_bytes() - baseline, 1))
     else:
-        peak = torch.cuda.max_memory_allocated() - baseline
-    queue.put((statistics.median(times), max(peak, 1)))
+        torch.cuda.synchronize()
+        baseline = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        queue.put(max(torch.cuda.max_memory_allocated() - baseline, 1))
+
+
+def _release_free_memory() -> None:
+    """Give freed heap pages back to the OS so that the resident size measures live memory."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def _reset_peak() -> None:
+    try:  # Linux: writing 5 to clear_refs resets VmHWM to the current resident size
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
 
 
 def _resident_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return _status_bytes("VmRSS:")
 
 
 def _peak_resident_bytes() -> int:
+    return _status_bytes("VmHWM:")
+
+
+def _status_bytes(field: str) -> int:
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field):
                 return int(line.split()[1]) * 1024
     return 0
 
 
-def measure(name, batch, level, repeats=3, image_size=None, depth=None, device="cpu"):
+def _in_child(target, *args):
     context = mp.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=_measure, args=(name, batch, level, repeats, image_size, depth, device, queue))
+    process = context.Process(target=target, args=(*args, queue))
     process.start()
     result = queue.get()
     process.join()
@@ -112,16 +154,17 @@ def measure(name, batch, level, repeats=3, image_size=None, depth=None, device="
 def table(models, batch, levels, repeats, device, image_size=None, depth=None) -> list[dict]:
     rows = []
     for name in models:
-        forward_time, forward_peak = measure(name, batch, "forward", repeats, image_size, depth, device)
+        times = _in_child(_timings, name, batch, levels, repeats, image_size, depth, device)
+        memory = {level: _in_child(_peak_memory, name, batch, level, image_size, depth, device)
+                  for level in ("forward", *levels)}
         row = {"model": name, "batch": batch, "image_size": image_size, "depth": depth,
-               "forward_s": forward_time, "forward_peak_mb": forward_peak / 2**20,
-               "images_per_s": batch / forward_time}
+               "forward_s": times["forward"], "forward_peak_mb": memory["forward"] / 2**20,
+               "images_per_s": batch / times["forward"]}
         for level in levels:
-            seconds, peak = measure(name, batch, level, repeats, image_size, depth, device)
-            row[f"{level}_time_x"] = seconds / forward_time
-            row[f"{level}_memory_x"] = peak / forward_peak
-            row[f"{level}_images_per_s"] = batch / seconds
-            row[f"{level}_peak_mb"] = peak / 2**20
+            row[f"{level}_time_x"] = times[level] / times["forward"]
+            row[f"{level}_memory_x"] = memory[level] / memory["forward"]
+            row[f"{level}_images_per_s"] = batch / times[level]
+            row[f"{level}_peak_mb"] = memory[level] / 2**20
         rows.append(row)
         _print_row(row, levels)
     return rows

@@ -53,7 +53,7 @@ class Decomposer(nn.Module):
                         " (models created with another img_size expect that size)." if self._expected_input else "")
                 raise ValueError(f"{error}.{hint}") from error
             plan = plan_trunk(self.graph_module, probe, self.cut_nonlinear_trunk)
-            plan.probe = probe
+            plan.probe_image = images[:1].detach().clone()  # the probe's values are not kept
             if self.prune:
                 plan.compact = compaction_for(self.graph_module, plan, probe, images[:1])
             self._plans[signature] = plan
@@ -62,7 +62,8 @@ class Decomposer(nn.Module):
     def _key_positions(self, plan: TrunkPlan, images: torch.Tensor) -> dict:
         """Source position of every attention key (computed once per plan)."""
         if plan.key_positions is None:
-            plan.key_positions = key_positions_for(self.graph_module, plan, plan.probe, images[:1])
+            probe = run_probe(self.graph_module, plan.probe_image)
+            plan.key_positions = key_positions_for(self.graph_module, plan, probe, plan.probe_image)
         return plan.key_positions
 
     @torch.no_grad()

@@ -96,3 +96,21 @@ def test_token_level_sums_to_heads_and_representation(name, dtype):
         torch.testing.assert_close(tokens.components[rows].sum(0) / scale, heads.components[i] / scale,
                                    rtol=0, atol=1e-4 if dtype == torch.float32 else 1e-10)
     assert all(t.position is not None for t in tokens.labels if t.token is not None)
+
+
+def test_open_clip_vit_b_32_image_tower_full_size():
+    """The tower of ``open_clip.create_model('ViT-B-32')`` itself (ln_post and proj included)."""
+    import open_clip
+
+    torch.manual_seed(0)
+    tower = open_clip.create_model("ViT-B-32", pretrained=None).visual.eval()
+    images = torch.randn(1, 3, 224, 224)
+    decomposer = trace_and_decompose(tower)
+    for level in ("branch", "head"):
+        dec = decomposer(images, level=level)
+        assert dec.relative_error() <= 1e-5
+    assert {label.name for label in dec.labels} >= {"class_embedding", "positional_embedding", "ln_post.bias",
+                                                     "transformer.resblocks.11.attn", "conv1"}
+    assert sum(label.head is not None for label in dec.labels) == 12 * 12
+    with torch.no_grad():
+        torch.testing.assert_close(dec.representation, tower(images), rtol=0, atol=0)

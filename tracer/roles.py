@@ -66,7 +66,7 @@ class TrunkPlan:
     stopped_before: fx.Node | None = None    # nonlinearity after the target, if any
     layer_of_join: dict[fx.Node, int] = field(default_factory=dict)
     compact: Any = None                      # relevance.CompactPlan when pruning is on
-    probe: Any = None                        # the Probe the plan was made from
+    probe_image: Any = None                  # the image [1, C, H, W] the plan was probed with
     key_positions: Any = None                # attention birth -> key positions (level token)
 
     def layer(self, node: fx.Node) -> int | None:
