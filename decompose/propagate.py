@@ -16,7 +16,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from tracer.linear_rules import Evaluator, Offset, additive_sign, apply_affine, is_binary_additive, parameter_name
 from tracer.ops import OpKind, op_kind
-from tracer.probe import node_arguments
+from tracer.probe import ValueOverlay, node_arguments
 from tracer.relevance import CompactPlan, Slice, compact_arguments
 from tracer.roles import Role, TrunkPlan
 from tracer.tracing import call_target, describe, module_path
@@ -148,7 +148,7 @@ def _compacted_components(gm, plan, node, role, real, carried, level, registry, 
         return _components_of(gm, plan, node, role, real, carried, level, registry, images, None, None)
     if compaction.mode == "compact":
         overlay, callee = compact_arguments(node, real, compaction)
-        return _components_of(gm, plan, node, role, _Overlay(real, overlay), carried, level, registry,
+        return _components_of(gm, plan, node, role, ValueOverlay(real, overlay), carried, level, registry,
                               images, callee, None)
     full_inputs = dict(carried)
     for parent in node.all_input_nodes:
@@ -183,16 +183,6 @@ def _take(values: Any, spec: Slice) -> Any:
     return values
 
 
-class _Overlay(dict):
-    def __init__(self, base: dict, overlay: dict):
-        super().__init__(overlay)
-        self.base = base
-
-    def __missing__(self, key):
-        return self.base[key]
-
-    def get(self, key, default=None):
-        return self[key] if key in self or key in self.base else default
 
 
 def _components_of(gm, plan, node, role, real, carried, level, registry, images, callee,

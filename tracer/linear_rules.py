@@ -14,7 +14,6 @@ components of their own. The rules:
 """
 from __future__ import annotations
 
-import math
 import operator
 import warnings
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from .attention import (mha_arguments, mha_output_projection, mha_parts, sdpa_arguments,
                         sdpa_values, sdpa_weights)
 from .ops import META_FUNCTIONS, META_METHODS, OpKind, is_subtraction
-from .probe import node_arguments
+from .probe import ValueOverlay, node_arguments
 from .tracing import MODEL_PREFIX, call_target, module_path
 
 
@@ -66,7 +65,7 @@ class Evaluator:
         self.gm, self.node, self.real = gm, node, real
 
     def __call__(self, replaced: dict[fx.Node, Any]) -> Any:
-        args, kwargs = node_arguments(self.node, _Overlay(self.real, replaced))
+        args, kwargs = node_arguments(self.node, ValueOverlay(self.real, replaced))
         return call_target(_out_of_place(self.node), self.gm, args, kwargs)
 
     def over_components(self, carriers: dict[fx.Node, Any]) -> Any:
@@ -120,13 +119,6 @@ def _out_of_place(node):
     return node
 
 
-class _Overlay(dict):
-    def __init__(self, base: dict, overlay: dict):
-        super().__init__(overlay)
-        self.base = base
-
-    def __missing__(self, key):
-        return self.base[key]
 
 
 def _count(components: Any) -> int:
@@ -385,6 +377,3 @@ def additive_sign(node: fx.Node, position: int) -> float:
 def is_binary_additive(node: fx.Node) -> bool:
     return node.target not in (torch.cat, torch.concat, torch.concatenate, torch.stack)
 
-
-def math_prod(shape) -> int:
-    return math.prod(shape)

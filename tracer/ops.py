@@ -93,43 +93,24 @@ def is_multihead_attention(node: fx.Node, gm: fx.GraphModule) -> bool:
     return node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.MultiheadAttention)
 
 
+# first match wins: a function in several tables takes the earlier kind
+FUNCTION_KINDS = [(ADDITIVE_FUNCTIONS, OpKind.ADDITIVE), (PRODUCT_FUNCTIONS, OpKind.PRODUCT),
+                  (NORM_FUNCTIONS, OpKind.NORM), (ATTENTION_FUNCTIONS, OpKind.ATTENTION),
+                  (AFFINE_FUNCTIONS, OpKind.AFFINE), (META_FUNCTIONS, OpKind.META),
+                  (NONLINEAR_FUNCTIONS, OpKind.NONLINEAR)]
+METHOD_KINDS = [(ADDITIVE_METHODS, OpKind.ADDITIVE), (PRODUCT_METHODS, OpKind.PRODUCT),
+                (AFFINE_METHODS, OpKind.AFFINE), (META_METHODS, OpKind.META),
+                (NONLINEAR_METHODS, OpKind.NONLINEAR)]
+
+
 def op_kind(node: fx.Node, gm: fx.GraphModule) -> OpKind:
     """Classify a call node by the torch primitive it runs."""
-    if node.op == "call_function":
-        target = node.target
-        if target in ADDITIVE_FUNCTIONS:
-            return OpKind.ADDITIVE
-        if target in PRODUCT_FUNCTIONS:
-            return OpKind.PRODUCT
-        if target in NORM_FUNCTIONS:
-            return OpKind.NORM
-        if target in ATTENTION_FUNCTIONS:
-            return OpKind.ATTENTION
-        if target in AFFINE_FUNCTIONS:
-            return OpKind.AFFINE
-        if target in META_FUNCTIONS:
-            return OpKind.META
-        if target in NONLINEAR_FUNCTIONS:
-            return OpKind.NONLINEAR
-        return OpKind.UNKNOWN
-    if node.op == "call_method":
-        target = node.target
-        if target in ADDITIVE_METHODS:
-            return OpKind.ADDITIVE
-        if target in PRODUCT_METHODS:
-            return OpKind.PRODUCT
-        if target in AFFINE_METHODS:
-            return OpKind.AFFINE
-        if target in META_METHODS:
-            return OpKind.META
-        if target in NONLINEAR_METHODS:
-            return OpKind.NONLINEAR
-        return OpKind.UNKNOWN
     if node.op == "call_module":
-        if is_multihead_attention(node, gm):
-            return OpKind.ATTENTION
-        return OpKind.UNKNOWN
-    return OpKind.META
+        return OpKind.ATTENTION if is_multihead_attention(node, gm) else OpKind.UNKNOWN
+    tables = {"call_function": FUNCTION_KINDS, "call_method": METHOD_KINDS}.get(node.op)
+    if tables is None:
+        return OpKind.META
+    return next((kind for table, kind in tables if node.target in table), OpKind.UNKNOWN)
 
 
 def product_positions(node: fx.Node) -> tuple[int, ...] | None:

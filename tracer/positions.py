@@ -28,7 +28,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .ops import is_multihead_attention
-from .probe import node_arguments
+from .probe import ValueOverlay, node_arguments
 from .roles import Role, TrunkPlan
 from .tracing import call_target
 
@@ -71,7 +71,7 @@ def subgraph_function(gm: fx.GraphModule, values: dict, start: fx.Node, end: fx.
             if n in ancestors_of_end and start in _ancestors(n)]
 
     def run(x: torch.Tensor):
-        env = _Overlay(values, {start: x})
+        env = ValueOverlay(values, {start: x})
         for node in path:
             args, kwargs = node_arguments(node, env)
             env[node] = call_target(node, gm, args, kwargs)
@@ -90,13 +90,6 @@ def _ancestors(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
-class _Overlay(dict):
-    def __init__(self, base: dict, overlay: dict):
-        super().__init__(overlay)
-        self.base = base
-
-    def __missing__(self, key):
-        return self.base[key]
 
 
 def code_of_inputs(function: Callable, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor | None:

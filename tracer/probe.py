@@ -26,6 +26,20 @@ def _snapshot(value: Any) -> Any:
     return tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, value)
 
 
+class ValueOverlay(dict):
+    """Read-through mapping: the overlay's values first, then ``base`` (node values)."""
+
+    def __init__(self, base: dict, overlay: dict):
+        super().__init__(overlay)
+        self.base = base
+
+    def __missing__(self, key):
+        return self.base[key]
+
+    def get(self, key, default=None):
+        return self[key] if key in self or key in self.base else default
+
+
 def node_arguments(node: fx.Node, values: dict[fx.Node, Any]) -> tuple[tuple, dict]:
     args = fx.node.map_arg(node.args, lambda n: values[n])
     kwargs = fx.node.map_arg(node.kwargs, lambda n: values[n])

@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .probe import node_arguments
+from .probe import ValueOverlay, node_arguments
 from .tracing import call_target
 
 # compact a node only when at most this fraction of its axis is relevant
@@ -178,7 +178,7 @@ def _verify_compact(gm, node, values, inputs, spec: Slice, output: Slice | None)
         candidate = Compaction(output, "compact", spec, sliced, positions)
         try:
             overlay, callee = compact_arguments(node, values, candidate)
-            args, kwargs = node_arguments(callee, _Overlay(values, overlay))
+            args, kwargs = node_arguments(callee, ValueOverlay(values, overlay))
             got = call_target(callee, gm, args, kwargs)
         except Exception:
             continue
@@ -189,10 +189,3 @@ def _verify_compact(gm, node, values, inputs, spec: Slice, output: Slice | None)
     return None
 
 
-class _Overlay(dict):
-    def __init__(self, base: dict, overlay: dict):
-        super().__init__(overlay)
-        self.base = base
-
-    def __missing__(self, key):
-        return self.base[key]

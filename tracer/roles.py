@@ -29,7 +29,7 @@ import torch.fx as fx
 
 from .affinity import is_affine_in
 from .ops import OpKind, attention_value_input, op_kind, product_positions
-from .probe import Probe, node_arguments
+from .probe import Probe, ValueOverlay, node_arguments
 from .tracing import call_target, describe, module_path, module_stack
 
 
@@ -146,7 +146,7 @@ class GraphAnalysis:
 
             def evaluate(replacement):
                 replaced = dict(zip(inputs, replacement))
-                args, kwargs = node_arguments(node, _Overlay(values, replaced))
+                args, kwargs = node_arguments(node, ValueOverlay(values, replaced))
                 return call_target(node, self.gm, args, kwargs)
 
             example = tuple(values[i] for i in inputs)
@@ -217,15 +217,6 @@ class GraphAnalysis:
         return self._residual_upstream[node]
 
 
-class _Overlay(dict):
-    """Read-through mapping: replacement values first, then the recorded ones."""
-
-    def __init__(self, base: dict, overlay: dict):
-        super().__init__(overlay)
-        self.base = base
-
-    def __missing__(self, key):
-        return self.base[key]
 
 
 def plan_trunk(gm: fx.GraphModule, probe: Probe, cut_nonlinear_trunk: bool = False) -> TrunkPlan:
