@@ -79,7 +79,9 @@ class Decomposer(nn.Module):
                                             compact=plan.compact, positions=positions)
         ids = carried.ids
         order = sorted(range(len(ids)), key=ids.__getitem__)
-        components = carried.stacked()[order]
+        components = carried.stacked()
+        if order != list(range(len(ids))):  # creation order: stable labels
+            components = components[order]
         labels = [registry.labels[ids[i]] for i in order]
         return Decomposition(components, labels, representation, level, plan.target.name,
                              plan.describe_stop())

@@ -282,10 +282,10 @@ def _layer_norm(node: fx.Node, real: dict, components: torch.Tensor):
     x = _value(node, real, "input")
     dims = tuple(range(-len(tuple(_value(node, real, "normalized_shape"))), 0))
     inv_std = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + _value(node, real, "eps"))
-    out = (components - components.mean(dims, keepdim=True)) * inv_std
+    out = (components - components.mean(dims, keepdim=True)).mul_(inv_std)  # one new tensor, then in place
     weight = _value(node, real, "weight")
     if weight is not None:
-        out = out * weight
+        out.mul_(weight)
     return out, _norm_bias(node, real, "bias", x, lambda b: b)
 
 
