@@ -79,7 +79,7 @@ class Decomposer(nn.Module):
                                             compact=plan.compact, positions=positions)
         ids = carried.ids
         order = sorted(range(len(ids)), key=ids.__getitem__)
-        components = carried.stacked()
+        components = carried.drain()
         if order != list(range(len(ids))):  # creation order: stable labels
             components = components[order]
         labels = [registry.labels[ids[i]] for i in order]

@@ -57,6 +57,20 @@ class Carried:
         return values[0] if len(values) == 1 else torch.cat([v.expand(len(c.ids), *values[0].shape[1:])
                                                              for v, c in zip(values, self.chunks)])
 
+    def drain(self) -> torch.Tensor:
+        """``stacked()``, releasing each chunk once copied (peak: result + one chunk); empties self."""
+        if len(self.chunks) == 1:
+            return self.chunks.pop().values
+        shape = self.chunks[0].values.shape[1:]
+        first = self.chunks[0].values
+        out = first.new_empty((len(self.ids),) + tuple(shape))
+        row = 0
+        while self.chunks:
+            chunk = self.chunks.pop(0)
+            out[row: row + len(chunk.ids)] = chunk.values
+            row += len(chunk.ids)
+        return out
+
 
 class ComponentRegistry:
     """Labels of all components created in a run; ids are positions in ``labels``."""
@@ -161,7 +175,7 @@ def _compacted_components(gm, plan, node, role, real, carried, level, registry, 
     return result
 
 
-MAX_CHUNKS = 32
+MAX_CHUNKS = 512
 
 
 def _consolidated(carried: Carried) -> Carried:
