@@ -62,7 +62,7 @@ def find_slice(mask: torch.Tensor) -> Slice | None:
             continue
         other = [d for d in range(mask.dim()) if d != axis]
         along = mask.any(dim=other) if other else mask
-        kept = tuple(int(i) for i in along.nonzero().flatten())
+        kept = tuple(along.nonzero().flatten().tolist())
         if len(kept) > COMPACT_FRACTION * mask.shape[axis]:
             continue
         if best is None or len(kept) / mask.shape[axis] < len(best.index) / best.full:
