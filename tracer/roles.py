@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import heapq
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,10 +74,6 @@ class TrunkPlan:
         """Residual block index of the branch ``node`` belongs to (None on the trunk)."""
         join = self.branch_of.get(node)
         return None if join is None else self.layer_of_join[join]
-
-    @property
-    def carriers(self) -> set[fx.Node]:
-        return set(self.roles)
 
     def describe_stop(self) -> str | None:
         return describe(self.stopped_before) if self.stopped_before is not None else None
@@ -387,13 +384,14 @@ def _carry_step(analysis: GraphAnalysis, node: fx.Node, join: fx.Node):
     return None
 
 
+MATRIX_PRODUCTS = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm"}
+
+
 def _birth_kind(analysis: GraphAnalysis, node: fx.Node) -> str:
+    """``attention`` for fused attention or a matrix product of two data tensors (weights @ values)."""
     kind = analysis.kind(node)
-    if kind == OpKind.ATTENTION:
-        return "attention"
-    if kind == OpKind.PRODUCT and len(analysis.data_inputs(node)) == 2 and node.target in (
-            torch.matmul, torch.bmm, "matmul", "bmm") or (
-            kind == OpKind.PRODUCT and getattr(node.target, "__name__", "") == "matmul"):
+    if kind == OpKind.ATTENTION or (kind == OpKind.PRODUCT and node.target in MATRIX_PRODUCTS
+                                    and len(analysis.data_inputs(node)) == 2):
         return "attention"
     return "branch"
 
