@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from toyworld import FACTORS, ToyWorld, toy_image
-from toyworld.generator import COLOURS, render
+from toyworld.generator import COLOURS
 
 
 def test_deterministic_from_seed():
