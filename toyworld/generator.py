@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import functools
+
 import numpy as np
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond", "hexagon", "ring")
@@ -38,10 +40,17 @@ def draw_factors(rng: np.random.Generator) -> dict[str, str]:
     return {name: values[int(rng.integers(len(values)))] for name, values in FACTORS.items()}
 
 
+@functools.lru_cache(maxsize=8)
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates as fractions of the side: rows [size, 1], cols [1, size] (float32)."""
+    centres = (np.arange(size, dtype=np.float32) + 0.5) / size
+    return centres[:, None], centres[None, :]
+
+
 def shape_mask(shape: str, size: int, centre: tuple[float, float], radius: float) -> np.ndarray:
     """[size, size] bool: the shape with its centre and radius as fractions of the image side."""
-    rows, cols = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-    y, x = (rows / size - centre[0]) / radius, (cols / size - centre[1]) / radius
+    rows, cols = _grid(size)
+    y, x = np.broadcast_arrays((rows - centre[0]) / radius, (cols - centre[1]) / radius)
     r, angle = np.hypot(x, y), np.arctan2(y, x)
     if shape == "circle":
         return r <= 1
@@ -64,7 +73,7 @@ def shape_mask(shape: str, size: int, centre: tuple[float, float], radius: float
 
 def pattern_mask(pattern: str, size: int, rng: np.random.Generator) -> np.ndarray:
     """[size, size] bool: where the object shows its colour (elsewhere a darker shade)."""
-    rows, cols = np.mgrid[0:size, 0:size]
+    rows, cols = np.arange(size)[:, None], np.arange(size)[None, :]
     period = max(4, size // 8)
     phase = int(rng.integers(period))
     if pattern == "solid":
@@ -79,10 +88,30 @@ def pattern_mask(pattern: str, size: int, rng: np.random.Generator) -> np.ndarra
     raise ValueError(f"unknown pattern {pattern!r}; choose from {PATTERNS}")
 
 
+SCENE_VARIANTS = 32
+
+
 def scene(name: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """[size, size, 3] float32 textured background in [0, 255]: one of ``SCENE_VARIANTS`` textures."""
+    return _scene_bank(name, size)[int(rng.integers(SCENE_VARIANTS))]
+
+
+@functools.lru_cache(maxsize=64)
+def _scene_bank(name: str, size: int) -> np.ndarray:
+    """[SCENE_VARIANTS, size, size, 3] textures of one scene (drawn once per size)."""
+    if name not in SCENES:
+        raise ValueError(f"unknown scene {name!r}; choose from {SCENES}")
+    bank = np.stack([_texture(name, size, np.random.default_rng([SCENES.index(name), variant]))
+                     for variant in range(SCENE_VARIANTS)])
+    bank.flags.writeable = False
+    return bank
+
+
+def _texture(name: str, size: int, rng: np.random.Generator) -> np.ndarray:
     """[size, size, 3] float32 textured background in [0, 255]."""
-    rows, cols = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    noise = rng.normal(0, 1, (size, size)).astype(np.float32)
+    rows, cols = (np.arange(size, dtype=np.float32)[:, None] / size,
+                  np.arange(size, dtype=np.float32)[None, :] / size)
+    noise = rng.standard_normal((size, size), dtype=np.float32)
     if name == "water":
         waves = np.sin(2 * np.pi * (6 * rows + 1.5 * np.sin(2 * np.pi * cols) + rng.random()))
         base, detail = np.array([30, 90, 160]), waves[..., None] * np.array([15, 25, 30])
@@ -97,7 +126,7 @@ def scene(name: str, size: int, rng: np.random.Generator) -> np.ndarray:
         detail = -rows[..., None] * np.array([40, 40, 20]) + clouds[..., None] * np.array([100, 70, 15])
     else:
         raise ValueError(f"unknown scene {name!r}; choose from {SCENES}")
-    return np.clip(base + detail, 0, 255).astype(np.float32)
+    return np.clip(base.astype(np.float32) + detail, 0, 255).astype(np.float32)
 
 
 CAPTION_TEMPLATES = (
@@ -126,9 +155,11 @@ def render(factors: dict[str, str], size: int, rng: np.random.Generator) -> tupl
     centre = tuple(np.array(POSITIONS[factors["position"]]) + jitter)
     mask = shape_mask(factors["shape"], size, centre, SIZES[factors["size"]])
     colour = np.array(COLOURS[factors["colour"]], np.float32)
-    shade = np.where(pattern_mask(factors["pattern"], size, rng)[..., None], colour, colour * 0.45 + 20)
-    image = np.where(mask[..., None], shade, background)
-    return np.round(image).astype(np.uint8), mask
+    lit = pattern_mask(factors["pattern"], size, rng)
+    image = np.round(background).astype(np.uint8)
+    image[mask & lit] = np.round(colour).astype(np.uint8)
+    image[mask & ~lit] = np.round(colour * 0.45 + 20).astype(np.uint8)  # the pattern's darker shade
+    return image, mask
 
 
 def toy_image(seed: int, index: int, size: int = 64) -> ToyImage:
