@@ -170,7 +170,7 @@ def _rank_centroids(centroids: list[tuple[float, float] | None]) -> list[tuple[i
 
 def grid_positions(pixel_keys: torch.Tensor, count: int) -> list[tuple[int, int] | None]:
     """(row, col) per key from the centroids of the pixels that feed it (``pixel_keys`` [H, W])."""
-    codes = pixel_keys.flatten()
+    codes = pixel_keys.flatten().cpu()
     rows = torch.arange(pixel_keys.shape[0], dtype=torch.float64).repeat_interleave(pixel_keys.shape[1])
     cols = torch.arange(pixel_keys.shape[1], dtype=torch.float64).repeat(pixel_keys.shape[0])
     size = count + 1
