@@ -7,6 +7,7 @@ row). Values are freed after their last use, like ``torch.fx.Interpreter``.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -81,8 +82,7 @@ class ComponentRegistry:
 
     def new(self, label: ComponentLabel) -> int:
         if label.key in self._keys:  # same module path twice: disambiguate by node
-            label = ComponentLabel(f"{label.name}@{label.node}", label.kind, label.layer, label.head,
-                                   label.token, label.node)
+            label = dataclasses.replace(label, name=f"{label.name}@{label.node}")
         self._keys.add(label.key)
         self.labels.append(label)
         return len(self.labels) - 1
