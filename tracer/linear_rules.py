@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from .attention import (mha_arguments, mha_output_projection, mha_parts, sdpa_arguments,
                         sdpa_values, sdpa_weights)
 from .ops import META_FUNCTIONS, META_METHODS, OpKind, is_subtraction
-from .probe import ValueOverlay, node_arguments
+from .probe import ReplacedCall, ValueOverlay, node_arguments
 from .tracing import MODEL_PREFIX, call_target, module_path
 
 
@@ -113,12 +113,10 @@ _IN_PLACE_FUNCTIONS = {operator.iadd: operator.add, operator.isub: operator.sub,
 def _out_of_place(node):
     """In-place ops must not write into component tensors shared with other nodes."""
     if node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_"):
-        return _StrippedNode(node, node.args, node.kwargs, target=node.target[:-1])
+        return ReplacedCall(node, node.args, node.kwargs, target=node.target[:-1])
     if node.op == "call_function" and node.target in _IN_PLACE_FUNCTIONS:
-        return _StrippedNode(node, node.args, node.kwargs, target=_IN_PLACE_FUNCTIONS[node.target])
+        return ReplacedCall(node, node.args, node.kwargs, target=_IN_PLACE_FUNCTIONS[node.target])
     return node
-
-
 
 
 def _count(components: Any) -> int:
@@ -189,7 +187,7 @@ def _without_bias(evaluate: Evaluator, node: fx.Node, real: dict, carrier: fx.No
         args[position] = None
     else:
         kwargs.pop("bias", None)
-    stripped = _StrippedNode(node, tuple(args), kwargs)
+    stripped = ReplacedCall(node, tuple(args), kwargs)
     out = None
     if node.target is F.linear and isinstance(components, torch.Tensor):
         weight = args[1] if len(args) > 1 else kwargs.get("weight")
@@ -230,15 +228,6 @@ def blockwise_linear(components: torch.Tensor, weight: torch.Tensor) -> torch.Te
         index = torch.tensor(rows, device=components.device)
         out[index] = F.linear(components[index][..., a:b], weight[:, a:b])
     return out
-
-
-class _StrippedNode:
-    """A stand-in node with replaced arguments (for calling an op without its bias)."""
-
-    def __init__(self, node: fx.Node, args: tuple, kwargs: dict, target=None):
-        self.op, self.args, self.kwargs = node.op, args, kwargs
-        self.target = node.target if target is None else target
-        self.name = node.name
 
 
 def _norm_bias(node: fx.Node, real: dict, name: str, shape_like: torch.Tensor, broadcast: Callable):

@@ -25,9 +25,8 @@ from typing import Any, Callable
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
-from .ops import is_multihead_attention
+from .ops import OpKind, attention_value_input, is_multihead_attention, op_kind
 from .probe import ValueOverlay, node_arguments
 from .roles import Role, TrunkPlan
 from .tracing import call_target
@@ -37,13 +36,12 @@ Position = tuple[int, int] | str | None
 
 def value_input(gm: fx.GraphModule, birth: fx.Node) -> tuple[fx.Node, int] | None:
     """The values operand of an attention birth and its key axis."""
-    if birth.op == "call_function" and birth.target is F.scaled_dot_product_attention:
-        node = birth.kwargs.get("value", birth.args[2] if len(birth.args) > 2 else None)
-        return (node, -2) if isinstance(node, fx.Node) else None
-    if is_multihead_attention(birth, gm):
-        node = birth.kwargs.get("value", birth.args[2] if len(birth.args) > 2 else None)
-        batch_first = gm.get_submodule(birth.target).batch_first
-        return (node, 1 if batch_first else 0) if isinstance(node, fx.Node) else None
+    if op_kind(birth, gm) == OpKind.ATTENTION:
+        node = attention_value_input(birth)
+        key_axis = -2  # SDPA values [..., Nk, d]
+        if is_multihead_attention(birth, gm):  # MHA values [S, N, E], or [N, S, E] when batch_first
+            key_axis = 1 if gm.get_submodule(birth.target).batch_first else 0
+        return (node, key_axis) if node is not None else None
     if len(birth.args) >= 2 and isinstance(birth.args[1], fx.Node):
         return birth.args[1], -2
     return None
@@ -65,10 +63,8 @@ def fork_of(plan: TrunkPlan, node: fx.Node, data_nodes: set[fx.Node]) -> fx.Node
 
 def subgraph_function(gm: fx.GraphModule, values: dict, start: fx.Node, end: fx.Node) -> Callable:
     """``x -> value of end`` with ``start`` replaced by ``x`` (other inputs at their probe values)."""
-    order = list(gm.graph.nodes)
-    ancestors_of_end = _ancestors(end)
-    path = [n for n in order[order.index(start) + 1: order.index(end) + 1]
-            if n in ancestors_of_end and start in _ancestors(n)]
+    on_path = _ancestors(end) & _descendants(start)
+    path = [n for n in gm.graph.nodes if n in on_path and n is not start]  # graph order
 
     def run(x: torch.Tensor):
         env = ValueOverlay(values, {start: x})
@@ -81,15 +77,21 @@ def subgraph_function(gm: fx.GraphModule, values: dict, start: fx.Node, end: fx.
 
 
 def _ancestors(node: fx.Node) -> set[fx.Node]:
+    return _reachable(node, lambda n: n.all_input_nodes)
+
+
+def _descendants(node: fx.Node) -> set[fx.Node]:
+    return _reachable(node, lambda n: n.users)
+
+
+def _reachable(node: fx.Node, neighbours: Callable) -> set[fx.Node]:
     seen, stack = set(), [node]
     while stack:
         current = stack.pop()
         if current not in seen:
             seen.add(current)
-            stack.extend(current.all_input_nodes)
+            stack.extend(neighbours(current))
     return seen
-
-
 
 
 def code_of_inputs(function: Callable, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor | None:

@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .probe import ValueOverlay, node_arguments
+from .probe import ReplacedCall, ValueOverlay, node_arguments
 from .tracing import call_target
 
 # compact a node only when at most this fraction of its axis is relevant
@@ -106,14 +106,7 @@ def compact_arguments(node: fx.Node, real: dict, compaction: Compaction) -> tupl
     for position in compaction.size_positions:
         leaves[position] = len(spec.index)
     args, kwargs = tree_unflatten(leaves, structure)
-    return overlay, _ReplacedArguments(node, args, kwargs)
-
-
-class _ReplacedArguments:
-    def __init__(self, node: fx.Node, args, kwargs):
-        self.op, self.target, self.name, self.meta = node.op, node.target, node.name, node.meta
-        self.args, self.kwargs = tuple(args), kwargs
-        self.all_input_nodes = node.all_input_nodes
+    return overlay, ReplacedCall(node, args, kwargs)
 
 
 def _frozen_candidates(node: fx.Node, real: dict, carrier: fx.Node, spec: Slice) -> tuple[fx.Node, ...]:
