@@ -62,13 +62,35 @@ def _html_report(model: str, summary: dict, table: str) -> str:
             f"<pre>{html.escape(table)}</pre></section></body></html>")
 
 
-def _command_trace(args) -> int:
+def _model_and_data_config(args) -> tuple[torch.nn.Module, dict]:
+    """The model of ``--model`` / ``--checkpoint`` / ``--model-kwargs`` and its preprocessing config.
+
+    timm keeps the default size in ``pretrained_cfg`` whatever ``img_size`` the model was built
+    with, so ``--image-size`` (or ``img_size`` in the kwargs) sets ``input_size``.
+    """
     kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
     model = load_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, **kwargs)
-    size = tuple(model.pretrained_cfg["input_size"]) if hasattr(model, "pretrained_cfg") else (3, 224, 224)
+    config = dict(getattr(model, "pretrained_cfg", None) or {})
+    config.setdefault("input_size", (3, 224, 224))
     image_size = args.image_size or kwargs.get("img_size")
     if image_size:
-        size = (size[0], image_size, image_size)
+        config["input_size"] = (config["input_size"][0], image_size, image_size)
+        config.pop("test_input_size", None)
+    return model, config
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="timm name, or open_clip:ARCH[:TAG]")
+    parser.add_argument("--checkpoint", help="local weights file (safetensors / .pth)")
+    parser.add_argument("--pretrained", action="store_true", help="download the named weights")
+    parser.add_argument("--model-kwargs", help='JSON keyword arguments for the model constructor, e.g. \'{"depth": 2}\'')
+    parser.add_argument("--image-size", type=int, help="override the model's input size")
+    parser.add_argument("--level", default="head", choices=["branch", "head", "token"])
+
+
+def _command_trace(args) -> int:
+    model, config = _model_and_data_config(args)
+    size = tuple(config["input_size"])
     images = _synthetic_images(args.batch, size[-1])[:, : size[0]]
     summary, table = _decompose_and_report(model, images, args.level)
     print(table)
@@ -84,13 +106,7 @@ def _command_decompose(args) -> int:
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed and not torch.distributed.is_initialized():  # launched by torchrun
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
-    model = load_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, **kwargs)
-    config = dict(getattr(model, "pretrained_cfg", None) or {})
-    image_size = args.image_size or kwargs.get("img_size")  # timm keeps the default size in pretrained_cfg
-    if image_size:
-        config["input_size"] = (3, image_size, image_size)
-        config.pop("test_input_size", None)
+    model, config = _model_and_data_config(args)
     transform, preprocessing = evaluation_transform(config)
     decomposer = trace_and_decompose(model)
     try:
@@ -116,27 +132,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--level", default="head", choices=["branch", "head", "token"])
     demo.set_defaults(run=_command_demo)
     trace = commands.add_parser("trace", help="trace a model, decompose a synthetic batch, print components")
-    trace.add_argument("--model", required=True, help="timm name, or open_clip:ARCH[:TAG]")
-    trace.add_argument("--checkpoint", help="local weights file (safetensors / .pth)")
-    trace.add_argument("--pretrained", action="store_true", help="download the named weights")
-    trace.add_argument("--model-kwargs", help='JSON, e.g. \'{"depth": 2}\'')
-    trace.add_argument("--level", default="head", choices=["branch", "head", "token"])
+    _add_model_options(trace)
     trace.add_argument("--batch", type=int, default=2)
-    trace.add_argument("--image-size", type=int)
     trace.set_defaults(run=_command_trace)
     dataset = commands.add_parser("decompose", help="decompose a folder of images into a store on disk "
                                   "(resumable; shards across ranks under torchrun)")
-    dataset.add_argument("--model", required=True, help="timm name, or open_clip:ARCH[:TAG]")
-    dataset.add_argument("--checkpoint", help="local weights file (safetensors / .pth)")
-    dataset.add_argument("--pretrained", action="store_true", help="download the named weights")
-    dataset.add_argument("--model-kwargs", help="JSON keyword arguments for the model constructor")
+    _add_model_options(dataset)
     dataset.add_argument("--images", required=True, help="image folder (ImageFolder layout works)")
     dataset.add_argument("--out", required=True, help="store folder (created; an existing one is resumed)")
-    dataset.add_argument("--level", default="head", choices=["branch", "head", "token"])
     dataset.add_argument("--batch-size", type=int, default=16)
     dataset.add_argument("--workers", type=int, default=0)
     dataset.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    dataset.add_argument("--image-size", type=int, help="override the model's input size")
     dataset.set_defaults(run=_command_decompose)
     from align.cli import add_align_commands  # align / rank / describe (CLIP side)
 
