@@ -167,6 +167,14 @@ def non_attention(dec) -> tuple[list[str], torch.Tensor]:
     return [dec.labels[i].key for i in rows], dec.components[rows]
 
 
+def assert_only_attention_refined(coarse, fine) -> None:
+    """A finer level splits attention components only: every other component is unchanged."""
+    coarse_keys, coarse_rest = non_attention(coarse)
+    fine_keys, fine_rest = non_attention(fine)
+    assert fine_keys == coarse_keys
+    assert_parts_sum(fine_rest[None], coarse_rest, REL64, "non-attention components")
+
+
 def check_token_indices(model: torch.nn.Module, name: str, head: int, tokens: list[int]) -> None:
     """The token indices of one head are 0..n-1, with n at least the keys the head attends over."""
     n, where = len(tokens), f"{name}.h{head}"
@@ -238,12 +246,7 @@ def test_heads_sum_to_their_attention_branch(configs, data):
         assert sorted(heads) == list(range(model.get_submodule(name).num_heads)), f"{name}: heads {heads}"
         assert_parts_sum(head.components[head_attention[name]], branch.components[rows[0]], REL64,
                          f"heads of {name}")
-
-    # the head level only refines attention branches: everything else is unchanged
-    branch_keys, branch_rest = non_attention(branch)
-    head_keys, head_rest = non_attention(head)
-    assert head_keys == branch_keys
-    assert_parts_sum(head_rest[None], branch_rest, REL64, "non-attention components")
+    assert_only_attention_refined(branch, head)
 
 
 @FAMILIES
@@ -265,11 +268,7 @@ def test_tokens_sum_to_their_head(configs, data):
         assert head.labels[head_row].token is None
         check_token_indices(model, name, h, [token.labels[i].token for i in rows])
         assert_parts_sum(token.components[rows], head.components[head_row], REL64, f"tokens of {name}.h{h}")
-
-    head_keys, head_rest = non_attention(head)
-    token_keys, token_rest = non_attention(token)
-    assert token_keys == head_keys
-    assert_parts_sum(token_rest[None], head_rest, REL64, "non-attention components")
+    assert_only_attention_refined(head, token)
 
 
 @FAMILIES
