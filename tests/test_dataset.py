@@ -62,6 +62,10 @@ def test_store_round_trip_and_skipped_file(model, image_folder, tmp_path):
     assert len(store.shards) > 1 and store.manifest["complete"]
     image = TRANSFORM(Image.open(image_folder / store.image_ids()[4]).convert("RGB")).unsqueeze(0)
     dec = trace_and_decompose(model)(image, level="head")
+    with torch.no_grad():
+        expected = model.forward_head(model.forward_features(image), pre_logits=True)
+        torch.testing.assert_close(dec.representation, expected, rtol=0, atol=0)
+    assert dec.relative_error() <= 1e-5
     torch.testing.assert_close(store.components(4), dec.components[:, 0])
     torch.testing.assert_close(store.representation(4), dec.representation[0])
     assert [l.key for l in store.labels] == dec.keys

@@ -20,6 +20,7 @@ def test_perturbing_one_patch_changes_only_its_own_token_components():
     decomposer = trace_and_decompose(model)
     before, after = decomposer(images, level="token"), decomposer(perturbed, level="token")
     assert before.keys == after.keys
+    assert before.relative_error() < 1e-10 and after.relative_error() < 1e-10
     for head in (0, 1):
         rows = [i for i, label in enumerate(before.labels) if label.head == head and label.token is not None]
         positions = [before.labels[i].position for i in rows]
@@ -43,6 +44,7 @@ def test_special_tokens_are_named_by_their_parameter(name, kwargs, size, roles):
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, **kwargs).eval()
     dec = trace_and_decompose(model)(torch.randn(1, 3, size, size), level="token")
+    assert dec.relative_error() <= 1e-4
     head0 = [label.position for label in dec.labels if label.head == 0 and label.token is not None]
     assert head0[:len(roles)] == roles
     grid = size // (14 if "patch14" in name else 16)
@@ -52,6 +54,7 @@ def test_special_tokens_are_named_by_their_parameter(name, kwargs, size, roles):
 def test_open_clip_token_positions():
     torch.manual_seed(0)
     dec = trace_and_decompose(tiny_open_clip_vision().eval())(torch.randn(1, 3, 64, 64), level="token")
+    assert dec.relative_error() <= 1e-4
     head0 = [label.position for label in dec.labels if label.head == 0 and label.token is not None
              and label.layer == 0]
     assert head0 == ["class_embedding"] + [(r, c) for r in range(4) for c in range(4)]

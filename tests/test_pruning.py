@@ -20,6 +20,12 @@ def test_pruned_equals_unpruned(name):
     full = trace_and_decompose(model, prune=False)(images, level="head")
     assert pruned.keys == full.keys
     torch.testing.assert_close(pruned.components, full.components, rtol=1e-9, atol=1e-12)
+    with torch.no_grad():  # both are sums of the model's real output
+        expected = model.forward_head(model.forward_features(images), pre_logits=True)
+    for dec in (pruned, full):
+        if dec.stopped_before is None:
+            torch.testing.assert_close(dec.representation, expected, rtol=0, atol=0)
+        assert dec.relative_error() <= 1e-10
 
 
 def test_class_token_model_prunes_to_the_class_row():
