@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_WORKERS ?= 2
 DEMO_OUT ?= demo-out
 
-.PHONY: test demo setup clean
+.PHONY: test demo setup browser clean
 
 setup: $(VENV)/.installed
 
@@ -18,7 +18,12 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $@
 
-test: setup
+# headless Chromium for the report rendering test (Debian's package; apt via sudo when not root)
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	{ SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium; }
+
+test: setup browser
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) tests
 
 demo: setup

@@ -1,0 +1,144 @@
+"""A self-contained HTML report: sections of tables, inline SVG bar charts and PNG images.
+
+Everything is embedded (PNG as data URIs, charts as SVG), so the file opens anywhere offline.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;line-height:1.4}
+h1{font-size:1.6em} h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em} h3{margin-bottom:.3em}
+table{border-collapse:collapse;margin:.5em 0 1em} td,th{border:1px solid #ddd;padding:.25em .6em;text-align:right}
+th{background:#f4f4f4} td.text,th.text{text-align:left}
+.pass{color:#176b2c;font-weight:600} .fail{color:#a4161a;font-weight:600}
+figure{display:inline-block;margin:.3em;vertical-align:top;text-align:center;font-size:.8em}
+figure img{image-rendering:pixelated;border:1px solid #ccc}
+nav a{margin-right:1em}
+"""
+
+
+def png_data_uri(image: np.ndarray | torch.Tensor) -> str:
+    """``data:`` URI of an RGB image [H, W, 3] (uint8, or float in [0, 1])."""
+    from PIL import Image
+
+    array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if array.dtype != np.uint8:
+        array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        text = f"{value:.3g}" if abs(value) < 1e-3 and value != 0 else f"{value:.3f}"
+        return f"<td>{text}</td>"
+    if isinstance(value, (int, np.integer)):
+        return f"<td>{value}</td>"
+    return f"<td class='text'>{html.escape(str(value))}</td>"
+
+
+class Report:
+    """Append sections, then ``render()``. Section ids are stable (tests look for them)."""
+
+    def __init__(self, title: str):
+        self.title = title
+        self.sections: list[tuple[str, str, list[str]]] = []
+
+    def section(self, section_id: str, title: str) -> None:
+        self.sections.append((section_id, title, []))
+
+    def _add(self, fragment: str) -> None:
+        if not self.sections:
+            raise RuntimeError("start a section first")
+        self.sections[-1][2].append(fragment)
+
+    def heading(self, text: str) -> None:
+        self._add(f"<h3>{html.escape(text)}</h3>")
+
+    def paragraph(self, text: str) -> None:
+        self._add(f"<p>{html.escape(text)}</p>")
+
+    def verdict(self, claim: str, holds: bool, detail: str = "") -> None:
+        """One claim checked against ground truth, stated plainly either way."""
+        word, style = ("holds", "pass") if holds else ("does NOT hold", "fail")
+        self._add(f"<p><span class='{style}'>{word}</span>: {html.escape(claim)}"
+                  f"{' (' + html.escape(detail) + ')' if detail else ''}</p>")
+
+    def table(self, header: Sequence[str], rows: Sequence[Sequence]) -> None:
+        head = "".join(f"<th class='text'>{html.escape(str(h))}</th>" if i == 0 else f"<th>{html.escape(str(h))}</th>"
+                       for i, h in enumerate(header))
+        body = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in rows)
+        self._add(f"<table><tr>{head}</tr>{body}</table>")
+
+    def bar_chart(self, title: str, names: Sequence[str], values: Sequence[float], width: int = 520) -> None:
+        """Horizontal bars (SVG); negative values extend left of the axis."""
+        bar, gap, label_width = 16, 4, 200
+        low, high = min(0.0, *values), max(0.0, *values)
+        span = (high - low) or 1.0
+        scale = (width - label_width - 60) / span
+        axis = label_width + (-low) * scale
+        height = len(values) * (bar + gap) + 24
+        parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' role='img'>",
+                 f"<title>{html.escape(title)}</title>",
+                 f"<text x='0' y='12' font-size='12' font-weight='600'>{html.escape(title)}</text>"]
+        for i, (name, value) in enumerate(zip(names, values)):
+            y = 20 + i * (bar + gap)
+            x0, x1 = sorted((axis, axis + value * scale))
+            colour = "#3a6ea5" if value >= 0 else "#c05746"
+            parts += [(f"<text x='{label_width - 6}' y='{y + 12}' font-size='11' text-anchor='end'>"
+                      f"{html.escape(name)}</text>"),
+                      f"<rect x='{x0:.1f}' y='{y}' width='{max(x1 - x0, 0.5):.1f}' height='{bar}' fill='{colour}'/>",
+                      f"<text x='{x1 + 4:.1f}' y='{y + 12}' font-size='10'>{value:.3f}</text>"]
+        parts.append(f"<line x1='{axis:.1f}' y1='18' x2='{axis:.1f}' y2='{height}' stroke='#444'/></svg>")
+        self._add("".join(parts))
+
+    def line_chart(self, title: str, xs: Sequence[float], series: dict[str, Sequence[float]], x_label: str,
+                   y_label: str, width: int = 520, height: int = 260) -> None:
+        """Lines (SVG) sharing one x axis; y from 0 to the largest value."""
+        left, bottom, top, right = 50, 36, 24, 110
+        x_low, x_high = min(xs), max(xs)
+        y_high = max(max(v) for v in series.values()) or 1.0
+        px = lambda x: left + (x - x_low) / ((x_high - x_low) or 1) * (width - left - right)
+        py = lambda y: height - bottom - y / y_high * (height - bottom - top)
+        colours = ["#3a6ea5", "#c05746", "#4f9d69", "#8c6bb1", "#d9a21b"]
+        parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' role='img'>",
+                 f"<title>{html.escape(title)}</title>",
+                 f"<text x='0' y='14' font-size='12' font-weight='600'>{html.escape(title)}</text>",
+                 f"<line x1='{left}' y1='{height - bottom}' x2='{width - right}' y2='{height - bottom}' stroke='#444'/>",
+                 f"<line x1='{left}' y1='{top}' x2='{left}' y2='{height - bottom}' stroke='#444'/>",
+                 (f"<text x='{(width - right + left) / 2}' y='{height - 6}' font-size='11' text-anchor='middle'>"
+                 f"{html.escape(x_label)}</text>"),
+                 f"<text x='4' y='{top - 6}' font-size='11'>{html.escape(y_label)} (max {y_high:.2f})</text>"]
+        for i, (name, values) in enumerate(series.items()):
+            colour = colours[i % len(colours)]
+            points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xs, values))
+            parts += [f"<polyline fill='none' stroke='{colour}' stroke-width='2' points='{points}'/>",
+                      (f"<text x='{width - right + 6}' y='{top + 14 * i + 10}' font-size='11' fill='{colour}'>"
+                      f"{html.escape(name)}</text>")]
+        self._add("".join(parts) + "</svg>")
+
+    def figures(self, items: Sequence[tuple[np.ndarray | torch.Tensor, str]], scale: int = 2) -> None:
+        """A row of PNG images with captions (shown ``scale`` times their pixel size)."""
+        parts = []
+        for image, caption in items:
+            height, width = image.shape[:2]
+            parts.append(f"<figure><img src='{png_data_uri(image)}' width='{width * scale}' "
+                         f"height='{height * scale}' alt='{html.escape(caption)}'>"
+                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        self._add("<div>" + "".join(parts) + "</div>")
+
+    def render(self) -> str:
+        nav = "".join(f"<a href='#{sid}'>{html.escape(title)}</a>" for sid, title, _ in self.sections)
+        body = "".join(f"<section id='{sid}'><h2>{html.escape(title)}</h2>{''.join(parts)}</section>"
+                       for sid, title, parts in self.sections)
+        return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
+                f"<style>{STYLE}</style></head><body><h1>{html.escape(self.title)}</h1><nav>{nav}</nav>{body}"
+                "</body></html>")
