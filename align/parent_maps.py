@@ -1,0 +1,78 @@
+"""Components of a finer level through the CompAlign maps of a coarser one.
+
+A token-level component ``blocks.3.attn.h5.t17`` is one source token's share of head
+``blocks.3.attn.h5``; the paper maps it with that head's map. ``aligner_rows`` finds, from
+label keys only, the map each component uses: its own key if the aligner has it, else its
+head's (token dropped), else its branch's (head dropped). Since every map is linear,
+⟨a_i(x), t⟩ = ⟨c_i(x), W_i t⟩: text contributions need one pulled-back direction per map,
+never the aligned components themselves.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from decompose import ComponentLabel
+
+from .compalign import AlignerMismatch, CompAlign
+
+
+def coarser_keys(label: ComponentLabel) -> list[str]:
+    """The label's own key, then its head's (no token), then its branch's (no head)."""
+    keys = [label.key]
+    if label.token is not None:
+        keys.append(ComponentLabel(label.name, label.kind, label.layer, label.head).key)
+    if label.head is not None:
+        keys.append(label.name)
+    return list(dict.fromkeys(keys))
+
+
+def aligner_rows(aligner: CompAlign, labels: Sequence[ComponentLabel]) -> torch.Tensor:
+    """Long [C]: the aligner map used by each component (see module doc); refuses unknown components."""
+    index = {key: i for i, key in enumerate(aligner.keys)}
+    rows, missing = [], []
+    for label in labels:
+        row = next((index[k] for k in coarser_keys(label) if k in index), None)
+        if row is None:
+            missing.append(label.key)
+        rows.append(-1 if row is None else row)
+    if missing:
+        raise AlignerMismatch(f"{len(missing)} components have no map in the aligner, not even their head's "
+                              f"(first: {missing[:3]}); train an aligner for this model")
+    return torch.tensor(rows, dtype=torch.long)
+
+
+@torch.no_grad()
+def map_components_by_parent(aligner: CompAlign, components: torch.Tensor, labels: Sequence[ComponentLabel],
+                             chunk: int = 256) -> torch.Tensor:
+    """a_i = c_i W_{row(i)}: components [C, B, d_model] -> [C, B, d_clip] (no bias), ``chunk`` rows at a time."""
+    rows = aligner_rows(aligner, labels).to(aligner.weights.device)
+    _check_width(aligner, components, labels)
+    components = components.flatten(2)
+    return torch.cat([torch.einsum("cbd,cde->cbe", components[s:s + chunk].to(aligner.weights),
+                                   aligner.weights[rows[s:s + chunk]]) for s in range(0, len(labels), chunk)])
+
+
+@torch.no_grad()
+def pulled_back_directions(aligner: CompAlign, labels: Sequence[ComponentLabel],
+                           direction: torch.Tensor) -> torch.Tensor:
+    """[C, d_model]: W_{row(i)} t for a CLIP-space direction ``direction`` [d_clip]."""
+    rows = aligner_rows(aligner, labels).to(aligner.weights.device)
+    per_map = aligner.weights @ direction.to(aligner.weights)          # [C_aligner, d_model]
+    return per_map[rows]
+
+
+@torch.no_grad()
+def text_contributions(aligner: CompAlign, components: torch.Tensor, labels: Sequence[ComponentLabel],
+                       direction: torch.Tensor) -> torch.Tensor:
+    """[C, B] ⟨a_i(x), t⟩ for components [C, B, d_model] and a CLIP direction ``direction`` [d_clip]."""
+    _check_width(aligner, components, labels)
+    pulled = pulled_back_directions(aligner, labels, direction)       # [C, d_model]
+    return torch.einsum("cbd,cd->cb", components.flatten(2).to(pulled), pulled)
+
+
+def _check_width(aligner: CompAlign, components: torch.Tensor, labels: Sequence[ComponentLabel]) -> None:
+    if components.shape[0] != len(labels) or components.flatten(2).shape[2] != aligner.d_model:
+        raise AlignerMismatch(f"components of shape {tuple(components.shape)} with {len(labels)} labels do not fit "
+                              f"an aligner of d_model={aligner.d_model}")

@@ -1,0 +1,81 @@
+"""Retrieval with respect to a property, from selected components.
+
+* Text-based: images ranked by ⟨Σ_{i∈S} a_i(x), t⟩ with a_i the CompAlign-mapped components
+  and t a text embedding; S the components selected for a property (e.g. its top-3 by
+  score) or all of them (the full representation, up to the aligner's constant bias).
+* Image-based: candidates ranked by the cosine between the summed selected components
+  (mapped or raw) of the query image and of each candidate: images that share the
+  property's factor with the query rank first, whatever else they share.
+
+Shapes: components / aligned [C, N, D]; scores [N] or [Q, N]; relevance bool like scores.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def selected_sum(components: torch.Tensor, selected: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+    """[N, D] Σ_{i∈S} components[i] over components [C, N, *D] (S = all when ``selected`` is None)."""
+    if selected is None:
+        return components.flatten(2).sum(0)
+    index = torch.as_tensor(list(selected) if not torch.is_tensor(selected) else selected, dtype=torch.long)
+    if index.numel() == 0:
+        raise ValueError("no component selected")
+    return components.flatten(2).index_select(0, index.to(components.device)).sum(0)
+
+
+def top_components(scores: torch.Tensor, count: int, constant: torch.Tensor | None = None) -> list[int]:
+    """The ``count`` components with the highest ``scores`` [C] (``constant`` bool [C] ones excluded)."""
+    ranking = scores.double().clone()
+    if constant is not None:
+        ranking[constant.bool()] = -torch.inf
+    return ranking.argsort(descending=True, stable=True)[:count].tolist()
+
+
+def text_retrieval_scores(aligned: torch.Tensor, text: torch.Tensor,
+                          selected: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+    """⟨Σ_{i∈S} a_i(x), t⟩: [N] for one text [d_clip], [T, N] for texts [T, d_clip]."""
+    summed = selected_sum(aligned, selected)                             # [N, d_clip]
+    scores = text.to(summed) @ summed.T if text.dim() == 2 else summed @ text.to(summed)
+    return scores
+
+
+def image_retrieval_scores(features: torch.Tensor, queries: Sequence[int] | torch.Tensor,
+                           selected: Sequence[int] | torch.Tensor | None = None,
+                           exclude_queries: bool = True) -> torch.Tensor:
+    """[Q, N] cosine between Σ_{i∈S} features_i of each query image and of every image.
+
+    features: [C, N, D] components (raw or mapped); queries: Q image indices; a query's own
+    column is set to -inf (``exclude_queries``), so it never retrieves itself.
+    """
+    summed = torch.nn.functional.normalize(selected_sum(features, selected).double(), dim=-1)  # [N, D]
+    query_index = torch.as_tensor(list(queries) if not torch.is_tensor(queries) else queries, dtype=torch.long)
+    similarity = summed[query_index.to(summed.device)] @ summed.T                             # [Q, N]
+    if exclude_queries:
+        similarity[torch.arange(len(query_index)), query_index] = -torch.inf
+    return similarity
+
+
+def ranked(scores: torch.Tensor, count: int | None = None) -> torch.Tensor:
+    """Indices of the highest ``scores`` first ([N] -> [k], [Q, N] -> [Q, k])."""
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    return order if count is None else order[..., :count]
+
+
+def precision_at_k(scores: torch.Tensor, relevant: torch.Tensor, k: int) -> float:
+    """Mean over queries of the fraction of relevant items among the top ``k`` of ``scores`` ([N] or [Q, N])."""
+    if scores.shape != relevant.shape:
+        raise ValueError(f"scores {tuple(scores.shape)} and relevance {tuple(relevant.shape)} differ in shape")
+    scores, relevant = scores.reshape(-1, scores.shape[-1]), relevant.reshape(-1, relevant.shape[-1]).bool()
+    k = min(k, scores.shape[-1])
+    top = ranked(scores, k)                                                                    # [Q, k]
+    return float(relevant.gather(1, top.to(relevant.device)).double().mean())
+
+
+def shares_value(values: Sequence, queries: Sequence[int]) -> torch.Tensor:
+    """bool [Q, N]: image n has the same factor value as query q (ground-truth relevance)."""
+    codes = {v: i for i, v in enumerate(dict.fromkeys(values))}
+    encoded = torch.tensor([codes[v] for v in values])
+    return encoded[list(queries)].unsqueeze(1) == encoded.unsqueeze(0)
