@@ -4,8 +4,10 @@
     vit-decompose rank     --store STORE --aligner ALIGNER --property colour
     vit-decompose describe --store STORE --aligner ALIGNER --component blocks.10.attn.h3
 
-``add_align_commands(subparsers)`` registers the three commands on an argparse subparsers
-object (each sets ``run``); ``main(argv)`` runs them on their own.
+and the applications (``application_cli``): ``retrieve``, ``heatmap``, ``segment``, ``ablate``, ``debias``.
+
+``add_align_commands(subparsers)`` registers the commands on an argparse subparsers object
+(each sets ``run``); ``main(argv)`` runs them on their own.
 """
 from __future__ import annotations
 
@@ -110,8 +112,8 @@ def alignment_table(aligner: CompAlign, heldout_cosine: float, deviation: dict[s
     lines = [f"components        {len(aligner.labels)} ({aligner.model_name or '?'}, level {aligner.level or '?'})",
              f"d_model -> d_clip {aligner.d_model} -> {aligner.d_clip}",
              f"held-out cosine   {heldout_cosine:.4f}  (Σ a_i + b vs CLIP image embedding)",
-             f"orthogonality     mean {sum(deviation.values()) / max(len(deviation), 1):.3e}, "
-             f"max {values[0][1] if values else 0:.3e}  (‖G−I‖²_F / m²)", "",
+             (f"orthogonality     mean {sum(deviation.values()) / max(len(deviation), 1):.3e}, "
+              f"max {values[0][1] if values else 0:.3e}  (‖G−I‖²_F / m²)"), "",
              f"{'component':40s} {'deviation':>12s}"]
     lines += [f"{key:40s} {value:12.3e}" for key, value in values[:top]]
     return "\n".join(lines)
@@ -140,8 +142,8 @@ def _command_rank(args) -> int:
 
 
 def ranking_table(ranked, aligner: CompAlign) -> str:
-    lines = [f"{'#':>3s} {'component':40s} {'kind':10s} {'layer':>5s} {'score':>7s} {'specific':>8s} "
-             f"{'var.expl':>8s}  rival"]
+    lines = [(f"{'#':>3s} {'component':40s} {'kind':10s} {'layer':>5s} {'score':>7s} {'specific':>8s} "
+              f"{'var.expl':>8s}  rival")]
     for position, row in enumerate(ranked, 1):
         label = aligner.labels[row.index]
         layer = "" if label.layer is None else str(label.layer)
@@ -183,7 +185,9 @@ def _command_describe(args) -> int:
 # --- registration --------------------------------------------------------------------------
 
 def add_align_commands(subparsers) -> None:
-    """Register ``align``, ``rank`` and ``describe`` on ``parser.add_subparsers()``."""
+    """Register ``align``, ``rank``, ``describe`` and the applications (``retrieve``, ``heatmap``, ``segment``,
+    ``ablate``, ``debias``; see ``application_cli``) on ``parser.add_subparsers()``."""
+    from .application_cli import add_application_commands  # imports this module's helpers
     align = subparsers.add_parser("align", help="train CompAlign maps from a decomposition store into CLIP space")
     align.add_argument("--store", required=True, help="decomposition store folder (vit-decompose decompose --out)")
     align.add_argument("--images", required=True, help="the image folder the store was decomposed from")
@@ -224,6 +228,7 @@ def add_align_commands(subparsers) -> None:
             command.add_argument("--count", type=int, default=5, help="texts to pick")
             command.add_argument("--rank", type=int, help="span dimension (default: 99%% of the variance)")
             command.set_defaults(run=_command_describe)
+    add_application_commands(subparsers)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,8 @@ def spurious_scores(spurious: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
 
 
 def spurious_order(spurious: torch.Tensor, core: torch.Tensor, constant: torch.Tensor | None = None) -> list[int]:
-    """Components by ``spurious_scores``, highest first (``constant`` bool [C] ones last: ablating them does nothing)."""
+    """Components by ``spurious_scores``, highest first; ``constant`` (bool [C]) ones last, since
+    mean-ablating a constant changes nothing."""
     ranking = spurious_scores(spurious, core).double().clone()
     if constant is not None:
         ranking[constant.bool()] = -torch.inf
