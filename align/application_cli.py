@@ -157,13 +157,6 @@ def _image_size(store: DecompositionStore) -> tuple[int, int]:
 
 # --- token positions --------------------------------------------------------------------------
 
-def _recorded_positions(store: DecompositionStore) -> list | None:
-    records = store.manifest.get("labels", [])
-    if not any(r.get("position") is not None for r in records):
-        return None
-    return [tuple(p) if isinstance(p, list) else p for p in (r.get("position") for r in records)]
-
-
 def _model_from_arguments(args):
     from decompose.models import load_model
 
@@ -177,10 +170,8 @@ def labels_with_positions(store: DecompositionStore, args) -> tuple[list[Compone
     if store.level != "token":
         raise ValueError(f"heatmaps need a token-level store; this one is level {store.level!r} "
                          "(vit-decompose decompose --level token)")
-    recorded = _recorded_positions(store)
-    if recorded is not None:
-        return [ComponentLabel(l.name, l.kind, l.layer, l.head, l.token, l.node, p)
-                for l, p in zip(store.labels, recorded)], None
+    if any(label.position is not None for label in store.labels):  # stores record positions since they exist
+        return store.labels, None
     if not args.model:
         raise ValueError("this store's labels carry no token positions; name its model so they can be recovered: "
                          "--model NAME [--model-kwargs JSON] [--checkpoint FILE]")

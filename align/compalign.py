@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from decompose import ComponentLabel
+from decompose.store import label_from_record, label_records
 
 WEIGHTS_FILE = "aligner.safetensors"
 METADATA_FILE = "aligner.json"
@@ -161,8 +162,7 @@ class CompAlign(nn.Module):
     def metadata(self) -> dict[str, Any]:
         return {"format_version": FORMAT_VERSION, "model": self.model_name, "level": self.level,
                 "d_model": self.d_model, "d_clip": self.d_clip, "clip": self.clip,
-                "labels": [dict(key=l.key, name=l.name, kind=l.kind, layer=l.layer, head=l.head, token=l.token,
-                                node=l.node) for l in self.labels],
+                "labels": label_records(self.labels),
                 "training": self.training_summary}
 
     def save(self, directory: str | Path) -> Path:
@@ -188,8 +188,7 @@ class CompAlign(nn.Module):
         if not (root / METADATA_FILE).is_file() or not (root / WEIGHTS_FILE).is_file():
             raise FileNotFoundError(f"{root} is not an aligner folder ({METADATA_FILE} and {WEIGHTS_FILE} expected)")
         metadata = json.loads((root / METADATA_FILE).read_text())
-        component_labels = [ComponentLabel(r["name"], r["kind"], r["layer"], r["head"], r["token"], r["node"])
-                            for r in metadata["labels"]]
+        component_labels = [label_from_record(r) for r in metadata["labels"]]
         check_component_source(metadata["model"], metadata["level"], [l.key for l in component_labels],
                                model, level, labels)  # before reading the weights
         with safe_open(str(root / WEIGHTS_FILE), framework="pt", device=str(device)) as handle:

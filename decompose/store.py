@@ -55,8 +55,16 @@ def write_shard(root: Path, index: int, components: torch.Tensor, representation
 
 
 def label_records(labels: list[ComponentLabel]) -> list[dict]:
-    return [dict(key=l.key, name=l.name, kind=l.kind, layer=l.layer, head=l.head, token=l.token, node=l.node)
+    """JSON-able labels (a token's grid position becomes a [row, col] list)."""
+    return [dict(key=l.key, name=l.name, kind=l.kind, layer=l.layer, head=l.head, token=l.token, node=l.node,
+                 position=list(l.position) if isinstance(l.position, tuple) else l.position)
             for l in labels]
+
+
+def label_from_record(record: dict) -> ComponentLabel:
+    position = record.get("position")
+    return ComponentLabel(record["name"], record["kind"], record["layer"], record["head"], record["token"],
+                          record["node"], tuple(position) if isinstance(position, list) else position)
 
 
 def check_compatible(existing: dict, wanted: dict) -> None:
@@ -91,8 +99,7 @@ class DecompositionStore:
         if not manifest_path.is_file():
             raise FileNotFoundError(f"{manifest_path} not found: not a decomposition store (or still running)")
         self.manifest = json.loads(manifest_path.read_text())
-        self.labels = [ComponentLabel(r["name"], r["kind"], r["layer"], r["head"], r["token"], r["node"])
-                       for r in self.manifest["labels"]]
+        self.labels = [label_from_record(r) for r in self.manifest["labels"]]
         self.shards = [ShardInfo(s["index"], self.root / s["file"], s["count"])
                        for s in sorted(self.manifest["shards"], key=lambda s: s["index"])]
         self._offsets = []

@@ -17,6 +17,7 @@ from align.application_cli import labels_with_positions, load_store_rows, read_t
 from align.cli import main
 from decompose import decompose_dataset, trace_and_decompose
 from decompose.dataset import evaluation_transform
+from decompose.models import load_model
 
 MODEL = "vit_tiny_patch16_224"
 KWARGS = {"depth": 1, "img_size": 32, "patch_size": 8}
@@ -126,9 +127,15 @@ def test_heatmap_writes_overlays_equal_to_the_python_heatmaps(world, capsys):
     contributions = text_contributions(world["aligner"], components, labels, text)
     expected = token_heatmaps(contributions, labels, (32, 32), head_selector(["blocks.0.attn.h2"]))
     torch.testing.assert_close(written, expected)
-    # without positions in the store and without --model the command says what to pass
-    assert main(["heatmap", *common(world, "token"), "--text", "a dog", "--out", str(out)]) == 2
-    assert "--model NAME" in capsys.readouterr().err
+    # the store records each token's position, the same the traced model gives: no --model needed
+    traced = trace_and_decompose(load_model(MODEL, **KWARGS))(components.new_zeros(1, 3, 32, 32), level="token")
+    assert [l.position for l in store.labels] == [l.position for l in traced.labels]
+    assert any(isinstance(l.position, tuple) for l in store.labels)
+    again = root / "heatmaps-recorded"
+    assert main(["heatmap", *common(world, "token"), "--text", "a dog", "--images", str(world["images"]),
+                 "--out", str(again), "--head", "blocks.0.attn.h2", "--image", picked[0], "--image", picked[1]]) == 0
+    with safe_open(str(again / "heatmaps.safetensors"), framework="pt") as handle:
+        torch.testing.assert_close(handle.get_tensor("heatmaps"), written)
 
 
 def test_segment_scores_decomposition_and_attention_baseline(world, capsys):
