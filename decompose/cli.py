@@ -2,19 +2,14 @@
 from __future__ import annotations
 
 import argparse
-import html
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from .decomposer import trace_and_decompose
 from .models import ModelLoadError, load_model
-
-DEMO_MODEL = "vit_tiny_patch16_224"
-DEMO_KWARGS = dict(depth=4, img_size=64)
 
 
 def _synthetic_images(count: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -38,28 +33,14 @@ def _decompose_and_report(model, images, level: str) -> tuple[dict, str]:
 
 
 def _command_demo(args) -> int:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    model = load_model(args.model, **DEMO_KWARGS).eval()
-    images = _synthetic_images(8, DEMO_KWARGS["img_size"])
-    summary, table = _decompose_and_report(model, images, args.level)
-    print(table)
-    print(f"\n{args.model} (random weights, {summary['components']} components at level {args.level}): "
-          f"relative additivity error {summary['relative_error']:.2e}")
-    metrics = {"additivity": {args.model: summary["relative_error"]}, "runs": {args.model: summary}}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (out / "report.html").write_text(_html_report(args.model, summary, table))
-    print(f"wrote {out / 'report.html'} and {out / 'metrics.json'}")
+    from toyworld.demo import DemoSettings, quick_settings, run_demo  # the toy world sits on top of decompose
+
+    settings = quick_settings() if args.quick else DemoSettings()
+    if args.models:
+        settings.models = tuple(args.models.split(","))
+    settings.threads, settings.weights = args.threads, args.weights
+    run_demo(args.out, settings)
     return 0
-
-
-def _html_report(model: str, summary: dict, table: str) -> str:
-    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items())
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>vit-decompose: {html.escape(model)}</title>"
-            f"</head><body><h1>vit-decompose demo: {html.escape(model)}</h1><section id='additivity'>"
-            f"<h2>Additivity</h2><table>{rows}</table></section><section id='components'><h2>Components</h2>"
-            f"<pre>{html.escape(table)}</pre></section></body></html>")
 
 
 def _model_and_data_config(args) -> tuple[torch.nn.Module, dict]:
@@ -126,10 +107,14 @@ def _command_decompose(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vit-decompose", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="decompose the embedded default and write a report")
+    demo = commands.add_parser("demo", help="the whole pipeline on the toy world's shipped tiny models: "
+                               "DIR/report.html and DIR/metrics.json, checked against ground truth")
     demo.add_argument("--out", required=True, help="output folder (report.html, metrics.json)")
-    demo.add_argument("--model", default=DEMO_MODEL)
-    demo.add_argument("--level", default="head", choices=["branch", "head", "token"])
+    demo.add_argument("--quick", action="store_true", help="a small sample (for tests; numbers are noisier)")
+    demo.add_argument("--models", help="comma-separated subset of the toy targets (default: all)")
+    demo.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    demo.add_argument("--weights", help="models trained by `vit-decompose toyworld train --out DIR` "
+                      "(default: the shipped ones)")
     demo.set_defaults(run=_command_demo)
     trace = commands.add_parser("trace", help="trace a model, decompose a synthetic batch, print components")
     _add_model_options(trace)
@@ -147,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     from align.cli import add_align_commands  # align / rank / describe (CLIP side)
 
     add_align_commands(commands)
+    from toyworld.cli import add_toyworld_commands  # toyworld train
+
+    add_toyworld_commands(commands)
     return parser
 
 

@@ -1,0 +1,230 @@
+"""``vit-decompose demo``: the whole pipeline on the toy world, checked against ground truth.
+
+For every shipped tiny target: decompose (levels head and token), align the components to
+the tiny CLIP (CompAlign), score and rank them for each factor, describe the top ones with
+TextSpan, then measure with the generator's ground truth what the selections carry
+(probes, property retrieval, heatmap segmentation, spurious-correlation removal). Writes
+``report.html`` (self-contained) and ``metrics.json``; both are replaced atomically after
+each model, so a killed run keeps what it finished.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from align import (
+    PropertyScorer,
+    TensorAlignmentData,
+    TrainingOptions,
+    encode_descriptions,
+    property_basis,
+    rank_components,
+    text_span,
+    train_compalign,
+)
+from align.ablation import AblationCurve
+from align.classifiers import fit_linear_probe
+from align.clip_models import ClipModel
+from decompose import trace_and_decompose
+
+from .experiments import (
+    RetrievalResult,
+    SegmentationResult,
+    SpuriousResult,
+    decompose_batches,
+    layer_ablation,
+    object_directions,
+    object_segmentation,
+    own_head,
+    property_retrieval,
+    spurious_removal,
+)
+from .generator import FACTORS
+from .models import TARGET_CONFIGS, TARGET_NAMES, load_target, load_toy_clip, toy_clip_preprocess
+from .sample import FACTOR_TEXTS, ToySample, toy_sample
+from .validation import selection_probe
+
+TEXT_TEMPLATES = ("{}", "a photo of {}")
+
+
+@dataclass
+class DemoSettings:
+    """Sizes of the demo run (the defaults fit in ~3 minutes on 2 CPU cores)."""
+
+    fit_images: int = 512      # CompAlign fit + scoring
+    test_images: int = 256     # probes and retrieval (never used for fitting)
+    token_images: int = 12     # level token: heatmaps and segmentation (from the test images)
+    spurious_images: int = 256  # per balanced split (validation, test) of the spurious-split model
+    k: int = 3                 # components per selection
+    seed: int = 9001           # toy-world seed of the demo images (training used worlds 1-103)
+    batch_size: int = 64
+    models: tuple[str, ...] = TARGET_NAMES
+    spurious_models: tuple[str, ...] = ("spurious",)   # trained on the toy Waterbirds split
+    threads: int | None = None
+    weights: str | None = None  # folder of `vit-decompose toyworld train` output (default: the shipped weights)
+
+
+@dataclass
+class TargetResult:
+    """What the demo found for one target model (the report and metrics.json are built from it)."""
+
+    name: str
+    labels: list
+    level_errors: dict[str, float]
+    alignment: dict[str, Any]
+    scores: dict[str, torch.Tensor]
+    constant: torch.Tensor
+    rankings: dict[str, list]
+    descriptions: dict[str, list[tuple[str, float]]]
+    probe: dict[str, dict[str, float]]
+    retrieval: RetrievalResult
+    segmentation: SegmentationResult
+    spurious: SpuriousResult | None = None
+    ablation: AblationCurve | None = None   # accuracy on the model's task as blocks are mean-ablated
+    ablation_classifier: str = ""
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def factor_embeddings(clip: ClipModel) -> dict[str, torch.Tensor]:
+    """factor -> [values, d_clip] text embeddings of its value phrases (``FACTOR_TEXTS``)."""
+    return {factor: encode_descriptions(clip, list(FACTOR_TEXTS[factor].values()), TEXT_TEMPLATES)
+            for factor in FACTORS}
+
+
+class Stopwatch:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.started = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = now - self.started
+        self.started = now
+
+
+def describe_top_components(aligned: torch.Tensor, rankings: dict[str, list], constant: torch.Tensor,
+                            embeddings: dict[str, torch.Tensor]) -> dict[str, list[tuple[str, float]]]:
+    """TextSpan of each factor's top component over a bank of every factor's value phrases."""
+    texts = [text for factor in FACTORS for text in FACTOR_TEXTS[factor].values()]
+    bank = torch.cat([embeddings[factor] for factor in FACTORS])
+    described = {}
+    for ranked in rankings.values():
+        top = ranked[0]
+        if not bool(constant[top.index]) and top.key not in described:
+            span = text_span(aligned[top.index], bank, texts, count=3)
+            described[top.key] = list(zip(span.texts, span.variance_explained))
+    return described
+
+
+def analyse_target(name: str, clip: ClipModel, sample: ToySample, fit: torch.Tensor, test: torch.Tensor,
+                   clip_targets: torch.Tensor, embeddings: dict[str, torch.Tensor],
+                   settings: DemoSettings) -> TargetResult:
+    watch = Stopwatch()
+    model = load_target(name, settings.weights)
+    decomposer = trace_and_decompose(model)
+    dec, head_error = decompose_batches(decomposer, sample.images, "head", settings.batch_size)
+    watch.lap("decompose")
+
+    data = TensorAlignmentData(dec.components[:, fit], clip_targets[fit], dec.labels, heldout_fraction=0.2,
+                               model=name, level="head")
+    aligner, report = train_compalign(data, TrainingOptions(max_epochs=60, patience=5, lr=1e-3, progress=False))
+    with torch.no_grad():
+        aligned = aligner.map_components(dec.components)                           # [C, N, d_clip]
+    watch.lap("align")
+
+    scorer = PropertyScorer({factor: property_basis(e) for factor, e in embeddings.items()})
+    scorer.update(aligned[:, fit])
+    scores, constant = scorer.scores(), scorer.constant()
+    rankings = {factor: rank_components(scores, dec.keys, factor, constant=constant) for factor in FACTORS}
+    orders = {factor: [c.index for c in ranked if not bool(constant[c.index])] for factor, ranked in rankings.items()}
+    descriptions = describe_top_components(aligned[:, fit], rankings, constant, embeddings)
+    probe = {factor: selection_probe(dec.components, orders[factor], sample.factor(factor), fit, test,
+                                     len(FACTORS[factor]), settings.k) for factor in FACTORS}
+    watch.lap("score")
+
+    retrieval = property_retrieval(aligned, sample, test, {f: o[:settings.k] for f, o in orders.items()})
+    watch.lap("retrieval")
+    rows = test[:settings.token_images]
+    directions = object_directions(lambda texts: encode_descriptions(clip, texts, TEXT_TEMPLATES), sample, rows)
+    segmentation, token_error = object_segmentation(decomposer, aligner, sample, rows, directions,
+                                                    settings.batch_size)
+    watch.lap("heatmaps")
+    ablation, classifier_name = None, ""
+    task = TARGET_CONFIGS.get(name, {}).get("task")
+    if task in FACTORS:
+        classifier, classifier_name = own_head(model, dec), "the model's own head"
+        if classifier is None:
+            classifier = fit_linear_probe(dec.representation[fit], sample.factor(task)[fit])
+            classifier_name = f"a linear probe (the representation stops before {dec.stopped_before})"
+        ablation = layer_ablation(dec, classifier, sample.factor(task), test)
+        watch.lap("ablation")
+    spurious = None
+    if name in settings.spurious_models:
+        spurious = spurious_removal(model, decomposer, scores, constant, dec.labels, settings.seed + 1,
+                                    settings.spurious_images, settings.batch_size)
+        watch.lap("spurious")
+    return TargetResult(name, dec.labels, {"head": head_error, "token": token_error},
+                        {"heldout_cosine": report.heldout_cosine, "epochs": report.epochs},
+                        scores, constant, rankings, descriptions, probe, retrieval, segmentation, spurious,
+                        ablation, classifier_name, watch.seconds)
+
+
+def metrics_of(results: list[TargetResult]) -> dict[str, Any]:
+    """The ``metrics.json`` layout of the toy-world issue (plus per-level errors and timings)."""
+    return {"additivity": {r.name: max(r.level_errors.values()) for r in results},
+            "additivity_by_level": {r.name: r.level_errors for r in results},
+            "alignment": {r.name: r.alignment["heldout_cosine"] for r in results},
+            "property_probe": {r.name: r.probe for r in results},
+            "retrieval_p_at_10": {r.name: r.retrieval.precision for r in results},
+            "segmentation": {r.name: r.segmentation.scores for r in results},
+            "spurious": {r.name: r.spurious.scores for r in results if r.spurious is not None},
+            "ablation_curves": {r.name: r.ablation.as_dict() for r in results if r.ablation is not None},
+            "seconds": {r.name: r.seconds for r in results}}
+
+
+def atomic_write(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def run_demo(out: str | Path, settings: DemoSettings | None = None, log=print) -> dict[str, Any]:
+    from .demo_report import build_report
+
+    settings = settings or DemoSettings()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    sample = toy_sample(settings.seed, settings.fit_images + settings.test_images)
+    fit = torch.arange(settings.fit_images)
+    test = torch.arange(settings.fit_images, len(sample))
+    clip = load_toy_clip(settings.weights)
+    clip_targets = torch.cat([clip.encode_images(toy_clip_preprocess(sample.images[s:s + 256]))
+                              for s in range(0, len(sample), 256)])                # [N, d_clip]
+    embeddings = factor_embeddings(clip)
+    results, metrics = [], {}
+    for name in settings.models:
+        result = analyse_target(name, clip, sample, fit, test, clip_targets, embeddings, settings)
+        results.append(result)
+        log(f"{name}: additivity {max(result.level_errors.values()):.1e}, held-out cosine "
+            f"{result.alignment['heldout_cosine']:.3f} ({sum(result.seconds.values()):.0f} s)")
+        metrics = metrics_of(results)
+        metrics["seconds"]["total"] = time.perf_counter() - started
+        atomic_write(out / "metrics.json", json.dumps(metrics, indent=2))
+        atomic_write(out / "report.html", build_report(results, settings, sample).render())
+    log(f"wrote {out / 'report.html'} and {out / 'metrics.json'} in {time.perf_counter() - started:.0f} s")
+    return metrics
+
+
+def quick_settings() -> DemoSettings:
+    """A small run (tests, smoke checks): the same pipeline, fewer images, noisier numbers."""
+    return DemoSettings(fit_images=160, test_images=96, token_images=4, spurious_images=64)

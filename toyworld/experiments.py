@@ -1,0 +1,160 @@
+"""The applications run on the toy world, each scored against the generator's ground truth.
+
+* property retrieval: does summing a factor's top components retrieve images sharing that
+  factor better than the full representation?
+* heatmaps: do token contributions along the object's text land on the object's mask?
+* spurious split: does mean-ablating background components raise worst-group accuracy?
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from align import CompAlign
+from align.ablation import AblationCurve, ablation_curve, component_means, layer_steps
+from align.debias import LabelledSplit, remove_spurious, spurious_order
+from align.heatmaps import attention_heatmaps, token_heatmaps
+from align.parent_maps import text_contributions
+from align.retrieval import image_retrieval_scores, precision_at_k, ranked, shares_value
+from align.segmentation import segmentation_scores
+from decompose import Decomposition
+from decompose.attention_maps import attention_maps
+
+from .models import target_preprocess
+from .sample import ToySample
+from .spurious import spurious_split
+
+
+def decompose_batches(decomposer, images: torch.Tensor, level: str, batch_size: int) -> tuple[Decomposition, float]:
+    """One Decomposition of images [N, 3, S, S] in [0, 1] ([C, N, D]) and the largest per-batch relative error."""
+    parts, worst = [], 0.0
+    for start in range(0, len(images), batch_size):
+        dec = decomposer(target_preprocess(images[start:start + batch_size]), level=level)
+        worst = max(worst, dec.relative_error())
+        parts.append(dec)
+    first = parts[0]
+    return Decomposition(torch.cat([p.components for p in parts], 1), first.labels,
+                         torch.cat([p.representation for p in parts]), level, first.target,
+                         first.stopped_before), worst
+
+
+@dataclass
+class RetrievalResult:
+    precision: dict[str, dict[str, float]]              # factor -> {"components": p@10, "full": p@10}
+    examples: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # factor -> query/components/full rows
+
+
+def property_retrieval(aligned: torch.Tensor, sample: ToySample, rows: torch.Tensor,
+                       selections: dict[str, list[int]], k: int = 10, shown: int = 5) -> RetrievalResult:
+    """Image-based retrieval w.r.t. each factor among ``rows``: every image queries all others.
+
+    aligned: [C, N, d_clip]; selections: factor -> selected component rows
+    """
+    features = aligned[:, rows]
+    queries = list(range(len(rows)))
+    result = RetrievalResult({})
+    for factor, selected in selections.items():
+        relevant = shares_value([sample.value_names(factor)[i] for i in rows.tolist()], queries)
+        by_components = image_retrieval_scores(features, queries, selected)
+        full = image_retrieval_scores(features, queries, None)
+        result.precision[factor] = {"components": precision_at_k(by_components, relevant, k),
+                                    "full": precision_at_k(full, relevant, k)}
+        result.examples[factor] = {"query": [int(rows[0])],
+                                   "components": rows[ranked(by_components[0], shown)].tolist(),
+                                   "full": rows[ranked(full[0], shown)].tolist()}
+    return result
+
+
+def object_directions(embed, sample: ToySample, rows: torch.Tensor) -> torch.Tensor:
+    """[len(rows), d_clip] per image: its object's text ("a red circle") minus the mean scene text.
+
+    embed: list of texts -> [T, d_clip]; subtracting the scenes points the direction at the
+    object rather than at what every caption shares.
+    """
+    names = [f"a {c} {s}" for c, s in zip(sample.value_names("colour"), sample.value_names("shape"))]
+    objects = embed([names[i] for i in rows.tolist()])
+    scenes = embed(sorted({f"on {s}" for s in sample.value_names("scene")}))
+    return objects - scenes.mean(0)
+
+
+@dataclass
+class SegmentationResult:
+    scores: dict                     # metrics.json "segmentation" entry
+    heatmaps: torch.Tensor           # [B, S, S] token heatmaps along each object's direction
+    baseline: torch.Tensor           # [B, S, S] last-layer attention of the output-reading queries
+
+
+def object_segmentation(decomposer, aligner: CompAlign, sample: ToySample, rows: torch.Tensor,
+                        directions: torch.Tensor, batch_size: int) -> tuple[SegmentationResult, float]:
+    """Token heatmaps (all heads) along each image's object direction vs the object masks.
+
+    Returns the result and the token level's largest relative additivity error.
+    """
+    images = sample.images[rows]
+    dec, error = decompose_batches(decomposer, images, "token", batch_size)
+    size = tuple(images.shape[-2:])
+    heatmaps = torch.cat([token_heatmaps(text_contributions(aligner, dec.components[:, i:i + 1], dec.labels,
+                                                            directions[i]), dec.labels, size)
+                          for i in range(len(rows))])                                      # [B, S, S]
+    baseline = attention_heatmaps(attention_maps(decomposer, target_preprocess(images)), size)
+    masks = sample.masks[rows]
+    ours, theirs = segmentation_scores(heatmaps, masks), segmentation_scores(baseline, masks)
+    scores = {"pixel_acc": ours.pixel_accuracy, "iou": ours.foreground_iou, "map": ours.mean_average_precision,
+              "baseline": {"pixel_acc": theirs.pixel_accuracy, "iou": theirs.foreground_iou,
+                           "map": theirs.mean_average_precision, "method": "last-layer attention of the "
+                           "output-reading queries, mean over heads"}}
+    return SegmentationResult(scores, heatmaps, baseline), error
+
+
+@dataclass
+class SpuriousResult:
+    scores: dict                     # metrics.json "spurious" entry
+    per_group_before: dict[str, float]
+    per_group_after: dict[str, float]
+    validation_worst: list[float]    # worst-group accuracy on validation per k = 0 .. max_k
+    ablated: list[str]
+
+
+def spurious_removal(model, decomposer, scores: dict[str, torch.Tensor], constant: torch.Tensor, labels: list,
+                     seed: int, images: int, batch_size: int, max_k: int = 12) -> SpuriousResult:
+    """Mean-ablate the components most tied to the scene and least to the shape (order from ``scores``),
+    k chosen on a balanced validation split, evaluated once on a balanced test split; the
+    classifier is the model's own head on the (ablated) representation."""
+    splits = []
+    for world in (seed, seed + 1):                     # validation, test: balanced groups, disjoint worlds
+        split = spurious_split(images, world, train=False)
+        pixels = torch.stack([split[i][0] for i in range(len(split))])
+        dec, _ = decompose_batches(decomposer, pixels, "head", batch_size)
+        groups = [f"label {int(y)} / {'water' if int(g) else 'land'}"
+                  for y, g in zip(split.labels, split.background_groups)]
+        splits.append(LabelledSplit(dec, split.labels, groups))
+    classifier = own_head(model, splits[0].components)
+    if classifier is None:
+        raise ValueError(f"the spurious-split model's representation stops before {splits[0].components.stopped_before}"
+                         "; its own head cannot classify the ablated representation")
+    order = spurious_order(scores["scene"], scores["shape"], constant)
+    result = remove_spurious(order, classifier, splits[0], splits[1], max_k=max_k)
+    return SpuriousResult({"k": result.k, "worst_group_before": result.before.worst,
+                           "worst_group_after": result.after.worst, "average_before": result.before.average,
+                           "average_after": result.after.average},
+                          result.before.per_group, result.after.per_group,
+                          [v.worst for v in result.validation], [labels[i].key for i in result.ablated])
+
+
+def own_head(model, dec: Decomposition):
+    """The model's own classifier on the decomposed representation, or None when the representation
+    stops before a nonlinear pre-logits op (then the head does not read it directly)."""
+    if dec.stopped_before is not None or not hasattr(model, "get_classifier"):
+        return None
+    return model.get_classifier()
+
+
+@torch.no_grad()
+def layer_ablation(dec: Decomposition, classifier, targets: torch.Tensor, rows: torch.Tensor) -> AblationCurve:
+    """Accuracy on ``rows`` as whole residual blocks are mean-ablated, last block first
+    (means over all images of ``dec``)."""
+    reference = component_means(dec.components)
+    test = Decomposition(dec.components[:, rows], dec.labels, dec.representation[rows], dec.level)
+    return ablation_curve(test, layer_steps(dec.labels, last_first=True), classifier, targets[rows],
+                          reference=reference)
