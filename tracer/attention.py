@@ -72,20 +72,33 @@ def mha_parts(mha: nn.MultiheadAttention, query, key, value, key_padding_mask=No
         raise UnsupportedAttention("nn.MultiheadAttention with add_bias_kv or add_zero_attn is not supported")
     if not mha.batch_first:
         query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-    heads, dim = mha.num_heads, mha.head_dim
-    if mha._qkv_same_embed_dim:
-        w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
-    else:
-        w_q, w_k, w_v = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
-    b_q, b_k, b_v = mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else (None, None, None)
-
-    def split(x, w, b):  # [N, L, E] -> [N, H, L, d]
-        return F.linear(x, w, b).unflatten(-1, (heads, dim)).transpose(1, 2)
-
-    q, k, v = split(query, w_q, b_q), split(key, w_k, b_k), split(value, w_v, b_v)
+    (w_q, w_k, w_v), (b_q, b_k, b_v) = _in_projections(mha)
+    q, k, v = (_split_heads(mha, x, w, b) for x, w, b in ((query, w_q, b_q), (key, w_k, b_k), (value, w_v, b_v)))
     mask = _mha_mask(attn_mask, key_padding_mask, q)
     weights = sdpa_weights(q, k, attn_mask=mask, is_causal=is_causal)
     return AttentionParts(weights, v)
+
+
+def mha_value_heads(mha: nn.MultiheadAttention, value: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+    """The value projection of ``value`` ``[..., N, S, E]`` (batch first) split into heads:
+    ``[..., N, H, S, d]``; ``with_bias=False`` gives its linear part."""
+    (_, _, w_v), (_, _, b_v) = _in_projections(mha)
+    return _split_heads(mha, value, w_v, b_v if with_bias else None)
+
+
+def _in_projections(mha: nn.MultiheadAttention) -> tuple[tuple, tuple]:
+    """(w_q, w_k, w_v), (b_q, b_k, b_v) of an ``nn.MultiheadAttention`` (biases may be None)."""
+    if mha._qkv_same_embed_dim:
+        weights = tuple(mha.in_proj_weight.chunk(3))
+    else:
+        weights = (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)
+    biases = tuple(mha.in_proj_bias.chunk(3)) if mha.in_proj_bias is not None else (None, None, None)
+    return weights, biases
+
+
+def _split_heads(mha: nn.MultiheadAttention, x: torch.Tensor, weight, bias) -> torch.Tensor:
+    """``[..., N, L, E]`` -> projected ``[..., N, H, L, d]``."""
+    return F.linear(x, weight, bias).unflatten(-1, (mha.num_heads, mha.head_dim)).transpose(-3, -2)
 
 
 def _mha_mask(attn_mask, key_padding_mask, q):

@@ -24,7 +24,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from .attention import (mha_arguments, mha_output_projection, mha_parts, sdpa_arguments,
+from .attention import (mha_arguments, mha_output_projection, mha_parts, mha_value_heads, sdpa_arguments,
                         sdpa_values, sdpa_weights)
 from .ops import META_FUNCTIONS, META_METHODS, OpKind, is_subtraction
 from .probe import ReplacedCall, ValueOverlay, node_arguments
@@ -142,7 +142,7 @@ def apply_affine(gm: fx.GraphModule, node: fx.Node, kind: OpKind, real: dict,
                  carrier: fx.Node, components: Any) -> tuple[Any, list[Offset]]:
     """``node`` applied to ``components`` of its single linear input ``carrier``."""
     evaluate = Evaluator(gm, node, real)
-    if node.op == "call_function" and node.target in _BIAS_ARGUMENT and _first_arg(node) is carrier:
+    if has_bias_argument(node, carrier):
         return _without_bias(evaluate, node, real, carrier, components)
     if kind == OpKind.NORM:
         return _NORM_RULES[node.target](node, real, components)
@@ -178,7 +178,13 @@ def _first_arg(node: fx.Node):
     return node.args[0] if node.args else node.kwargs.get("input")
 
 
-def _without_bias(evaluate: Evaluator, node: fx.Node, real: dict, carrier: fx.Node, components):
+def has_bias_argument(node: fx.Node, carrier: fx.Node) -> bool:
+    """``F.linear`` / a convolution whose input is ``carrier``: its bias is an offset."""
+    return node.op == "call_function" and node.target in _BIAS_ARGUMENT and _first_arg(node) is carrier
+
+
+def bias_free_call(node: fx.Node) -> tuple[ReplacedCall, Any]:
+    """``node`` (a linear map or convolution) called without its bias, and the bias argument."""
     position = _BIAS_ARGUMENT[node.target]
     bias_node = node.args[position] if len(node.args) > position else node.kwargs.get("bias")
     args = list(node.args)
@@ -187,7 +193,12 @@ def _without_bias(evaluate: Evaluator, node: fx.Node, real: dict, carrier: fx.No
         args[position] = None
     else:
         kwargs.pop("bias", None)
-    stripped = ReplacedCall(node, tuple(args), kwargs)
+    return ReplacedCall(node, tuple(args), kwargs), bias_node
+
+
+def _without_bias(evaluate: Evaluator, node: fx.Node, real: dict, carrier: fx.Node, components):
+    stripped, bias_node = bias_free_call(node)
+    args, kwargs = stripped.args, stripped.kwargs
     out = None
     if node.target is F.linear and isinstance(components, torch.Tensor):
         weight = args[1] if len(args) > 1 else kwargs.get("weight")
@@ -262,56 +273,55 @@ def _arg(node: fx.Node, name: str):
     return node.kwargs.get(name, _DEFAULTS[node.target].get(name))
 
 
-def _value(node: fx.Node, real: dict, name: str):
+def norm_argument(node: fx.Node, real: dict, name: str):
+    """Value of argument ``name`` of a norm call (``input``, ``weight``, ``eps`` ...), defaults included."""
     arg = _arg(node, name)
     return real[arg] if isinstance(arg, fx.Node) else arg
 
 
 def _layer_norm(node: fx.Node, real: dict, components: torch.Tensor):
-    x = _value(node, real, "input")
-    dims = tuple(range(-len(tuple(_value(node, real, "normalized_shape"))), 0))
-    inv_std = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + _value(node, real, "eps"))
+    x = norm_argument(node, real, "input")
+    dims = tuple(range(-len(tuple(norm_argument(node, real, "normalized_shape"))), 0))
+    inv_std = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + norm_argument(node, real, "eps"))
     out = (components - components.mean(dims, keepdim=True)).mul_(inv_std)  # one new tensor, then in place
-    weight = _value(node, real, "weight")
+    weight = norm_argument(node, real, "weight")
     if weight is not None:
         out.mul_(weight)
     return out, _norm_bias(node, real, "bias", x, lambda b: b)
 
 
 def _rms_norm(node: fx.Node, real: dict, components: torch.Tensor):
-    x = _value(node, real, "input")
-    dims = tuple(range(-len(tuple(_value(node, real, "normalized_shape"))), 0))
-    eps = _value(node, real, "eps")
+    x = norm_argument(node, real, "input")
+    dims = tuple(range(-len(tuple(norm_argument(node, real, "normalized_shape"))), 0))
+    eps = norm_argument(node, real, "eps")
     eps = torch.finfo(x.dtype).eps if eps is None else eps
     out = components * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
-    weight = _value(node, real, "weight")
+    weight = norm_argument(node, real, "weight")
     return (out * weight if weight is not None else out), []
 
 
 def _group_norm(node: fx.Node, real: dict, components: torch.Tensor):
-    x = _value(node, real, "input")
-    groups = _value(node, real, "num_groups")
+    x = norm_argument(node, real, "input")
+    groups = norm_argument(node, real, "num_groups")
     grouped = x.reshape(x.shape[0], groups, -1)
-    inv_std = torch.rsqrt(grouped.var(-1, unbiased=False, keepdim=True) + _value(node, real, "eps"))
+    inv_std = torch.rsqrt(grouped.var(-1, unbiased=False, keepdim=True) + norm_argument(node, real, "eps"))
     c = components.reshape(components.shape[0], x.shape[0], groups, -1)
     out = ((c - c.mean(-1, keepdim=True)) * inv_std).reshape(components.shape)
     channel = (-1,) + (1,) * (x.dim() - 2)
-    weight = _value(node, real, "weight")
+    weight = norm_argument(node, real, "weight")
     if weight is not None:
         out = out * weight.reshape(channel)
     return out, _norm_bias(node, real, "bias", x, lambda b: b.reshape(channel))
 
 
 def _batch_norm(node: fx.Node, real: dict, components: torch.Tensor):
-    x = _value(node, real, "input")
-    if _value(node, real, "training"):
+    x = norm_argument(node, real, "input")
+    if norm_argument(node, real, "training"):
         raise ValueError(f"batch_norm in training mode at {node.name}: call model.eval()")
     channel = (-1,) + (1,) * (x.dim() - 2)
-    scale = torch.rsqrt(_value(node, real, "running_var") + _value(node, real, "eps"))
-    weight, bias = _value(node, real, "weight"), _value(node, real, "bias")
-    if weight is not None:
-        scale = scale * weight
-    shift = -_value(node, real, "running_mean") * scale
+    scale = batch_norm_scale(node, real)
+    bias = norm_argument(node, real, "bias")
+    shift = -norm_argument(node, real, "running_mean") * scale
     if bias is not None:
         shift = shift + bias
     out = components * scale.reshape(channel)
@@ -319,10 +329,17 @@ def _batch_norm(node: fx.Node, real: dict, components: torch.Tensor):
     return out, [Offset(shift.reshape(channel).expand(x.shape), name)]
 
 
+def batch_norm_scale(node: fx.Node, real: dict) -> torch.Tensor:
+    """[channels] the per-channel factor of an eval-mode batch norm (running statistics)."""
+    scale = torch.rsqrt(norm_argument(node, real, "running_var") + norm_argument(node, real, "eps"))
+    weight = norm_argument(node, real, "weight")
+    return scale * weight if weight is not None else scale
+
+
 def _normalize(node: fx.Node, real: dict, components: torch.Tensor):
-    x = _value(node, real, "input")
-    norm = x.norm(_value(node, real, "p"), _value(node, real, "dim"), keepdim=True)
-    return components / norm.clamp_min(_value(node, real, "eps")), []
+    x = norm_argument(node, real, "input")
+    norm = x.norm(norm_argument(node, real, "p"), norm_argument(node, real, "dim"), keepdim=True)
+    return components / norm.clamp_min(norm_argument(node, real, "eps")), []
 
 
 _NORM_RULES = {F.layer_norm: _layer_norm, F.rms_norm: _rms_norm, F.group_norm: _group_norm,
@@ -339,17 +356,14 @@ def _frozen_attention(gm: fx.GraphModule, node: fx.Node, real: dict, carrier: fx
         return torch.matmul(weights, values), []
     mha = gm.get_submodule(node.target)
     bound = mha_arguments(args, kwargs)
-    parts = mha_parts(mha, **bound)
+    parts = mha_parts(mha, **bound)  # the weights depend on query and key only
     value_comps = components if mha.batch_first else components.transpose(1, 2)
-    _, _, w_v = mha.in_proj_weight.chunk(3) if mha._qkv_same_embed_dim else (None, None, mha.v_proj_weight)
-    v = F.linear(value_comps, w_v).unflatten(-1, (mha.num_heads, mha.head_dim)).transpose(-3, -2)
-    out = mha_output_projection(mha, torch.matmul(parts.weights, v))
-    zero_bound = dict(bound, value=torch.zeros_like(bound["value"]))
-    zero_parts = mha_parts(mha, **zero_bound)
-    at_zero = mha_output_projection(mha, torch.matmul(zero_parts.weights, zero_parts.values))
+    out = mha_output_projection(mha, torch.matmul(parts.weights, mha_value_heads(mha, value_comps, with_bias=False)))
+    value = bound["value"] if mha.batch_first else bound["value"].transpose(0, 1)
+    at_zero = mha_output_projection(mha, torch.matmul(parts.weights, mha_value_heads(mha, torch.zeros_like(value))))
     if mha.out_proj.bias is not None:
         at_zero = at_zero + mha.out_proj.bias
-    offsets = [] if _is_zero(at_zero) else [Offset(at_zero, f"{module_path(node)}.bias")]
+    offsets = [] if _is_zero(at_zero) else [Offset((at_zero, None), f"{module_path(node)}.bias")]  # MHA's layout
     return (out, None), offsets
 
 
