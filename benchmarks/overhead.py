@@ -8,8 +8,17 @@ Everything is measured in one process on the same model and batch: warm-up, then
 median of ``--repeats`` runs. Times are medians with the plain forward and every level
 interleaved in one process (fair under machine load). CPU peak memory is what one call adds to
 the resident set's high-water mark (freed heap returned to the OS first, VmHWM reset), each in
-a fresh child process; on CUDA, ``torch.cuda.max_memory_allocated`` and CUDA events. Targets (DESIGN §4 / the cost issue): head ≤ 1.3× time and ≤ 1.5× memory
-of a plain forward; token ≤ 3× time.
+a fresh child process; on CUDA, ``torch.cuda.max_memory_allocated`` and CUDA events.
+
+glibc raises its mmap threshold (up to 32 MB) each time it frees a large block, after which
+freed tensors stay in a fragmenting heap, so a resident peak depends on what ran before it: a
+plain forward measured after a decomposer's planning shows about twice its peak in a fresh
+process. ``--allocator fixed`` (default) pins the threshold in the memory children so that the
+resident peak is the live peak of every call alike; ``--allocator default`` keeps glibc's
+behaviour (then the forward runs once before it is measured, as the decomposer plans once).
+
+Targets (DESIGN §4 / the cost issue): head ≤ 1.3× time and ≤ 1.5× memory of a plain forward;
+token ≤ 3× time.
 """
 from __future__ import annotations
 
@@ -87,10 +96,14 @@ def _elapsed(run, device) -> float:
     return start.elapsed_time(end) / 1000
 
 
-def _peak_memory(name, batch, level, image_size, depth, device, queue):
+def _peak_memory(name, batch, level, image_size, depth, device, allocator, queue):
     """Child process: peak bytes one call of ``level`` adds to the process (model and plan excluded)."""
+    if device == "cpu" and allocator == "fixed":
+        _fix_mmap_threshold()
     model, images = _setup(name, batch, image_size, depth, device)
     run = _runner(model, images, level)
+    if device == "cpu" and allocator == "default" and level == "forward":
+        run()  # the decomposer's runner has planned on one image: both have allocated and freed once
     if device == "cpu":
         _release_free_memory()
         baseline = _resident_bytes()
@@ -103,6 +116,16 @@ def _peak_memory(name, batch, level, image_size, depth, device, queue):
         torch.cuda.reset_peak_memory_stats()
         run()
         queue.put(max(torch.cuda.max_memory_allocated() - baseline, 1))
+
+
+def _fix_mmap_threshold() -> None:
+    """Blocks above 128 kB are mmapped and returned to the OS when freed (no dynamic threshold)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def _release_free_memory() -> None:
@@ -151,11 +174,11 @@ def _in_child(target, *args):
     return result
 
 
-def table(models, batch, levels, repeats, device, image_size=None, depth=None) -> list[dict]:
+def table(models, batch, levels, repeats, device, image_size=None, depth=None, allocator="fixed") -> list[dict]:
     rows = []
     for name in models:
         times = _in_child(_timings, name, batch, levels, repeats, image_size, depth, device)
-        memory = {level: _in_child(_peak_memory, name, batch, level, image_size, depth, device)
+        memory = {level: _in_child(_peak_memory, name, batch, level, image_size, depth, device, allocator)
                   for level in ("forward", *levels)}
         row = {"model": name, "batch": batch, "image_size": image_size, "depth": depth,
                "forward_s": times["forward"], "forward_peak_mb": memory["forward"] / 2**20,
@@ -191,17 +214,23 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--scaling", action="store_true", help="time/memory vs image size and depth (ViT-S)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--allocator", choices=["fixed", "default"], default="fixed",
+                        help="CPU memory: glibc mmap threshold fixed (live peak) or glibc's default (see above)")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
-    print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    rows = table(args.models, args.batch, args.levels, args.repeats, args.device)
+    print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"allocator {args.allocator}")
+    options = dict(allocator=args.allocator)
+    rows = table(args.models, args.batch, args.levels, args.repeats, args.device, **options)
     if args.scaling:
         print("\nscaling (vit_small_patch16_224): image size")
         for size in (112, 224, 448):
-            rows += table(["vit_small_patch16_224"], args.batch, args.levels, args.repeats, args.device, image_size=size)
+            rows += table(["vit_small_patch16_224"], args.batch, args.levels, args.repeats, args.device,
+                          image_size=size, **options)
         print("\nscaling (vit_small_patch16_224): depth")
         for depth in (3, 6, 12):
-            rows += table(["vit_small_patch16_224"], args.batch, args.levels, args.repeats, args.device, depth=depth)
+            rows += table(["vit_small_patch16_224"], args.batch, args.levels, args.repeats, args.device,
+                          depth=depth, **options)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(rows, handle, indent=2)

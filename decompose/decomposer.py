@@ -8,14 +8,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from tracer.ops import OpKind, op_kind
+from tracer.pooling import EarlyPooling, plan_early_pooling, plan_pooled_branch
 from tracer.probe import ModelRunError, run_probe
 from tracer.positions import attention_key_positions, fork_of, value_input
 from tracer.relevance import CompactPlan, plan_compaction
-from tracer.roles import TrunkPlan, plan_trunk
+from tracer.roles import Role, TrunkPlan, plan_trunk
 from tracer.tracing import frozen_eval_copy, trace_representation
 
 from .births import LEVELS
 from .decomposition import Decomposition
+from .early_pooling import Parking, branches_for_level, pooled_components
 from .propagate import Carried, Chunk, ComponentRegistry, propagate
 
 
@@ -56,6 +59,7 @@ class Decomposer(nn.Module):
             plan.probe_image = images[:1].detach().clone()  # the probe's values are not kept
             if self.prune:
                 plan.compact = compaction_for(self.graph_module, plan, probe, images[:1])
+                plan.pooling = early_pooling_for(self.graph_module, plan, probe, images[:1])
             self._plans[signature] = plan
         return self._plans[signature]
 
@@ -75,8 +79,14 @@ class Decomposer(nn.Module):
         plan = self.plan(images)
         registry = ComponentRegistry()
         positions = self._key_positions(plan, images) if level == "token" else None
+        parking = None
+        if plan.pooling is not None:
+            parking = Parking(plan.pooling.nodes, branches=branches_for_level(plan.pooling.branches, level),
+                              static=plan.pooling.static, reference=plan.pooling.reference)
         representation, carried = propagate(self.graph_module, plan, images, level, registry,
-                                            compact=plan.compact, positions=positions)
+                                            compact=plan.compact, positions=positions, parking=parking)
+        if parking is not None:
+            carried = pooled_components(self.graph_module, plan.pooling, parking, carried)
         ids = carried.ids
         order = sorted(range(len(ids)), key=ids.__getitem__)
         components = carried.drain()
@@ -203,6 +213,46 @@ def compaction_for(gm, plan: TrunkPlan, probe, image: torch.Tensor) -> CompactPl
     masks = relevance_masks(gm, plan, image)
     carriers = [n for n in gm.graph.nodes if n in plan.roles]
     return plan_compaction(gm, carriers, masks, probe.values, set(plan.births))
+
+
+# random cotangents that verify an early pooling (the first also gives each batch's weights)
+POOLING_COTANGENTS = 2
+
+
+def early_pooling_for(gm, plan: TrunkPlan, probe, image: torch.Tensor) -> EarlyPooling | None:
+    """Trunk nodes whose components can be pooled over tokens before the rest of the trunk
+    (``tracer.pooling``), verified with the real trunk's adjoints on the probe image in float64."""
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    trunk = [n for n in gm.graph.nodes if plan.roles.get(n) is Role.TRUNK and isinstance(probe.values[n], torch.Tensor)
+             and probe.values[n].is_floating_point()]
+    if not plan.joins or not trunk:
+        return None
+    compacted = set(plan.compact.slices) | set(plan.compact.nodes) if plan.compact is not None else set()
+    first_join = order[plan.joins[0]]
+    starts = [n for n in trunk if order[n] <= first_join and n not in compacted]
+    candidates = [n for n in trunk if n not in compacted and op_kind(n, gm) is not OpKind.AFFINE]
+    if not starts or not candidates:
+        return None
+    generator = torch.Generator().manual_seed(0)
+    target_shape = probe.values[plan.target].shape
+    cotangents = torch.randn((POOLING_COTANGENTS, *target_shape[1:]), generator=generator, dtype=torch.float64)
+    parking = Parking(set(starts) | set(candidates), perturb_all=True)
+    # the probe image once per cotangent, then another image (mirrored) with the first cotangent
+    images = torch.cat([image.double().expand(POOLING_COTANGENTS, *image.shape[1:]), image.double().flip(-1)])
+    with in_float64(gm):
+        _, out = propagate(gm, plan, images, "branch", ComponentRegistry(), parking=parking)
+        _, adjoints = parking.adjoints(out, torch.cat([cotangents, cotangents[:1]]))
+        pooling = plan_early_pooling(gm, plan, probe.data_nodes, starts, candidates,
+                                     {n: a[:POOLING_COTANGENTS] for n, a in adjoints.items()}, cotangents,
+                                     {n: a[POOLING_COTANGENTS:] for n, a in adjoints.items()}, dtype=image.dtype)
+    if pooling is None:
+        return None
+    for birth, found in plan.births.items():  # checked on the probe's values, in the model's dtype
+        if found.join in pooling.nodes and birth not in compacted:
+            branch = plan_pooled_branch(gm, plan, pooling, birth, probe.values, probe.data_nodes)
+            if branch is not None and not branch.skipped & compacted:
+                pooling.branches[birth] = branch
+    return pooling
 
 
 def _expected_input_size(model: nn.Module) -> tuple | None:

@@ -7,6 +7,7 @@ row). Values are freed after their last use, like ``torch.fx.Interpreter``.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -73,6 +74,9 @@ class Carried:
         return out
 
 
+PROBE = -1  # id of the probe chunk of an ``early_pooling.Parking`` (never a component)
+
+
 class ComponentRegistry:
     """Labels of all components created in a run; ids are positions in ``labels``."""
 
@@ -103,13 +107,20 @@ def _last_uses(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
 def propagate(gm: fx.GraphModule, plan: TrunkPlan, images: torch.Tensor, level: str,
               registry: ComponentRegistry, compact: CompactPlan | None = None,
               on_carried: Callable[[fx.Node, Carried], Carried] | None = None,
-              positions: dict | None = None) -> tuple[torch.Tensor, Carried]:
+              positions: dict | None = None, parking: Any = None) -> tuple[torch.Tensor, Carried]:
     """Real value of ``plan.target`` and its components.
 
     compact:    slices of the carried values (only what reaches the output is computed)
     on_carried: hook applied to every node's components (used to measure relevance)
     positions:  attention birth -> source position of each key (labels at level token)
+    parking:    an ``early_pooling.Parking``: trunk nodes where components leave the trunk (the
+                result then holds its probe chunk instead of them) and branches it computes itself
     """
+    with torch.enable_grad() if parking is not None else contextlib.nullcontext():
+        return _propagate(gm, plan, images, level, registry, compact, on_carried, positions or {}, parking)
+
+
+def _propagate(gm, plan, images, level, registry, compact, on_carried, positions, parking):
     real: dict[fx.Node, Any] = {}
     carried: dict[fx.Node, Carried] = {}
     frees = _last_uses(gm.graph)
@@ -120,14 +131,19 @@ def propagate(gm: fx.GraphModule, plan: TrunkPlan, images: torch.Tensor, level: 
         role = plan.roles.get(node)
         if role is Role.BIRTH:  # births read their own real value
             real[node] = _real_value(gm, node, real, images, placeholder)
-        if role is not None:  # components first: an in-place op may overwrite its input's value
+        if role is not None and parking is not None and parking.computes(node):
+            carried[node] = parking.step(gm, plan, node, real, registry, level)
+        elif role is not None:  # components first: an in-place op may overwrite its input's value
             carried[node] = _compacted_components(gm, plan, node, role, real, carried, level, registry,
-                                                  images, compact, positions or {})
+                                                  images, compact, positions)
             carried[node] = _consolidated(carried[node])
             if on_carried is not None:
                 carried[node] = on_carried(node, carried[node])
         if role is not Role.BIRTH:
             real[node] = _real_value(gm, node, real, images, placeholder)
+        if role is not None and parking is not None:
+            parking.after_real(node, real)
+            carried[node] = parking.park(node, carried[node], real)
         if node is plan.target:
             return real[node], carried[node]
         for done in frees.get(node, ()):
@@ -179,10 +195,13 @@ MAX_CHUNKS = 512
 
 
 def _consolidated(carried: Carried) -> Carried:
-    """Bound the number of chunks (each op runs once per chunk) with an occasional copy."""
+    """Bound the number of chunks (each op runs once per chunk) with an occasional copy (the probe
+    chunk of a ``Parking`` stays apart: it alone needs grad)."""
     if len(carried.chunks) <= MAX_CHUNKS or not all(isinstance(c.values, torch.Tensor) for c in carried.chunks):
         return carried
-    return Carried.single(carried.ids, carried.stacked())
+    probe = [c for c in carried.chunks if c.ids == [PROBE]]
+    rest = Carried([c for c in carried.chunks if c.ids != [PROBE]])
+    return Carried([Chunk(rest.ids, rest.stacked())] + probe)
 
 
 def _scatter(values: Any, spec: Slice) -> Any:
@@ -232,10 +251,14 @@ def _components_of(gm, plan, node, role, real, carried, level, registry, images,
     return _with_offsets(Carried(chunks), offsets, layer, node, registry)
 
 
+def offset_label(offset: Offset, layer: int | None, node: fx.Node) -> ComponentLabel:
+    """Label of the constant component an affine op's offset (bias, shift) becomes."""
+    return ComponentLabel(offset.name, offset.kind, layer, None, None, node.name)
+
+
 def _with_offsets(result: Carried, offsets: list[Offset], layer, node, registry) -> Carried:
     for offset in offsets:
-        label = ComponentLabel(offset.name, offset.kind, layer, None, None, node.name)
-        constant = Carried.single([registry.new(label)], _unsqueeze(offset.value))
+        constant = Carried.single([registry.new(offset_label(offset, layer, node))], _unsqueeze(offset.value))
         result = _merge_sum(result, constant, 1.0)
     return result
 
@@ -264,6 +287,8 @@ def _merge_sum(a: Carried, b: Carried, sign: float) -> Carried:
     to the common shape (``x + pos_embed``), leaf by leaf for tuple-valued ops.
     """
     everything = a.chunks + b.chunks
+    if not everything:  # both operands computed elsewhere (see early_pooling.Parking)
+        return Carried([])
     shapes = [tree_flatten(c.values)[0] for c in everything]
     common = [torch.broadcast_shapes(*(leaves[i].shape[1:] for leaves in shapes)) if _is_floating(leaf) else None
               for i, leaf in enumerate(shapes[0])]

@@ -69,6 +69,7 @@ class TrunkPlan:
     compact: Any = None                      # relevance.CompactPlan when pruning is on
     probe_image: Any = None                  # the image [1, C, H, W] the plan was probed with
     key_positions: Any = None                # attention birth -> key positions (level token)
+    pooling: Any = None                      # pooling.EarlyPooling when pruning is on and the output is pooled
 
     def layer(self, node: fx.Node) -> int | None:
         """Residual block index of the branch ``node`` belongs to (None on the trunk)."""

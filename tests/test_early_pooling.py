@@ -1,0 +1,95 @@
+"""Early pooling (tracer.pooling) changes nothing but the cost, and is used where it applies."""
+import math
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from decompose import trace_and_decompose
+from tests.models import TIMM_MODELS, input_size
+from tracer.pooling import class_period
+
+POOLED_MODELS = ["swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256", "maxvit_tiny_tf_224", "convnext_atto"]
+
+
+def _double(name):
+    kwargs = TIMM_MODELS[name]
+    model = timm.create_model(name, pretrained=False, **kwargs).eval().double()
+    return model, input_size(model, kwargs)
+
+
+@pytest.mark.parametrize("name", POOLED_MODELS)
+def test_average_pooled_models_pool_every_join_on_a_smaller_grid(name):
+    model, size = _double(name)
+    decomposer = trace_and_decompose(model)
+    plan = decomposer.plan(torch.randn(1, *size, dtype=torch.float64))
+    assert plan.pooling is not None
+    assert set(plan.joins) <= set(plan.pooling.nodes)
+    start_value = plan.pooling.nodes.get(plan.pooling.tail.start)
+    tokens = math.prod(plan.pooling.start_shape)
+    assert start_value is not None and tokens < math.prod(size) / 4
+
+
+@pytest.mark.parametrize("level", ["branch", "token"])
+@pytest.mark.parametrize("name", POOLED_MODELS)
+def test_pooled_equals_unpooled(name, level):
+    torch.manual_seed(0)
+    model, size = _double(name)
+    images = torch.randn(2, *size, dtype=torch.float64)
+    decomposer = trace_and_decompose(model)
+    pooled = decomposer(images, level=level)
+    full = trace_and_decompose(model, prune=False)(images, level=level)
+    assert pooled.keys == full.keys
+    torch.testing.assert_close(pooled.components, full.components, rtol=1e-9, atol=1e-12)
+    assert pooled.relative_error() <= 1e-10
+    again = decomposer(images.flip(0), level=level)  # cached row maps of this batch shape
+    torch.testing.assert_close(again.components, pooled.components.flip(1), rtol=1e-9, atol=1e-12)
+
+
+def test_class_token_model_is_not_pooled():
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, img_size=64).eval()
+    plan = trace_and_decompose(model).plan(torch.randn(1, 3, 64, 64))
+    assert plan.pooling is None
+
+
+class _GroupNormTrunk(nn.Module):
+    """Residual conv blocks, a group norm on the trunk (its frozen scale is per image and channel
+    group, not per token), a 2x2 patch merge, and a mean over positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 2, stride=2)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.GELU()) for _ in range(2))
+        self.group_norm = nn.GroupNorm(2, 8)
+        self.merge = nn.Conv2d(8, 16, 2, stride=2)
+        self.last = nn.Sequential(nn.Conv2d(16, 16, 1), nn.GELU())
+        self.norm = nn.LayerNorm(16)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.blocks[0](x)
+        x = self.group_norm(x)
+        x = x + self.blocks[1](x)
+        x = self.merge(x)
+        x = x + self.last(x)
+        return self.norm(x.permute(0, 2, 3, 1)).mean((1, 2))
+
+
+def test_pooling_stays_exact_when_the_trunk_has_a_per_channel_frozen_scale():
+    torch.manual_seed(0)
+    model = _GroupNormTrunk().eval().double()
+    images = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    pooled = trace_and_decompose(model)(images, level="branch")
+    full = trace_and_decompose(model, prune=False)(images, level="branch")
+    with torch.no_grad():
+        expected = model(images)
+    torch.testing.assert_close(pooled.representation, expected, rtol=0, atol=0)
+    torch.testing.assert_close(pooled.components, full.components, rtol=1e-9, atol=1e-12)
+
+
+def test_class_period_treats_unreached_tokens_as_wildcards():
+    labels = torch.tensor([[0, 1, 0, 1], [2, 3, 2, 3], [0, -1, 0, 1], [2, 3, -1, 3]])
+    assert class_period(labels) == (2, 2)
+    assert class_period(torch.tensor([-1, 0, 0, 0])) == (1,)
+    assert class_period(torch.tensor([0, 1, 2, 0, 1])) == (3,)
