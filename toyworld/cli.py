@@ -16,9 +16,10 @@ def _command_train(args) -> int:
     from .training import train_models
 
     out = args.out or WEIGHTS_DIR
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     train_models(out, only=args.only, steps=args.steps, eval_images=args.eval_images)
-    print(f"wrote {out} in {time.perf_counter() - started:.0f} s")
+    print(f"wrote {out} in {time.perf_counter() - started:.0f} s wall time "
+          f"({time.process_time() - cpu_started:.0f} s of CPU time)")
     return 0
 
 

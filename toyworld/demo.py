@@ -10,7 +10,6 @@ each model, so a killed run keeps what it finished.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from align.ablation import AblationCurve
 from align.classifiers import fit_linear_probe
 from align.clip_models import ClipModel
 from decompose import trace_and_decompose
+from decompose.store import atomic_write_text
 
 from .experiments import (
     RetrievalResult,
@@ -188,12 +188,6 @@ def metrics_of(results: list[TargetResult]) -> dict[str, Any]:
             "seconds": {r.name: r.seconds for r in results}}
 
 
-def atomic_write(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
 def run_demo(out: str | Path, settings: DemoSettings | None = None, log=print) -> dict[str, Any]:
     from .demo_report import build_report
 
@@ -219,8 +213,8 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None, log=print) -
             f"{result.alignment['heldout_cosine']:.3f} ({sum(result.seconds.values()):.0f} s)")
         metrics = metrics_of(results)
         metrics["seconds"]["total"] = time.perf_counter() - started
-        atomic_write(out / "metrics.json", json.dumps(metrics, indent=2))
-        atomic_write(out / "report.html", build_report(results, settings, sample).render())
+        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+        atomic_write_text(out / "report.html", build_report(results, settings, sample).render())
     log(f"wrote {out / 'report.html'} and {out / 'metrics.json'} in {time.perf_counter() - started:.0f} s")
     return metrics
 

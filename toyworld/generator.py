@@ -6,9 +6,8 @@ is returned with the image, and a caption names a random subset of the factors.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import functools
+from dataclasses import dataclass
 
 import numpy as np
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from .generator import FACTORS, SCENE_WORDS
 from .spurious import SHAPE_GROUPS, spurious_labels, spurious_split
-from .vocabulary import Vocabulary
+from .vocabulary import PATTERN_WORDS, Vocabulary
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 MANIFEST = "models.json"
@@ -37,39 +37,40 @@ TARGET_MEAN, TARGET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # what the toy CLIP was trained on: open_clip's (OpenAI) mean / std, also set as its preprocess_cfg
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
-_DEIT = dict(img_size=IMAGE_SIZE, patch_size=8, embed_dim=96, depth=4, num_heads=4)
+_DEIT = {"img_size": IMAGE_SIZE, "patch_size": 8, "embed_dim": 96, "depth": 4, "num_heads": 4}
+_SHAPES = list(FACTORS["shape"])
 TARGET_CONFIGS: dict[str, dict[str, Any]] = {
-    "deit": dict(timm_name="vit_tiny_patch16_224", kwargs=dict(_DEIT, num_classes=8),
-                 task="shape", classes=list(FACTORS["shape"])),
+    "deit": {"timm_name": "vit_tiny_patch16_224", "kwargs": {**_DEIT, "num_classes": 8},
+             "task": "shape", "classes": _SHAPES},
     # 8 x 8 patches of 8 pixels, then 4 x 4 after patch merging; 4 x 4 windows
-    "swin": dict(timm_name="swin_tiny_patch4_window7_224",
-                 kwargs=dict(img_size=IMAGE_SIZE, patch_size=8, embed_dim=64, depths=[2, 2], num_heads=[2, 4],
-                             window_size=4, num_classes=8),
-                 task="shape", classes=list(FACTORS["shape"])),
+    "swin": {"timm_name": "swin_tiny_patch4_window7_224",
+             "kwargs": {"img_size": IMAGE_SIZE, "patch_size": 8, "embed_dim": 64, "depths": [2, 2],
+                        "num_heads": [2, 4], "window_size": 4, "num_classes": 8},
+             "task": "shape", "classes": _SHAPES},
     # stem to 32 x 32, stages at 16 x 16 and 8 x 8; block and grid partitions of 4 x 4
-    "maxvit": dict(timm_name="maxvit_tiny_tf_224",
-                   kwargs=dict(img_size=IMAGE_SIZE, embed_dim=[32, 64], depths=[1, 1], stem_width=16,
-                               head_hidden_size=64, transformer_window_size=4, transformer_dim_head=16,
-                               conv_expand_ratio=2.0, num_classes=8),
-                   task="shape", classes=list(FACTORS["shape"])),
-    "spurious": dict(timm_name="vit_tiny_patch16_224", kwargs=dict(_DEIT, num_classes=2),
-                     task="spurious", classes=["/".join(g) for g in SHAPE_GROUPS]),
+    "maxvit": {"timm_name": "maxvit_tiny_tf_224",
+               "kwargs": {"img_size": IMAGE_SIZE, "embed_dim": [32, 64], "depths": [1, 1], "stem_width": 16,
+                          "head_hidden_size": 64, "transformer_window_size": 4, "transformer_dim_head": 16,
+                          "conv_expand_ratio": 2.0, "num_classes": 8},
+               "task": "shape", "classes": _SHAPES},
+    "spurious": {"timm_name": "vit_tiny_patch16_224", "kwargs": {**_DEIT, "num_classes": 2},
+                 "task": "spurious", "classes": ["/".join(group) for group in SHAPE_GROUPS]},
 }
-CLIP_CONFIG: dict[str, Any] = dict(  # text_cfg.vocab_size is set from the vocabulary
-    embed_dim=64,
-    vision_cfg=dict(image_size=IMAGE_SIZE, patch_size=8, width=96, layers=4, head_width=24),
-    text_cfg=dict(context_length=24, width=64, heads=4, layers=2),
-)
+CLIP_CONFIG: dict[str, Any] = {  # text_cfg.vocab_size is set from the vocabulary
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": IMAGE_SIZE, "patch_size": 8, "width": 96, "layers": 4, "head_width": 24,
+                   "pool_type": "avg", "pos_embed_type": "sin_cos_2d"},
+    "text_cfg": {"context_length": 24, "width": 64, "heads": 4, "layers": 2},
+}
 
 # zero-shot prompts: one per factor value, in the captions' own words
-_PATTERN_WORDS = {"solid": "plain", "stripes": "striped", "dots": "dotted", "checker": "checkered"}
 _PROMPT_FORMS = {"shape": "a {}", "colour": "a {} object", "pattern": "a {} object", "scene": "on {}",
                  "position": "in the {}", "size": "a {} object"}
 
 
 def zero_shot_prompts(factor: str) -> list[str]:
     """One prompt per value of ``factor``, in ``FACTORS`` order ("a red object", "on the sky", ...)."""
-    words = {"pattern": _PATTERN_WORDS, "scene": SCENE_WORDS}.get(factor, {})
+    words = {"pattern": PATTERN_WORDS, "scene": SCENE_WORDS}.get(factor, {})
     return [_PROMPT_FORMS[factor].format(words.get(value, value)) for value in FACTORS[factor]]
 
 
@@ -118,8 +119,8 @@ def build_toy_clip(vocabulary: Vocabulary, config: dict | None = None) -> nn.Mod
         raise ValueError(f"the CLIP config's vocab_size {config['text_cfg'].get('vocab_size')} does not match the "
                          f"vocabulary ({len(vocabulary)} tokens)")
     model = build_clip_from_config(config)
-    model.visual.preprocess_cfg = dict(size=IMAGE_SIZE, mean=CLIP_MEAN, std=CLIP_STD, interpolation="bicubic",
-                                       resize_mode="shortest")
+    model.visual.preprocess_cfg = {"size": IMAGE_SIZE, "mean": CLIP_MEAN, "std": CLIP_STD,
+                                   "interpolation": "bicubic", "resize_mode": "shortest"}
     return model
 
 
@@ -187,6 +188,21 @@ def _target_config(name: str) -> dict:
     return TARGET_CONFIGS[name]
 
 
-__all__ = ["TARGET_NAMES", "TARGET_CONFIGS", "CLIP_CONFIG", "load_target", "load_toy_clip", "target_preprocess",
-           "toy_clip_preprocess", "shipped_metrics", "spurious_labels", "spurious_split", "zero_shot_prompts",
-           "build_target", "build_toy_clip", "clip_config", "read_manifest", "WEIGHTS_DIR"]
+__all__ = [
+    "CLIP_CONFIG",
+    "TARGET_CONFIGS",
+    "TARGET_NAMES",
+    "WEIGHTS_DIR",
+    "build_target",
+    "build_toy_clip",
+    "clip_config",
+    "load_target",
+    "load_toy_clip",
+    "read_manifest",
+    "shipped_metrics",
+    "spurious_labels",
+    "spurious_split",
+    "target_preprocess",
+    "toy_clip_preprocess",
+    "zero_shot_prompts",
+]

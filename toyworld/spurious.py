@@ -10,7 +10,7 @@ label == background group for ``TRAIN_AGREEMENT`` of its images; a test split ha
 """
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch

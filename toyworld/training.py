@@ -8,20 +8,37 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from decompose.store import atomic_write_text
+
 from .generator import FACTORS, toy_image
-from .models import (CLIP_CONFIG, CLIP_MEAN, CLIP_NAME, CLIP_STD, MANIFEST, TARGET_CONFIGS, TARGET_MEAN, TARGET_NAMES,
-                     TARGET_STD, build_target, build_toy_clip, clip_config, target_preprocess, toy_clip_preprocess,
-                     zero_shot_prompts)
+from .models import (
+    CLIP_CONFIG,
+    CLIP_MEAN,
+    CLIP_NAME,
+    CLIP_STD,
+    MANIFEST,
+    TARGET_CONFIGS,
+    TARGET_MEAN,
+    TARGET_NAMES,
+    TARGET_STD,
+    build_target,
+    build_toy_clip,
+    clip_config,
+    target_preprocess,
+    toy_clip_preprocess,
+    zero_shot_prompts,
+)
 from .spurious import BACKGROUND_GROUPS, TRAIN_AGREEMENT, spurious_split
 from .vocabulary import Vocabulary, toy_words
 
@@ -46,8 +63,10 @@ class Recipe:
     train_images: int
     eval_world: int
     eval_images: int
-    template_probability: float = 0.0  # CLIP: chance a caption is put into a random ImageNet template
+    phrase_probability: float = 0.0  # CLIP: chance an image's text is one factor's phrase instead of its caption
+    template_probability: float = 0.0  # CLIP: chance a text is put into a random ImageNet template
     init_from: str | None = None  # start from this trained model's weights (all but a resized classifier)
+    factor_loss_weight: float = 0.0  # CLIP: weight of classifying the factors from the image embedding (summed)
 
 
 RECIPES: dict[str, Recipe] = {  # in training order: spurious starts from the trained deit
@@ -60,7 +79,8 @@ RECIPES: dict[str, Recipe] = {  # in training order: spurious starts from the tr
     "spurious": Recipe(seed=0, steps=100, batch_size=128, lr=5e-4, weight_decay=0.05, warmup_steps=10,
                        train_world=2, train_images=10000, eval_world=102, eval_images=2000, init_from="deit"),
     CLIP_NAME: Recipe(seed=0, steps=300, batch_size=128, lr=2e-3, weight_decay=0.1, warmup_steps=30,
-                      train_world=1, train_images=30000, eval_world=103, eval_images=2000, template_probability=0.3),
+                      train_world=1, train_images=30000, eval_world=103, eval_images=2000, phrase_probability=0.3,
+                      template_probability=0.3, factor_loss_weight=1.0),
 }
 
 
@@ -144,37 +164,58 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 500) -> to
                       for i in range(0, len(images), batch_size)])
 
 
-def clip_batch_texts(captions: list[str], recipe: Recipe, rng: np.random.Generator) -> list[str]:
-    """Training texts: each caption, put into a random ImageNet template with ``template_probability``."""
+def clip_batch_texts(pool: ImagePool, batch: torch.Tensor, recipe: Recipe, rng: np.random.Generator) -> list[str]:
+    """Training texts of ``batch``: each image's caption or, with ``phrase_probability``, the phrase
+    naming one of its factors (``zero_shot_prompts``); then put into a random ImageNet template
+    with ``template_probability``."""
     from align.text_bank import imagenet_templates
 
-    templates = imagenet_templates()
-    wrapped = rng.random(len(captions)) < recipe.template_probability
-    picks = rng.integers(len(templates), size=len(captions))
-    return [templates[p].format(c) if w else c for c, w, p in zip(captions, wrapped, picks)]
+    templates, factors = imagenet_templates(), list(FACTORS)
+    texts = []
+    for index in batch.tolist():
+        text = pool.captions[index]
+        if rng.random() < recipe.phrase_probability:
+            factor = int(rng.integers(len(factors)))
+            text = zero_shot_prompts(factors[factor])[int(pool.factors[index, factor])]
+        if rng.random() < recipe.template_probability:
+            text = templates[int(rng.integers(len(templates)))].format(text)
+        texts.append(text)
+    return texts
 
 
 def train_clip(model: nn.Module, vocabulary: Vocabulary, pool: ImagePool, recipe: Recipe,
                log: Callable[[str], None] = print) -> nn.Module:
-    """Symmetric InfoNCE on (image, caption) pairs with open_clip's learnable temperature."""
+    """Symmetric InfoNCE on (image, caption) pairs with open_clip's learnable temperature.
+
+    With ``recipe.factor_loss_weight``, every factor is also classified from the image embedding by
+    cosine similarity to one learned prototype per value (at CLIP's temperature; discarded
+    afterwards), so that the slow-to-learn factors (shape, position, size) are in the image
+    embedding for the text tower to align with.
+    """
     generator = torch.Generator().manual_seed(recipe.seed)
     rng = np.random.default_rng(recipe.seed)
-    optimiser, scheduler = _optimiser(model, recipe)
+    prototypes = nn.ParameterList(nn.Parameter(torch.randn(len(values), model.visual.output_dim))
+                                  for values in FACTORS.values())  # per factor [values, d_clip]
+    optimiser, scheduler = _optimiser(nn.ModuleList([model, prototypes]), recipe)
     model.train()
     for step, batch in enumerate(_batches(len(pool.images), recipe, generator)):
-        texts = vocabulary(clip_batch_texts([pool.captions[i] for i in batch.tolist()], recipe, rng))
+        texts = vocabulary(clip_batch_texts(pool, batch, recipe, rng))
         image_features, text_features, logit_scale = model(toy_clip_preprocess(as_float(pool.images[batch])), texts)
         logits = logit_scale * image_features @ text_features.T  # [B, B]
         targets = torch.arange(len(batch))
         loss = (nn.functional.cross_entropy(logits, targets) + nn.functional.cross_entropy(logits.T, targets)) / 2
+        factor_loss = sum(nn.functional.cross_entropy(
+            logit_scale * image_features @ nn.functional.normalize(values, dim=-1).T, pool.factors[batch, i])
+            for i, values in enumerate(prototypes))  # summed over factors
         optimiser.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + recipe.factor_loss_weight * factor_loss).backward()
         optimiser.step()
         scheduler.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         if step % 50 == 0 or step == recipe.steps - 1:
-            log(f"  step {step:4d}  loss {loss.item():.3f}  temperature 1/{logit_scale.item():.1f}")
+            log(f"  step {step:4d}  contrastive loss {loss.item():.3f}  factor loss {factor_loss.item():.3f}  "
+                f"temperature 1/{logit_scale.item():.1f}")
     return model.eval()
 
 
@@ -281,7 +322,16 @@ def train_toy_clip(recipe: Recipe, pools: PoolCache, log: Callable[[str], None] 
 
 
 def _save_weights(model: nn.Module, path: Path) -> None:
-    save_file({key: value.detach().contiguous() for key, value in model.state_dict().items()}, str(path))
+    """Atomically: a killed run leaves the previous file or the new one, never half of one."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({key: value.detach().contiguous() for key, value in model.state_dict().items()}, str(temporary))
+    os.replace(temporary, path)
+
+
+def _write_manifest(manifest: dict, path: Path) -> None:
+    order = [*TARGET_NAMES, CLIP_NAME]
+    manifest["models"] = dict(sorted(manifest["models"].items(), key=lambda item: order.index(item[0])))
+    atomic_write_text(path, json.dumps(manifest, indent=1) + "\n")
 
 
 def shortened(recipe: Recipe, steps: int | None = None, eval_images: int | None = None) -> Recipe:
@@ -331,11 +381,9 @@ def train_models(out_dir: str | Path, only: Sequence[str] | None = None, steps: 
             _save_weights(model, out / f"{name}.safetensors")
             manifest["models"][name] = {**record, "file": f"{name}.safetensors", "recipe": asdict(recipe),
                                         "metrics": metrics}
+            _write_manifest(manifest, manifest_path)  # after each model: a killed run keeps the models it finished
             log(f"{name}: {json.dumps({k: v for k, v in metrics.items() if k != 'prompts'})} "
                 f"({time.perf_counter() - started:.0f} s)")
     finally:
         torch.set_num_threads(threads)
-    order = [*TARGET_NAMES, CLIP_NAME]
-    manifest["models"] = dict(sorted(manifest["models"].items(), key=lambda item: order.index(item[0])))
-    manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest

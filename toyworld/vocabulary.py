@@ -8,7 +8,7 @@ the highest id, so open_clip's default ``argmax`` text pooling reads the end-of-
 from __future__ import annotations
 
 import re
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -16,6 +16,9 @@ from .generator import CAPTION_TEMPLATES, FACTORS, SCENE_WORDS
 
 PAD, UNK, START, END = "<pad>", "<unk>", "<start>", "<end>"
 _WORD = re.compile(r"[a-z]+")
+_PLACEHOLDER = re.compile(r"\{\w*\}")
+# the word captions use for each pattern (as ``generator.caption`` writes them)
+PATTERN_WORDS = {"solid": "plain", "stripes": "striped", "dots": "dotted", "checker": "checkered"}
 
 
 def words_of(text: str) -> list[str]:
@@ -72,7 +75,7 @@ def toy_words() -> list[str]:
     from align.properties import shipped_properties
     from align.text_bank import imagenet_templates
 
-    texts = [*CAPTION_TEMPLATES, *SCENE_WORDS.values(), "plain striped dotted checkered object"]
-    texts += [value for values in FACTORS.values() for value in values]
-    texts += [*imagenet_templates(), *(d for texts in shipped_properties().values() for d in texts)]
-    return sorted({word for text in texts for word in words_of(text.replace("{", " ").replace("}", " "))})
+    templates = [_PLACEHOLDER.sub(" ", template) for template in (*CAPTION_TEMPLATES, *imagenet_templates())]
+    factor_words = [*(v for values in FACTORS.values() for v in values), *SCENE_WORDS.values(), *PATTERN_WORDS.values()]
+    descriptions = [d for property_texts in shipped_properties().values() for d in property_texts]
+    return sorted({word for text in (*templates, *factor_words, *descriptions) for word in words_of(text)})
