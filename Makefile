@@ -26,7 +26,7 @@ browser:
 test: setup browser
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) tests
 
-# the toy world's trained models ship in toyworld/weights; a checkout without them trains them first
+# the toy world's trained models ship in toyworld/weights; a checkout without them (deleted) trains them first
 demo: setup
 	test -f toyworld/weights/models.json || $(BIN)/vit-decompose toyworld train
 	$(BIN)/vit-decompose demo --out $(DEMO_OUT)

@@ -57,10 +57,10 @@ TEXT_TEMPLATES = ("{}", "a photo of {}")
 class DemoSettings:
     """Sizes of the demo run (the defaults fit in ~3 minutes on 2 CPU cores)."""
 
-    fit_images: int = 512      # CompAlign fit + scoring
-    test_images: int = 256     # probes and retrieval (never used for fitting)
-    token_images: int = 12     # level token: heatmaps and segmentation (from the test images)
-    spurious_images: int = 256  # per balanced split (validation, test) of the spurious-split model
+    fit_images: int = 2048     # CompAlign fit + scoring
+    test_images: int = 1024    # probes and retrieval (never used for fitting)
+    token_images: int = 48     # level token: heatmaps and segmentation (from the test images)
+    spurious_images: int = 1024  # per balanced split (validation, test) of the spurious-split model
     k: int = 3                 # components per selection
     seed: int = 9001           # toy-world seed of the demo images (training used worlds 1-103)
     batch_size: int = 64
