@@ -44,13 +44,18 @@ def text_retrieval_scores(aligned: torch.Tensor, text: torch.Tensor,
 
 def image_retrieval_scores(features: torch.Tensor, queries: Sequence[int] | torch.Tensor,
                            selected: Sequence[int] | torch.Tensor | None = None,
-                           exclude_queries: bool = True) -> torch.Tensor:
+                           exclude_queries: bool = True, centre: bool = True) -> torch.Tensor:
     """[Q, N] cosine between Σ_{i∈S} features_i of each query image and of every image.
 
     features: [C, N, D] components (raw or mapped); queries: Q image indices; a query's own
-    column is set to -inf (``exclude_queries``), so it never retrieves itself.
+    column is set to -inf (``exclude_queries``), so it never retrieves itself. ``centre``
+    subtracts the sums' mean over the N images first: what every image shares (biases, a
+    component's average) would otherwise dominate the cosine.
     """
-    summed = torch.nn.functional.normalize(selected_sum(features, selected).double(), dim=-1)  # [N, D]
+    summed = selected_sum(features, selected).double()                                        # [N, D]
+    if centre:
+        summed = summed - summed.mean(0)
+    summed = torch.nn.functional.normalize(summed, dim=-1)
     query_index = torch.as_tensor(list(queries) if not torch.is_tensor(queries) else queries, dtype=torch.long)
     similarity = summed[query_index.to(summed.device)] @ summed.T                             # [Q, N]
     if exclude_queries:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import queue as queue_module
 import statistics
 import sys
 import time
@@ -165,32 +166,53 @@ def _status_bytes(field: str) -> int:
 
 
 def _in_child(target, *args):
+    """``target(*args, queue)`` in a fresh process; None when it dies without an answer (e.g. killed
+    for memory: the row then says so instead of waiting forever)."""
     context = mp.get_context("spawn")
     queue = context.Queue()
     process = context.Process(target=target, args=(*args, queue))
     process.start()
-    result = queue.get()
+    while True:
+        try:
+            result = queue.get(timeout=5)
+            break
+        except queue_module.Empty:
+            if not process.is_alive() and queue.empty():
+                print(f"  {target.__name__}{args[:3]}: the child process died (exit code {process.exitcode}; "
+                      f"{'killed, likely out of memory' if process.exitcode == -9 else 'see its error above'})")
+                return None
     process.join()
     return result
 
 
 def table(models, batch, levels, repeats, device, image_size=None, depth=None, allocator="fixed") -> list[dict]:
+    """One row per model; a level whose child process dies (out of memory) is reported as failed."""
     rows = []
     for name in models:
         times = _in_child(_timings, name, batch, levels, repeats, image_size, depth, device)
+        if times is None:  # one level killed the interleaved run: time each level on its own
+            times = {}
+            for level in levels:
+                alone = _in_child(_timings, name, batch, [level], repeats, image_size, depth, device) or {}
+                times.setdefault("forward", alone.get("forward"))
+                times[level] = alone.get(level)
         memory = {level: _in_child(_peak_memory, name, batch, level, image_size, depth, device, allocator)
                   for level in ("forward", *levels)}
         row = {"model": name, "batch": batch, "image_size": image_size, "depth": depth,
                "forward_s": times["forward"], "forward_peak_mb": memory["forward"] / 2**20,
                "images_per_s": batch / times["forward"]}
         for level in levels:
-            row[f"{level}_time_x"] = times[level] / times["forward"]
-            row[f"{level}_memory_x"] = memory[level] / memory["forward"]
-            row[f"{level}_images_per_s"] = batch / times[level]
-            row[f"{level}_peak_mb"] = memory[level] / 2**20
+            row[f"{level}_time_x"] = _ratio(times.get(level), times["forward"])
+            row[f"{level}_memory_x"] = _ratio(memory[level], memory["forward"])
+            row[f"{level}_images_per_s"] = _ratio(batch, times.get(level))
+            row[f"{level}_peak_mb"] = _ratio(memory[level], 2**20)
         rows.append(row)
         _print_row(row, levels)
     return rows
+
+
+def _ratio(a, b):
+    return None if a is None or b is None else a / b
 
 
 def _print_row(row, levels):
@@ -201,8 +223,9 @@ def _print_row(row, levels):
         parts.append(f"depth={row['depth']}")
     parts.append(f"fwd {row['forward_s'] * 1000:8.1f} ms {row['forward_peak_mb']:7.1f} MB")
     for level in levels:
-        parts.append(f"{level}: {row[f'{level}_time_x']:5.2f}x time {row[f'{level}_memory_x']:5.2f}x mem "
-                     f"({row[f'{level}_peak_mb']:.0f} MB)")
+        time_x, memory_x, peak = (row[f"{level}_{key}"] for key in ("time_x", "memory_x", "peak_mb"))
+        parts.append(f"{level}: " + (f"{time_x:5.2f}x time" if time_x is not None else "failed time") + " "
+                     + (f"{memory_x:5.2f}x mem ({peak:.0f} MB)" if memory_x is not None else "failed mem"))
     print("  ".join(parts), flush=True)
 
 
@@ -220,7 +243,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"allocator {args.allocator}")
-    options = dict(allocator=args.allocator)
+    options = {"allocator": args.allocator}
     rows = table(args.models, args.batch, args.levels, args.repeats, args.device, **options)
     if args.scaling:
         print("\nscaling (vit_small_patch16_224): image size")

@@ -95,6 +95,22 @@ def test_property_image_retrieval_beats_the_full_representation_when_a_nuisance_
     assert precision_at_k(image_retrieval_scores(raw_like, queries, [0]), relevant, 10) == 1.0  # raw components too
 
 
+def test_image_retrieval_centres_away_what_every_image_shares():
+    """A factor that only changes the length along a shared direction is invisible to a raw
+    cosine; after centring it is the main direction of variation."""
+    generator = torch.Generator().manual_seed(2)
+    values = torch.arange(60) % 2                                                      # the factor, 2 values
+    shared = torch.randn(8, generator=generator)
+    noise = 0.05 * torch.randn(60, 8, generator=generator)
+    features = (shared * (1 + 0.5 * (2 * values[:, None] - 1)) + noise)[None]        # [1, 60, 8]
+    queries = list(range(60))
+    relevant = shares_value(values.tolist(), queries)
+    relevant[torch.arange(60), torch.tensor(queries)] = False
+    centred = precision_at_k(image_retrieval_scores(features, queries), relevant, 10)
+    raw = precision_at_k(image_retrieval_scores(features, queries, centre=False), relevant, 10)
+    assert centred > 0.95 and raw < 0.8                                                # chance: 29/59
+
+
 def test_precision_at_k_counts_relevant_items_in_the_top_k():
     scores = torch.tensor([[0.9, 0.1, 0.8, 0.3], [0.1, 0.2, 0.3, 0.4]])
     relevant = torch.tensor([[True, False, False, True], [True, True, False, False]])
