@@ -59,7 +59,7 @@ def split_birth(gm: fx.GraphModule, birth: Birth, real: dict, level: str,
         return BornComponents(value.unsqueeze(0), [None], [None], [])
     if level == "head":
         return _split_heads(value, head_dims)
-    parts = _attention_parts(node, real)
+    parts = attention_parts(node, real)
     if parts is None:
         return _split_heads(value, head_dims)
     if spec is not None:
@@ -69,7 +69,8 @@ def split_birth(gm: fx.GraphModule, birth: Birth, real: dict, level: str,
     return _split_tokens(parts, value, head_dims, windows)
 
 
-def _attention_parts(node: fx.Node, real: dict) -> AttentionParts | None:
+def attention_parts(node: fx.Node, real: dict) -> AttentionParts | None:
+    """Weights [..., Nq, Nk] and values [..., Nk, d] of an attention birth, None if it has none."""
     args, kwargs = node_arguments(node, real)
     if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
         bound = sdpa_arguments(args, kwargs)
@@ -118,7 +119,9 @@ def _split_tokens(parts: AttentionParts, value: torch.Tensor, head_dims: list[in
 
     Without windows the sources are the keys j. With ``windows`` attention groups per image
     on the batch axis (rows ``b * windows + w``, as window partitions lay them out), source
-    ``s = w * Nk + j`` is key j of window w: it lives in the rows of window w only.
+    ``s = w * Nk + j`` is key j of window w: it lives in the rows of window w only. Dense (memory
+    ~ sources x value size): branches that early pooling plans are pooled straight from the weights
+    and values instead (``early_pooling._pooled_tokens``).
     """
     weights, values = parts.weights, parts.values
     keys = weights.shape[-1]

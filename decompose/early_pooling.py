@@ -4,9 +4,10 @@ During the pass, components leave the trunk at the plan's nodes and wait there (
 a probe chunk takes their place, and hooks on it give, in one backward pass at the end, the
 adjoint of the rest of the trunk at each such node for this batch. Attention branches the plan
 pools inside the branch are not split into full-size head tensors at all: their real value is
-kept where the heads are whole feature columns, and the row moves after it are followed with a
-row index code. At the end (``pooled_components``) every waiting component is pooled over
-tokens with this batch's weights and pushed through the unit tail on the small grid.
+kept where the heads are whole feature columns (at level token: the attention's weights and
+values), and the row moves after it are followed with a row index code. At the end
+(``pooled_components``) every waiting component is pooled over tokens with this batch's weights
+and pushed through the unit tail on the small grid.
 """
 from __future__ import annotations
 
@@ -19,37 +20,42 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from tracer.attention import AttentionParts
 from tracer.linear_rules import Evaluator, additive_sign, apply_affine, bias_free_call, has_bias_argument
 from tracer.ops import op_kind
-from tracer.pooling import MAP, EarlyPooling, PooledBranch
+from tracer.pooling import MAP, EarlyPooling, PooledBranch, source_row_code
 from tracer.roles import TrunkPlan
 
+from .births import attention_parts
 from .labels import ComponentLabel
 from .propagate import PROBE, Carried, Chunk, ComponentRegistry, offset_label
 
 
-def branches_for_level(branches: dict[fx.Node, PooledBranch], level: str) -> dict[fx.Node, tuple[PooledBranch, bool]]:
-    """birth -> (branch, split into heads) for the branches pooled at ``level``: every branch with one
-    component, and at level ``head`` attention whose heads are whole feature columns where it is pooled
-    (at level ``token`` attention is split by key, per component)."""
+def branches_for_level(branches: dict[fx.Node, PooledBranch], level: str) -> dict[fx.Node, tuple[PooledBranch, str]]:
+    """birth -> (branch, how it is split: ``branch``, ``head`` or ``token``) for the branches pooled at
+    ``level``: every branch with one component, attention whose heads are whole feature columns where
+    it is pooled, and at level ``token`` only where every row there is one query row of the birth."""
     chosen = {}
     for birth, spec in branches.items():
         attention = spec.kind == "attention"
         if level == "branch" or not attention:
-            chosen[birth] = (spec, False)
+            chosen[birth] = (spec, "branch")
         elif level == "head" and spec.heads is not None:
-            chosen[birth] = (spec, True)
+            chosen[birth] = (spec, "head")
+        elif level == "token" and spec.heads is not None and spec.within is not None:
+            chosen[birth] = (spec, "token")
     return chosen
 
 
 @dataclass
 class _BranchRun:
     """What one pass keeps of a ``PooledBranch``: component ids, a real value (where the heads are
-    split, or the join's operand for one component), the row code pushed to the join (source row + 1,
-    0 for none), and the row maps with the constant components they add."""
+    split, or the join's operand for one component) or the attention parts (split by token), the row
+    code pushed to the join (source row + 1, 0 for none), and the row maps with the constant components
+    they add."""
 
     spec: PooledBranch
-    split: bool
+    split: str                                          # "branch", "head" or "token"
     ids: list[int] = field(default_factory=list)
     groups: torch.Tensor | None = None                  # [F] component (within ids) of each feature
     value: torch.Tensor | None = None
@@ -57,6 +63,14 @@ class _BranchRun:
     targets: torch.Tensor | None = None                 # [rows where pooled] the join's row each feeds, or -1
     shape: tuple[int, ...] = ()                         # value shape where the code starts
     maps: list[tuple[fx.Node, fx.Node, dict]] = field(default_factory=list)  # op, carrier, other inputs
+    # split by token: weights [N, H, Nq, Nk] and values [N, H, Nk, d] of the birth, attention groups
+    # per image, the source code (``source_row_code``) pushed to ``spec.node``, and there per row n·Nq + q
+    weights: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    windows: int = 1
+    source_code: torch.Tensor | None = None
+    birth_shape: tuple[int, ...] = ()
+    sources: torch.Tensor | None = None
     offsets: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # after map i: id, row [F']
 
 
@@ -65,13 +79,13 @@ class Parking:
 
     nodes:       trunk nodes where the components carried so far leave the trunk
     perturb_all: record the adjoint at every node of ``nodes`` even where nothing waits
-    branches:    birth -> (``PooledBranch``, split into heads) computed here instead of per component
+    branches:    birth -> (``PooledBranch``, how it is split) computed here instead of per component
     static, reference: nodes whose adjoint follows from the one at ``reference`` (no probe needed
                  before it: the probe needs grad only from the first node it is recorded at)
     """
 
     def __init__(self, nodes, perturb_all: bool = False,
-                 branches: dict[fx.Node, tuple[PooledBranch, bool]] | None = None,
+                 branches: dict[fx.Node, tuple[PooledBranch, str]] | None = None,
                  static=(), reference: fx.Node | None = None):
         self.branches = {birth: spec for birth, (spec, _) in (branches or {}).items()}
         self._split = {birth: split for birth, (_, split) in (branches or {}).items()}
@@ -140,13 +154,22 @@ class Parking:
         return node in self._branch_of
 
     def step(self, gm: fx.GraphModule, plan: TrunkPlan, node: fx.Node, real: dict, registry: ComponentRegistry,
-             level: str) -> Carried:
+             level: str, positions: list | None = None, batch_size: int | None = None) -> Carried:
         """At a node of a pooled branch: labels at the birth, the row code and row maps after the
-        pooled node; no components (the join receives none from this branch)."""
+        pooled node; no components (the join receives none from this branch).
+
+        positions: the birth's key positions (labels at level token); batch_size: images in the batch
+        """
         spec = self._branch_of[node]
         run = self.runs.setdefault(spec.birth, _BranchRun(spec, self._split[spec.birth]))
         if node is spec.birth:
-            self._label_birth(plan, run, real[node], registry, level)
+            self._label_birth(plan, run, real, registry, positions, batch_size)
+        elif run.source_code is not None and node in spec.prefix:
+            previous = spec.prefix[spec.prefix.index(node) - 1]
+            run.source_code = Evaluator(gm, node, real)({previous: run.source_code})
+        if node is spec.node and run.source_code is not None:  # [rows of node]: n·Nq + q of each
+            run.sources = run.source_code.reshape(-1, run.source_code.shape[-1])[:, 0].round().long() - 1
+            spec.source_rows[run.birth_shape], run.source_code = run.sources, None
         steps = dict(spec.steps)
         if node in steps:
             carrier = _chain_input(spec, node)
@@ -177,17 +200,44 @@ class Parking:
                 rows = real[node].shape[:-1]
                 run.code = (torch.arange(rows.numel(), dtype=torch.float64, device=real[node].device) + 1).reshape(
                     *rows, 1)
-        if node is (spec.node if run.split else spec.operand):
+        if run.split != "token" and node is (spec.node if run.split == "head" else spec.operand):
             run.value = real[node].clone() if _overwritten_later(node) else real[node]
 
-    def _label_birth(self, plan, run: _BranchRun, value: torch.Tensor, registry, level: str) -> None:
+    def _label_birth(self, plan, run: _BranchRun, real: dict, registry, positions: list | None,
+                     batch_size: int | None) -> None:
         spec = run.spec
         birth = plan.births[spec.birth]
-        heads = sorted(set(spec.heads.tolist())) if run.split else [None]
-        if run.split:
+        parts = attention_parts(spec.birth, real) if run.split == "token" else None
+        if run.split == "token" and parts is None:
+            run.split = "head"  # as ``births.split_birth``: no weights and values, split by head only
+        if run.split == "token":
+            self._start_tokens(run, real[spec.birth], parts, batch_size)
+            value = real[spec.birth]
+            heads = range(run.weights.shape[1]) if value.dim() > 3 else [None]
+            sources = run.windows * run.weights.shape[-1]
+            run.ids = [registry.new(ComponentLabel(birth.name, birth.kind, birth.layer, h, t, spec.birth.name,
+                                                   positions[t] if positions else None))
+                       for h in heads for t in range(sources)]
+            return
+        heads = sorted(set(spec.heads.tolist())) if run.split == "head" else [None]
+        if run.split == "head":
             run.groups = spec.heads
         run.ids = [registry.new(ComponentLabel(birth.name, birth.kind, birth.layer, h, None, spec.birth.name))
                    for h in heads]
+
+    @staticmethod
+    def _start_tokens(run: _BranchRun, value: torch.Tensor, parts: AttentionParts, batch_size: int | None) -> None:
+        """Keep the birth's weights and values by head, start its source code (``value`` [N, *heads, Nq, d])."""
+        rows, queries, width = value.shape[0], value.shape[-2], value.shape[-1]
+        keys = parts.weights.shape[-1]
+        run.weights = parts.weights.expand(*value.shape[:-1], keys).reshape(rows, -1, queries, keys)
+        run.values = parts.values.expand(*value.shape[:-2], keys, width).reshape(rows, -1, keys, width)
+        # as ``births.split_birth``: rows b·windows + w when the batch axis holds several per image
+        run.windows = rows // batch_size if batch_size and rows % batch_size == 0 else 1
+        run.birth_shape = tuple(value.shape)
+        run.sources = run.spec.source_rows.get(run.birth_shape)
+        if run.sources is None:
+            run.source_code = source_row_code(run.birth_shape).to(value.device).contiguous()
 
     def _record_map(self, gm, plan, run: _BranchRun, node, carrier, real, registry) -> None:
         inputs = {n: real[n] for n in node.all_input_nodes if n is not carrier}
@@ -247,10 +297,13 @@ def _branch_rows(gm: fx.GraphModule, pooling: EarlyPooling, run: _BranchRun, gam
     image, token = join_rows // tokens, join_rows % tokens
     weight = gamma[image, token]
     target = image * (count + 1) + pooled_join.slots.to(join_rows.device)[token]
-    dtype = run.value.dtype
+    dtype = (run.value if run.value is not None else run.weights).dtype
     totals = gamma.new_zeros(batch * (count + 1)).index_add_(0, target, weight)
     totals = totals.reshape(batch, count + 1)[:, :count].unsqueeze(-1).to(dtype)  # [B, K, 1]: Σγ of fed rows
-    if run.split:  # heads: the real value where they are whole columns, pooled, then the row maps
+    if run.split == "token":
+        slot = pooled_join.slots.to(join_rows.device)[token]
+        components = _pooled_tokens(run, rows, image, weight.to(dtype), slot, batch, count)
+    elif run.split == "head":  # the real value where heads are whole columns, pooled, then the row maps
         values = run.value.reshape(-1, run.value.shape[-1])
         values = values if every_row else values[rows]
         pooled = values.new_zeros(batch * (count + 1), values.shape[-1])
@@ -277,6 +330,40 @@ def _branch_rows(gm: fx.GraphModule, pooling: EarlyPooling, run: _BranchRun, gam
     sign = additive_sign(spec.join, list(spec.join.args[:2]).index(spec.operand))
     out = torch.cat([components] + constants)
     return ids, out if sign == 1.0 else out * sign
+
+
+def _pooled_tokens(run: _BranchRun, rows: torch.Tensor | None, image: torch.Tensor, weight: torch.Tensor,
+                   slot: torch.Tensor, batch: int, count: int) -> torch.Tensor:
+    """Components (h, s) of a branch split by token, pooled at ``spec.node``: ``[H·S, B, K, F]``.
+
+    rows: rows of ``spec.node`` that feed the join (None: all); image, weight, slot: per such row.
+    Source s = w·Nk + j is key j of attention group w (``births._split_tokens``); its component at
+    row r (attention row n, query q) is A[n, h, q, j] · V[n, h, j, within] on head h's features:
+
+        pooled[(h, s), b, k, f] = Σ_{n : group w, image b} W[n, k, h, j] · V[n, h(f), j, within(f)] · [h(f) = h]
+        W[n, k, h, j] = Σ_{rows r of n in slot k} weight(r) · A[n, h, q(r), j]
+    """
+    spec, weights, values = run.spec, run.weights, run.values            # [N, H, Nq, Nk], [N, H, Nk, d]
+    groups, heads, queries, keys = weights.shape[0], weights.shape[1], weights.shape[2], weights.shape[3]
+    sources = run.sources if rows is None else run.sources[rows]                          # [R] n·Nq + q
+    group = sources // queries
+    per_row = weights[group, :, sources % queries] * weight.view(-1, 1, 1)               # [R, H, Nk]
+    # [N·(K+1), H, Nk] -> [N, K, H, Nk]: each group's weights of the keys, summed per slot
+    summed = per_row.new_zeros(groups * (count + 1), heads, keys).index_add_(0, group * (count + 1) + slot, per_row)
+    summed = summed.view(groups, count + 1, heads, keys)[:, :count]
+    image_of = torch.full((groups,), -1, dtype=torch.long, device=group.device).scatter_(0, group, image)
+    if not bool((image_of[group] == image).all()):
+        raise RuntimeError(f"internal: an attention group of {spec.birth.name} feeds several images")
+    used = (image_of >= 0).nonzero().flatten()                                            # groups that feed the join
+    where = (used % run.windows, image_of[used])                                          # (w, b) of each
+    head_of, within = spec.heads.to(group.device), spec.within.to(group.device)
+    columns = values.transpose(1, 2).reshape(groups, keys, -1)[used][..., head_of * values.shape[-1] + within]
+    out = values.new_zeros(heads, run.windows, keys, batch, count, len(head_of))    # [H, nW, Nk, B, K, F]
+    for h in range(heads):  # one head at a time: the full-width product is the output's size over H
+        own = columns * (head_of == h).to(columns.dtype)                                  # [n, Nk, F]
+        part = summed[used, :, h].transpose(1, 2).unsqueeze(-1) * own.unsqueeze(2)        # [n, Nk, K, F]
+        out[h].transpose(1, 2).index_put_(where, part, accumulate=True)
+    return out.reshape(heads * run.windows * keys, batch, count, -1)
 
 
 def pooled_components(gm: fx.GraphModule, pooling: EarlyPooling, parking: Parking, out: Carried) -> Carried:

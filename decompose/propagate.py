@@ -132,7 +132,8 @@ def _propagate(gm, plan, images, level, registry, compact, on_carried, positions
         if role is Role.BIRTH:  # births read their own real value
             real[node] = _real_value(gm, node, real, images, placeholder)
         if role is not None and parking is not None and parking.computes(node):
-            carried[node] = parking.step(gm, plan, node, real, registry, level)
+            carried[node] = parking.step(gm, plan, node, real, registry, level, positions.get(node),
+                                         images.shape[0])
         elif role is not None:  # components first: an in-place op may overwrite its input's value
             carried[node] = _compacted_components(gm, plan, node, role, real, carried, level, registry,
                                                   images, compact, positions)

@@ -6,7 +6,8 @@ import timm
 import torch
 from torch import nn
 
-from decompose import trace_and_decompose
+from decompose import births, early_pooling, trace_and_decompose
+from decompose.early_pooling import branches_for_level
 from tests.models import TIMM_MODELS, input_size
 from tracer.pooling import class_period
 
@@ -31,7 +32,7 @@ def test_average_pooled_models_pool_every_join_on_a_smaller_grid(name):
     assert start_value is not None and tokens < math.prod(size) / 4
 
 
-@pytest.mark.parametrize("level", ["branch", "token"])
+@pytest.mark.parametrize("level", ["branch", "head", "token"])
 @pytest.mark.parametrize("name", POOLED_MODELS)
 def test_pooled_equals_unpooled(name, level):
     torch.manual_seed(0)
@@ -45,6 +46,35 @@ def test_pooled_equals_unpooled(name, level):
     assert pooled.relative_error() <= 1e-10
     again = decomposer(images.flip(0), level=level)  # cached row maps of this batch shape
     torch.testing.assert_close(again.components, pooled.components.flip(1), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["swin_tiny_patch4_window7_224", "maxvit_tiny_tf_224"])
+def test_windowed_attention_is_pooled_by_token_without_the_dense_split(name, monkeypatch):
+    torch.manual_seed(0)
+    model, size = _double(name)
+    images = torch.randn(2, *size, dtype=torch.float64)
+    decomposer = trace_and_decompose(model)
+    plan = decomposer.plan(images[:1])
+    attention = [birth for birth, found in plan.births.items() if found.kind == "attention"]
+    chosen = branches_for_level(plan.pooling.branches, "token")
+    assert attention and all(chosen[birth][1] == "token" for birth in attention)
+
+    def dense(*args, **kwargs):
+        raise AssertionError("the dense token split ran for a pooled branch")
+
+    monkeypatch.setattr(births, "_split_tokens", dense)
+    pooled = []
+
+    def recorded(run, *args):
+        pooled.append((run.spec.birth, run.windows))
+        return pooled_tokens(run, *args)
+
+    pooled_tokens = early_pooling._pooled_tokens
+    monkeypatch.setattr(early_pooling, "_pooled_tokens", recorded)
+    out = decomposer(images, level="token")
+    assert out.relative_error() <= 1e-10
+    assert sorted(birth.name for birth, _ in pooled) == sorted(birth.name for birth in attention)
+    assert max(windows for _, windows in pooled) > 1  # attention within windows: sources are (window, key)
 
 
 def test_class_token_model_is_not_pooled():

@@ -635,11 +635,17 @@ class PooledBranch:
     * one component (level ``branch``, an MLP): the pooled real value at the join's operand, minus
       the pooled constant components (biases) the row maps add;
     * heads (level ``head``): where the heads have been merged into the feature axis, head h's
-      component is the real value at ``node`` with the other heads' features zeroed (``heads``).
+      component is the real value at ``node`` with the other heads' features zeroed (``heads``);
+    * (head, source token) (level ``token``): where moreover every row of ``node`` is one (attention
+      row, query) of the birth, component (h, s) is pooled straight from the attention weights and
+      values (``decompose.early_pooling``), never at full size.
 
     node:      where the branch's rows start to be only moved or mapped (features last)
     join:      the pooled trunk node the branch joins
     heads:     [F] head of each feature of ``node``'s value, None if heads are not whole columns there
+    within:    [F] index of each feature within its head (the birth's last axis), None unless every
+               row of ``node`` is one (attention row, query) of the birth (the token-level split)
+    prefix:    the branch from its birth to ``node`` (ops that only rearrange the birth's elements)
     steps:     the ops from ``node`` to the join's branch operand, each ``MOVE`` or ``MAP``
     skipped:   the branch's nodes from its birth to that operand (no components computed there)
     row_targets: per value shape at ``node``, the join's row each of its rows feeds (cached)
@@ -655,6 +661,10 @@ class PooledBranch:
     # value shape at ``node`` -> [rows of ``node``'s value] the join's row each feeds (-1: none); the
     # moves depend on shapes only, so each batch size pushes a row code through them once
     row_targets: dict[tuple[int, ...], torch.Tensor] = dataclasses.field(default_factory=dict)
+    within: torch.Tensor | None = None
+    prefix: list[fx.Node] = dataclasses.field(default_factory=list)
+    # birth value shape -> [rows of ``node``'s value] the birth's (attention row · Nq + query) of each (cached)
+    source_rows: dict[tuple[int, ...], torch.Tensor] = dataclasses.field(default_factory=dict)
 
     @property
     def operand(self) -> fx.Node:
@@ -704,7 +714,8 @@ def plan_pooled_branch(gm: fx.GraphModule, plan: TrunkPlan, pooling: EarlyPoolin
         return None  # a constant added before ``node`` would be a component of its own
     kind = plan.births[birth].kind
     heads = _head_features(gm, prefix, values) if kind == "attention" else None
-    return PooledBranch(birth, kind, node, join, heads, steps, set(chain))
+    within = _head_columns(gm, prefix, values, heads) if heads is not None else None
+    return PooledBranch(birth, kind, node, join, heads, steps, set(chain), within=within, prefix=prefix)
 
 
 def _without_offsets(gm: fx.GraphModule, chain: list[fx.Node], values: dict) -> bool:
@@ -751,6 +762,49 @@ def _head_features(gm: fx.GraphModule, chain: list[fx.Node], values: dict) -> to
     if expected.shape != real.shape or not torch.equal(real, expected):
         return None
     return heads
+
+
+def source_row_code(shape: tuple[int, ...]) -> torch.Tensor:
+    """For a birth value [N, *heads, Nq, d]: n·Nq + q + 1 at every element (float64, exact)."""
+    rows, queries = shape[0], shape[-2]
+    code = torch.arange(rows * queries, dtype=torch.float64) + 1
+    view = [rows] + [1] * (len(shape) - 3) + [queries, 1]
+    return code.reshape(view).expand(shape)
+
+
+def pushed(gm: fx.GraphModule, chain: list[fx.Node], values: dict, code: torch.Tensor) -> torch.Tensor:
+    """``code`` in place of the value of ``chain[0]``, through the rest of ``chain``."""
+    for previous, op in itertools.pairwise(chain):
+        code = Evaluator(gm, op, values)({previous: code})
+    return code
+
+
+def _head_columns(gm: fx.GraphModule, chain: list[fx.Node], values: dict, heads: torch.Tensor
+                  ) -> torch.Tensor | None:
+    """[F] index within its head of each feature at the last node of ``chain``, if every row there is one
+    (attention row n, query q) of the birth ``chain[0]`` [N, *heads, Nq, d]: checked exactly, the real
+    value at row r, feature f is the birth's element (n(r), heads[f], q(r), within[f])."""
+    birth, last = values[chain[0]], values[chain[-1]]
+    if birth.dim() < 3 or birth.numel() >= 2 ** 52 or last.dim() < 2:
+        return None
+    rows, queries, width = birth.shape[0], birth.shape[-2], birth.shape[-1]
+    columns = (torch.arange(width, dtype=torch.float64) + 1).expand(birth.shape)
+    try:
+        source, within = (pushed(gm, chain, values, code.contiguous()) for code in
+                          (source_row_code(tuple(birth.shape)), columns))
+    except Exception:
+        return None
+    if not isinstance(source, torch.Tensor) or source.shape != last.shape or within.shape != last.shape:
+        return None
+    source, within = source.reshape(-1, last.shape[-1]), within.reshape(-1, last.shape[-1])
+    if not (bool((source == source[:, :1]).all()) and bool((within == within[:1]).all())
+            and bool((source >= 1).all()) and bool((within >= 1).all())):
+        return None
+    source, within = source[:, 0].long() - 1, within[0].long() - 1
+    by_head = birth.reshape(rows, -1, queries, width)                           # [N, H, Nq, d]
+    n, q = (source // queries).unsqueeze(1), (source % queries).unsqueeze(1)
+    expected = by_head[n, heads.unsqueeze(0), q, within.unsqueeze(0)]          # [R, F]
+    return within if torch.equal(expected, last.reshape(expected.shape)) else None
 
 
 def _row_step(gm: fx.GraphModule, op: fx.Node, source: fx.Node, values: dict,
