@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -283,9 +284,15 @@ def _apply_map(gm: fx.GraphModule, node: fx.Node, carrier: fx.Node, inputs: dict
     return out.reshape(*rows.shape[:-1], out.shape[-1])
 
 
-def _branch_rows(gm: fx.GraphModule, pooling: EarlyPooling, run: _BranchRun, gamma: torch.Tensor
-                 ) -> tuple[list[int], torch.Tensor]:
-    """A pooled branch's components at its join, pooled: ids and ``[k, B, K, F]``."""
+# a branch split by token is pooled and taken through the unit tail in pieces of at most this many
+# elements ([components, B, K, F]): the small grid still has K·F numbers per component and image
+PIECE_ELEMENTS = 2 ** 24
+
+
+def _branch_pieces(gm: fx.GraphModule, pooling: EarlyPooling, run: _BranchRun, gamma: torch.Tensor
+                   ) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """A pooled branch's components at its join, pooled: ids and ``[k, B, K, F]``, in one piece (in
+    several when split by token, each of at most ``PIECE_ELEMENTS``, then its constants)."""
     spec = run.spec
     pooled_join = pooling.nodes[spec.join]
     count = pooled_join.slot_count
@@ -300,41 +307,50 @@ def _branch_rows(gm: fx.GraphModule, pooling: EarlyPooling, run: _BranchRun, gam
     dtype = (run.value if run.value is not None else run.weights).dtype
     totals = gamma.new_zeros(batch * (count + 1)).index_add_(0, target, weight)
     totals = totals.reshape(batch, count + 1)[:, :count].unsqueeze(-1).to(dtype)  # [B, K, 1]: Σγ of fed rows
+    sign = additive_sign(spec.join, list(spec.join.args[:2]).index(spec.operand))
+    constants: list[torch.Tensor] = []
+    constant_ids: list[int] = []
+    for index, (node, carrier, inputs) in enumerate(run.maps):
+        constants = [_apply_map(gm, node, carrier, inputs, c) for c in constants]
+        for position, component, row in run.offsets:
+            if position == index:
+                constants.append((totals * row.to(dtype)).unsqueeze(0))
+                constant_ids.append(component)
+
+    def mapped(components: torch.Tensor) -> torch.Tensor:
+        for node, carrier, inputs in run.maps:
+            components = _apply_map(gm, node, carrier, inputs, components)
+        return components
+
+    def signed(values: torch.Tensor) -> torch.Tensor:
+        return values if sign == 1.0 else values * sign
+
     if run.split == "token":
         slot = pooled_join.slots.to(join_rows.device)[token]
-        components = _pooled_tokens(run, rows, image, weight.to(dtype), slot, batch, count)
-    elif run.split == "head":  # the real value where heads are whole columns, pooled, then the row maps
+        for first, piece in _pooled_tokens(run, rows, image, weight.to(dtype), slot, batch, count):
+            yield run.ids[first: first + piece.shape[0]], signed(mapped(piece))
+        if constants:
+            yield constant_ids, signed(torch.cat(constants))
+        return
+    if run.split == "head":  # the real value where heads are whole columns, pooled, then the row maps
         values = run.value.reshape(-1, run.value.shape[-1])
         values = values if every_row else values[rows]
         pooled = values.new_zeros(batch * (count + 1), values.shape[-1])
         pooled.index_add_(0, target, values * weight.unsqueeze(1).to(dtype))
         pooled = pooled.reshape(batch, count + 1, -1)[:, :count]       # [B, K, F]
         groups = run.groups.to(pooled.device)
-        components = torch.stack([pooled * (groups == g).to(dtype) for g in range(len(run.ids))])
-    else:
-        components = None
-    constants: list[torch.Tensor] = []
-    ids = list(run.ids)
-    for index, (node, carrier, inputs) in enumerate(run.maps):
-        if components is not None:
-            components = _apply_map(gm, node, carrier, inputs, components)
-        constants = [_apply_map(gm, node, carrier, inputs, c) for c in constants]
-        for position, component, row in run.offsets:
-            if position == index:
-                constants.append((totals * row.to(dtype)).unsqueeze(0))
-                ids.append(component)
-    if components is None:  # one component: the real operand pooled, less the constants it holds
+        components = mapped(torch.stack([pooled * (groups == g).to(dtype) for g in range(len(run.ids))]))
+    else:  # one component: the real operand pooled, less the constants it holds
         components = pooling.pooled(spec.join, run.value.unsqueeze(0), gamma)
         for constant in constants:
             components = components - constant
-    sign = additive_sign(spec.join, list(spec.join.args[:2]).index(spec.operand))
-    out = torch.cat([components] + constants)
-    return ids, out if sign == 1.0 else out * sign
+    yield run.ids + constant_ids, signed(torch.cat([components] + constants))
 
 
 def _pooled_tokens(run: _BranchRun, rows: torch.Tensor | None, image: torch.Tensor, weight: torch.Tensor,
-                   slot: torch.Tensor, batch: int, count: int) -> torch.Tensor:
-    """Components (h, s) of a branch split by token, pooled at ``spec.node``: ``[H·S, B, K, F]``.
+                   slot: torch.Tensor, batch: int, count: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """Components (h, s) of a branch split by token, pooled at ``spec.node``: pieces ``[c, B, K, F]``
+    of the ``H·S`` components in order, each with the index of its first component.
 
     rows: rows of ``spec.node`` that feed the join (None: all); image, weight, slot: per such row.
     Source s = w·Nk + j is key j of attention group w (``births._split_tokens``); its component at
@@ -358,12 +374,17 @@ def _pooled_tokens(run: _BranchRun, rows: torch.Tensor | None, image: torch.Tens
     where = (used % run.windows, image_of[used])                                          # (w, b) of each
     head_of, within = spec.heads.to(group.device), spec.within.to(group.device)
     columns = values.transpose(1, 2).reshape(groups, keys, -1)[used][..., head_of * values.shape[-1] + within]
-    out = values.new_zeros(heads, run.windows, keys, batch, count, len(head_of))    # [H, nW, Nk, B, K, F]
-    for h in range(heads):  # one head at a time: the full-width product is the output's size over H
+    width = len(head_of)
+    step = max(1, PIECE_ELEMENTS // (keys * batch * count * width))                     # windows per piece
+    for h in range(heads):
         own = columns * (head_of == h).to(columns.dtype)                                  # [n, Nk, F]
-        part = summed[used, :, h].transpose(1, 2).unsqueeze(-1) * own.unsqueeze(2)        # [n, Nk, K, F]
-        out[h].transpose(1, 2).index_put_(where, part, accumulate=True)
-    return out.reshape(heads * run.windows * keys, batch, count, -1)
+        for first in range(0, run.windows, step):
+            last = min(first + step, run.windows)
+            inside = ((where[0] >= first) & (where[0] < last)).nonzero().flatten()
+            out = values.new_zeros(last - first, keys, batch, count, width)              # [w, Nk, B, K, F]
+            part = summed[used[inside], :, h].transpose(1, 2).unsqueeze(-1) * own[inside].unsqueeze(2)
+            out.transpose(1, 2).index_put_((where[0][inside] - first, where[1][inside]), part, accumulate=True)
+            yield (h * run.windows + first) * keys, out.reshape(-1, batch, count, width)
 
 
 def pooled_components(gm: fx.GraphModule, pooling: EarlyPooling, parking: Parking, out: Carried) -> Carried:
@@ -382,9 +403,16 @@ def pooled_components(gm: fx.GraphModule, pooling: EarlyPooling, parking: Parkin
     for birth in list(parking.runs):
         run = parking.runs.pop(birth)
         join = run.spec.join
-        run_ids, values = _branch_rows(gm, pooling, run, gammas[join])
-        injections.setdefault(join, []).append(pooling.arrange(join, values))
-        ids.setdefault(join, []).extend(run_ids)
+        pieces = _branch_pieces(gm, pooling, run, gammas[join])
+        if run.split != "token":
+            run_ids, values = next(pieces)
+            injections.setdefault(join, []).append(pooling.arrange(join, values))
+            ids.setdefault(join, []).extend(run_ids)
+            continue
+        for run_ids, values in pieces:  # each piece through the unit tail alone (bounded memory)
+            rows = pooling.run({join: pooling.arrange(join, values)})[join]
+            out.chunks.append(Chunk(run_ids, rows.reshape(len(run_ids), rows.shape[0] // len(run_ids),
+                                                          *rows.shape[2:])))
     if not injections:
         return out
     for node, rows in pooling.run({n: torch.cat(parts) for n, parts in injections.items()}).items():

@@ -75,6 +75,10 @@ def test_windowed_attention_is_pooled_by_token_without_the_dense_split(name, mon
     assert out.relative_error() <= 1e-10
     assert sorted(birth.name for birth, _ in pooled) == sorted(birth.name for birth in attention)
     assert max(windows for _, windows in pooled) > 1  # attention within windows: sources are (window, key)
+    monkeypatch.setattr(early_pooling, "PIECE_ELEMENTS", 1)  # one window per piece through the unit tail
+    pieces = decomposer(images, level="token")
+    assert pieces.keys == out.keys
+    torch.testing.assert_close(pieces.components, out.components, rtol=1e-12, atol=1e-14)
 
 
 def test_class_token_model_is_not_pooled():
