@@ -136,16 +136,15 @@ def _batches(count: int, recipe: Recipe, generator: torch.Generator):
 def _optimiser(model: nn.Module, recipe: Recipe, initialised: frozenset[str] = frozenset()):
     """AdamW without decay on norms, biases and the logit scale; the ``initialised`` parameters
     (names) at ``recipe.init_lr_scale`` times the learning rate, frozen at 0."""
-    groups = []
-    for scale, names in ((1.0, lambda n: n not in initialised), (recipe.init_lr_scale, initialised.__contains__)):
-        chosen = [(n, p) for n, p in model.named_parameters() if names(n)]
-        for p in chosen:
-            p[1].requires_grad_(scale > 0)
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}  # (lr scale, weight decay) -> parameters
+    for name, parameter in model.named_parameters():
+        scale = recipe.init_lr_scale if name in initialised else 1.0
+        parameter.requires_grad_(scale > 0)
         if scale > 0:
-            groups += [{"params": [p for _, p in chosen if p.ndim >= 2], "weight_decay": recipe.weight_decay,
-                        "lr": recipe.lr * scale},
-                       {"params": [p for _, p in chosen if p.ndim < 2], "weight_decay": 0.0, "lr": recipe.lr * scale}]
-    optimiser = torch.optim.AdamW([g for g in groups if g["params"]], lr=recipe.lr)
+            decay = recipe.weight_decay if parameter.ndim >= 2 else 0.0
+            groups.setdefault((scale, decay), []).append(parameter)
+    optimiser = torch.optim.AdamW([{"params": parameters, "lr": recipe.lr * scale, "weight_decay": decay}
+                                   for (scale, decay), parameters in groups.items()], lr=recipe.lr)
     return optimiser, torch.optim.lr_scheduler.LambdaLR(optimiser, _schedule(recipe))
 
 
