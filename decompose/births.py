@@ -12,12 +12,19 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
+from torch import fx
 from torch.utils._pytree import tree_map
 
-from tracer.attention import (AttentionParts, mha_arguments, mha_output_projection, mha_parts,
-                              sdpa_arguments, sdpa_values, sdpa_weights)
+from tracer.attention import (
+    AttentionParts,
+    mha_arguments,
+    mha_output_projection,
+    mha_parts,
+    sdpa_arguments,
+    sdpa_values,
+    sdpa_weights,
+)
 from tracer.linear_rules import Offset
 from tracer.ops import is_multihead_attention
 from tracer.probe import node_arguments
@@ -64,9 +71,12 @@ def split_birth(gm: fx.GraphModule, birth: Birth, real: dict, level: str,
         return _split_heads(value, head_dims)
     if spec is not None:
         parts = _slice_parts(parts, spec, real[node].dim())
-    rows = value.shape[0]
-    windows = rows // batch_size if batch_size and rows % batch_size == 0 else 1
-    return _split_tokens(parts, value, head_dims, windows)
+    return _split_tokens(parts, value, head_dims, attention_groups(value.shape[0], batch_size))
+
+
+def attention_groups(rows: int, batch_size: int | None) -> int:
+    """Attention groups per image: windows when the batch axis holds several rows per image."""
+    return rows // batch_size if batch_size and rows % batch_size == 0 else 1
 
 
 def attention_parts(node: fx.Node, real: dict) -> AttentionParts | None:

@@ -12,24 +12,29 @@ and pushed through the unit tail on the small grid.
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from tracer.attention import AttentionParts
-from tracer.linear_rules import Evaluator, additive_sign, apply_affine, bias_free_call, has_bias_argument
+from tracer.linear_rules import (
+    Evaluator,
+    additive_sign,
+    apply_affine,
+    bias_free_call,
+    has_bias_argument,
+    is_in_place,
+)
 from tracer.ops import op_kind
 from tracer.pooling import MAP, EarlyPooling, PooledBranch, source_row_code
 from tracer.roles import TrunkPlan
 
-from .births import attention_parts
-from .labels import ComponentLabel
-from .propagate import PROBE, Carried, Chunk, ComponentRegistry, offset_label
+from .births import attention_groups, attention_parts
+from .propagate import PROBE, Carried, Chunk, ComponentRegistry, born_label, offset_label, split_probe
 
 
 def branches_for_level(branches: dict[fx.Node, PooledBranch], level: str) -> dict[fx.Node, tuple[PooledBranch, str]]:
@@ -106,8 +111,7 @@ class Parking:
     def park(self, node: fx.Node, carried: Carried, real: dict) -> Carried:
         if node not in self.nodes or not isinstance(real.get(node), torch.Tensor):
             return carried
-        probe = [c for c in carried.chunks if c.ids == [PROBE]]
-        waiting = [c for c in carried.chunks if c.ids != [PROBE]]
+        probe, waiting = split_probe(carried)
         if not all(isinstance(c.values, torch.Tensor) for c in waiting):
             return carried
         if not (waiting or self.perturb_all or node in self.required):
@@ -135,8 +139,8 @@ class Parking:
                  ) -> tuple[Carried, dict[fx.Node, Any]]:
         """``out`` without the probe, and node -> ``reduce(node, adjoint)`` for every node where the
         probe was recorded (adjoint: ∂⟨output, cotangent⟩/∂value, ``cotangent`` shaped like the output)."""
-        probe = [c for c in out.chunks if c.ids == [PROBE]]
-        rest = Carried([c for c in out.chunks if c.ids != [PROBE]])
+        probe, rest = split_probe(out)
+        rest = Carried(rest)
         self._seen, self._reduce = {}, reduce
         if probe and self._leaf is not None:
             with torch.enable_grad():
@@ -216,15 +220,13 @@ class Parking:
             value = real[spec.birth]
             heads = range(run.weights.shape[1]) if value.dim() > 3 else [None]
             sources = run.windows * run.weights.shape[-1]
-            run.ids = [registry.new(ComponentLabel(birth.name, birth.kind, birth.layer, h, t, spec.birth.name,
-                                                   positions[t] if positions else None))
+            run.ids = [registry.new(born_label(birth, spec.birth, h, t, positions))
                        for h in heads for t in range(sources)]
             return
         heads = sorted(set(spec.heads.tolist())) if run.split == "head" else [None]
         if run.split == "head":
             run.groups = spec.heads
-        run.ids = [registry.new(ComponentLabel(birth.name, birth.kind, birth.layer, h, None, spec.birth.name))
-                   for h in heads]
+        run.ids = [registry.new(born_label(birth, spec.birth, h, None)) for h in heads]
 
     @staticmethod
     def _start_tokens(run: _BranchRun, value: torch.Tensor, parts: AttentionParts, batch_size: int | None) -> None:
@@ -234,7 +236,7 @@ class Parking:
         run.weights = parts.weights.expand(*value.shape[:-1], keys).reshape(rows, -1, queries, keys)
         run.values = parts.values.expand(*value.shape[:-2], keys, width).reshape(rows, -1, keys, width)
         # as ``births.split_birth``: rows b·windows + w when the batch axis holds several per image
-        run.windows = rows // batch_size if batch_size and rows % batch_size == 0 else 1
+        run.windows = attention_groups(rows, batch_size)
         run.birth_shape = tuple(value.shape)
         run.sources = run.spec.source_rows.get(run.birth_shape)
         if run.sources is None:
@@ -253,12 +255,7 @@ class Parking:
 
 def _overwritten_later(node: fx.Node) -> bool:
     """Whether an in-place op (``x.add_(y)``, ``x += y``) writes into ``node``'s value."""
-    return any(user.args and user.args[0] is node and (
-        (user.op == "call_method" and user.target.endswith("_") and not user.target.startswith("_"))
-        or (user.op == "call_function" and user.target in _IN_PLACE_OPERATORS)) for user in node.users)
-
-
-_IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+    return any(user.args and user.args[0] is node and is_in_place(user) for user in node.users)
 
 
 def _chain_input(spec: PooledBranch, node: fx.Node) -> fx.Node:

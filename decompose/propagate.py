@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.fx as fx
+from torch import fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from tracer.linear_rules import Evaluator, Offset, additive_sign, apply_affine, is_binary_additive, parameter_name
@@ -43,14 +44,14 @@ class Carried:
     chunks: list[Chunk]
 
     @classmethod
-    def single(cls, ids: list[int], values: Any) -> "Carried":
+    def single(cls, ids: list[int], values: Any) -> Carried:
         return cls([Chunk(list(ids), values)])
 
     @property
     def ids(self) -> list[int]:
         return [i for chunk in self.chunks for i in chunk.ids]
 
-    def map(self, transform: Callable[[Any], Any]) -> "Carried":
+    def map(self, transform: Callable[[Any], Any]) -> Carried:
         return Carried([Chunk(chunk.ids, transform(chunk.values)) for chunk in self.chunks])
 
     def stacked(self) -> torch.Tensor:
@@ -75,6 +76,11 @@ class Carried:
 
 
 PROBE = -1  # id of the probe chunk of an ``early_pooling.Parking`` (never a component)
+
+
+def split_probe(carried: Carried) -> tuple[list[Chunk], list[Chunk]]:
+    """(the probe chunk, if any; the components' chunks) of ``carried``."""
+    return [c for c in carried.chunks if c.ids == [PROBE]], [c for c in carried.chunks if c.ids != [PROBE]]
 
 
 class ComponentRegistry:
@@ -200,8 +206,8 @@ def _consolidated(carried: Carried) -> Carried:
     chunk of a ``Parking`` stays apart: it alone needs grad)."""
     if len(carried.chunks) <= MAX_CHUNKS or not all(isinstance(c.values, torch.Tensor) for c in carried.chunks):
         return carried
-    probe = [c for c in carried.chunks if c.ids == [PROBE]]
-    rest = Carried([c for c in carried.chunks if c.ids != [PROBE]])
+    probe, rest = split_probe(carried)
+    rest = Carried(rest)
     return Carried([Chunk(rest.ids, rest.stacked())] + probe)
 
 
@@ -231,9 +237,7 @@ def _components_of(gm, plan, node, role, real, carried, level, registry, images,
             values = images.unsqueeze(0)
             return Carried.single([registry.new(label)], _take(values, birth_slice) if birth_slice else values)
         born = split_birth(gm, birth, real, level, birth_slice, batch_size=images.shape[0])
-        ids = [registry.new(ComponentLabel(birth.name, birth.kind, birth.layer, h, t, node.name,
-                                           key_positions[t] if key_positions and t is not None else None))
-               for h, t in zip(born.heads, born.tokens)]
+        ids = [registry.new(born_label(birth, node, h, t, key_positions)) for h, t in zip(born.heads, born.tokens)]
         return _with_offsets(Carried.single(ids, born.values), born.offsets, layer, node, registry)
     kind = op_kind(node, gm)
     inputs = [n for n in node.all_input_nodes if n in carried]
@@ -250,6 +254,13 @@ def _components_of(gm, plan, node, role, real, carried, level, registry, images,
         if k == 0:  # offsets do not depend on the components
             offsets = chunk_offsets
     return _with_offsets(Carried(chunks), offsets, layer, node, registry)
+
+
+def born_label(birth, node: fx.Node, head: int | None, token: int | None,
+               key_positions: list | None = None) -> ComponentLabel:
+    """Label of the component a birth (``roles.Birth``) gives for ``head`` and source ``token``."""
+    position = key_positions[token] if key_positions and token is not None else None
+    return ComponentLabel(birth.name, birth.kind, birth.layer, head, token, node.name, position)
 
 
 def offset_label(offset: Offset, layer: int | None, node: fx.Node) -> ComponentLabel:

@@ -16,16 +16,24 @@ from __future__ import annotations
 
 import operator
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
+from torch import fx
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from .attention import (mha_arguments, mha_output_projection, mha_parts, mha_value_heads, sdpa_arguments,
-                        sdpa_values, sdpa_weights)
+from .attention import (
+    mha_arguments,
+    mha_output_projection,
+    mha_parts,
+    mha_value_heads,
+    sdpa_arguments,
+    sdpa_values,
+    sdpa_weights,
+)
 from .ops import META_FUNCTIONS, META_METHODS, OpKind, is_subtraction
 from .probe import ReplacedCall, ValueOverlay, node_arguments
 from .tracing import MODEL_PREFIX, call_target, module_path
@@ -110,13 +118,18 @@ _IN_PLACE_FUNCTIONS = {operator.iadd: operator.add, operator.isub: operator.sub,
                        operator.imul: operator.mul, operator.itruediv: operator.truediv}
 
 
+def is_in_place(node: fx.Node) -> bool:
+    """Whether ``node`` writes into its first argument (``x.add_(y)``, ``x += y``)."""
+    return ((node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_"))
+            or (node.op == "call_function" and node.target in _IN_PLACE_FUNCTIONS))
+
+
 def _out_of_place(node):
     """In-place ops must not write into component tensors shared with other nodes."""
-    if node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_"):
-        return ReplacedCall(node, node.args, node.kwargs, target=node.target[:-1])
-    if node.op == "call_function" and node.target in _IN_PLACE_FUNCTIONS:
-        return ReplacedCall(node, node.args, node.kwargs, target=_IN_PLACE_FUNCTIONS[node.target])
-    return node
+    if not is_in_place(node):
+        return node
+    target = node.target[:-1] if node.op == "call_method" else _IN_PLACE_FUNCTIONS[node.target]
+    return ReplacedCall(node, node.args, node.kwargs, target=target)
 
 
 def _count(components: Any) -> int:
