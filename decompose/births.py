@@ -131,7 +131,7 @@ def _split_tokens(parts: AttentionParts, value: torch.Tensor, head_dims: list[in
     on the batch axis (rows ``b * windows + w``, as window partitions lay them out), source
     ``s = w * Nk + j`` is key j of window w: it lives in the rows of window w only. Dense (memory
     ~ sources x value size): branches that early pooling plans are pooled straight from the weights
-    and values instead (``early_pooling._pooled_tokens``).
+    and values instead (``early_pooling._token_components``).
     """
     weights, values = parts.weights, parts.values
     keys = weights.shape[-1]

@@ -281,107 +281,142 @@ def _apply_map(gm: fx.GraphModule, node: fx.Node, carrier: fx.Node, inputs: dict
     return out.reshape(*rows.shape[:-1], out.shape[-1])
 
 
-# a branch split by token is pooled and taken through the unit tail in pieces of at most this many
-# elements ([components, B, K, F]): the small grid still has K·F numbers per component and image
+# a branch split by token is taken to the output in pieces of at most this many elements of its
+# widest intermediate ([windows, keys, K, head features] pooled, before the tail's matrix)
 PIECE_ELEMENTS = 2 ** 24
 
 
-def _branch_pieces(gm: fx.GraphModule, pooling: EarlyPooling, run: _BranchRun, gamma: torch.Tensor
-                   ) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """A pooled branch's components at its join, pooled: ids and ``[k, B, K, F]``, in one piece (in
-    several when split by token, each of at most ``PIECE_ELEMENTS``, then its constants)."""
+@dataclass
+class _JoinRows:
+    """The rows where a pooled branch is pooled that feed its join, and their pooling weights."""
+
+    rows: torch.Tensor | None   # [R] those rows (None: all)
+    image: torch.Tensor         # [R] image of each
+    slot: torch.Tensor          # [R] small-grid token at the join
+    weight: torch.Tensor        # [R] γ at the join's row
+    totals: torch.Tensor        # [B, K, 1] Σγ of the fed rows per image and slot
+    target: torch.Tensor        # [R] image · (K + 1) + slot
+    sign: float                 # how the branch enters the join
+
+
+def _join_rows(pooling: EarlyPooling, run: _BranchRun, gamma: torch.Tensor, dtype: torch.dtype) -> _JoinRows:
     spec = run.spec
     pooled_join = pooling.nodes[spec.join]
     count = pooled_join.slot_count
     batch, tokens = gamma.shape
     fed = run.targets >= 0
-    every_row = bool(fed.all())
-    rows = None if every_row else fed.nonzero().flatten()               # rows where pooled that feed the join
-    join_rows = run.targets if every_row else run.targets[rows]
+    rows = None if bool(fed.all()) else fed.nonzero().flatten()
+    join_rows = run.targets if rows is None else run.targets[rows]
     image, token = join_rows // tokens, join_rows % tokens
     weight = gamma[image, token]
-    target = image * (count + 1) + pooled_join.slots.to(join_rows.device)[token]
-    dtype = (run.value if run.value is not None else run.weights).dtype
+    slot = pooled_join.slots.to(join_rows.device)[token]
+    target = image * (count + 1) + slot
     totals = gamma.new_zeros(batch * (count + 1)).index_add_(0, target, weight)
-    totals = totals.reshape(batch, count + 1)[:, :count].unsqueeze(-1).to(dtype)  # [B, K, 1]: Σγ of fed rows
+    totals = totals.reshape(batch, count + 1)[:, :count].unsqueeze(-1).to(dtype)
     sign = additive_sign(spec.join, list(spec.join.args[:2]).index(spec.operand))
-    constants: list[torch.Tensor] = []
-    constant_ids: list[int] = []
-    for index, (node, carrier, inputs) in enumerate(run.maps):
-        constants = [_apply_map(gm, node, carrier, inputs, c) for c in constants]
-        for position, component, row in run.offsets:
-            if position == index:
-                constants.append((totals * row.to(dtype)).unsqueeze(0))
-                constant_ids.append(component)
+    return _JoinRows(rows, image, slot, weight.to(dtype), totals, target, sign)
 
-    def mapped(components: torch.Tensor) -> torch.Tensor:
-        for node, carrier, inputs in run.maps:
-            components = _apply_map(gm, node, carrier, inputs, components)
-        return components
 
-    def signed(values: torch.Tensor) -> torch.Tensor:
-        return values if sign == 1.0 else values * sign
+def _mapped(gm: fx.GraphModule, run: _BranchRun, rows: torch.Tensor, first: int = 0) -> torch.Tensor:
+    """``rows`` [..., F] through the branch's row maps from map ``first`` on, to the join."""
+    for node, carrier, inputs in run.maps[first:]:
+        rows = _apply_map(gm, node, carrier, inputs, rows)
+    return rows
 
-    if run.split == "token":
-        slot = pooled_join.slots.to(join_rows.device)[token]
-        for first, piece in _pooled_tokens(run, rows, image, weight.to(dtype), slot, batch, count):
-            yield run.ids[first: first + piece.shape[0]], signed(mapped(piece))
-        if constants:
-            yield constant_ids, signed(torch.cat(constants))
-        return
+
+def _constants(gm: fx.GraphModule, run: _BranchRun, join: _JoinRows) -> tuple[list[int], torch.Tensor | None]:
+    """The constant components the row maps add (ids, [c, B, K, F] at the join, signed)."""
+    ids, values = [], []
+    for position, component, row in run.offsets:
+        ids.append(component)
+        values.append(_mapped(gm, run, (join.totals * row.to(join.totals.dtype)).unsqueeze(0), position + 1))
+    if not values:
+        return ids, None
+    return ids, torch.cat(values) * join.sign
+
+
+def _branch_components(gm: fx.GraphModule, pooling: EarlyPooling, run: _BranchRun, gamma: torch.Tensor
+                       ) -> tuple[list[int], torch.Tensor]:
+    """A pooled branch (split by branch or head) at its join, pooled: ids and ``[k, B, K, F]``."""
+    dtype = run.value.dtype
+    join = _join_rows(pooling, run, gamma, dtype)
+    constant_ids, constants = _constants(gm, run, join)
+    count = pooling.nodes[run.spec.join].slot_count
     if run.split == "head":  # the real value where heads are whole columns, pooled, then the row maps
         values = run.value.reshape(-1, run.value.shape[-1])
-        values = values if every_row else values[rows]
-        pooled = values.new_zeros(batch * (count + 1), values.shape[-1])
-        pooled.index_add_(0, target, values * weight.unsqueeze(1).to(dtype))
-        pooled = pooled.reshape(batch, count + 1, -1)[:, :count]       # [B, K, F]
+        values = values if join.rows is None else values[join.rows]
+        pooled = values.new_zeros(gamma.shape[0] * (count + 1), values.shape[-1])
+        pooled.index_add_(0, join.target, values * join.weight.unsqueeze(1))
+        pooled = pooled.reshape(gamma.shape[0], count + 1, -1)[:, :count]       # [B, K, F]
         groups = run.groups.to(pooled.device)
-        components = mapped(torch.stack([pooled * (groups == g).to(dtype) for g in range(len(run.ids))]))
+        components = _mapped(gm, run, torch.stack([pooled * (groups == g).to(dtype) for g in range(len(run.ids))]))
+        components = components * join.sign
     else:  # one component: the real operand pooled, less the constants it holds
-        components = pooling.pooled(spec.join, run.value.unsqueeze(0), gamma)
-        for constant in constants:
-            components = components - constant
-    yield run.ids + constant_ids, signed(torch.cat([components] + constants))
+        components = pooling.pooled(run.spec.join, run.value.unsqueeze(0), gamma) * join.sign
+        if constants is not None:
+            components = components - constants.sum(0, keepdim=True)
+    parts = [components] if constants is None else [components, constants]
+    return run.ids + constant_ids, torch.cat(parts)
 
 
-def _pooled_tokens(run: _BranchRun, rows: torch.Tensor | None, image: torch.Tensor, weight: torch.Tensor,
-                   slot: torch.Tensor, batch: int, count: int) -> Iterator[tuple[int, torch.Tensor]]:
-    """Components (h, s) of a branch split by token, pooled at ``spec.node``: pieces ``[c, B, K, F]``
-    of the ``H·S`` components in order, each with the index of its first component.
+def token_matrices(gm: fx.GraphModule, pooling: EarlyPooling, runs: list[_BranchRun], dtype: torch.dtype,
+                   device: torch.device) -> dict[fx.Node, torch.Tensor]:
+    """birth -> ``[K, F, O]``: the row maps, the sign at the join and the unit tail composed, from a
+    pooled row at ``spec.node`` (small-grid token k, feature f) to the output (O numbers per image)."""
+    tails = pooling.tail_matrices({run.spec.join for run in runs}, dtype, device)
+    matrices = {}
+    for run in runs:
+        width = len(run.spec.heads)
+        rows = _mapped(gm, run, torch.eye(width, dtype=dtype, device=device))            # [F, F at the join]
+        rows = rows * additive_sign(run.spec.join, list(run.spec.join.args[:2]).index(run.spec.operand))
+        count = pooling.nodes[run.spec.join].slot_count
+        tail = tails[run.spec.join].reshape(count, rows.shape[-1], -1)                  # [K, F', O]
+        matrices[run.spec.birth] = torch.einsum("fj,kjo->kfo", rows, tail)
+    return matrices
 
-    rows: rows of ``spec.node`` that feed the join (None: all); image, weight, slot: per such row.
-    Source s = w·Nk + j is key j of attention group w (``births._split_tokens``); its component at
-    row r (attention row n, query q) is A[n, h, q, j] · V[n, h, j, within] on head h's features:
 
-        pooled[(h, s), b, k, f] = Σ_{n : group w, image b} W[n, k, h, j] · V[n, h(f), j, within(f)] · [h(f) = h]
-        W[n, k, h, j] = Σ_{rows r of n in slot k} weight(r) · A[n, h, q(r), j]
+def _token_components(pooling: EarlyPooling, run: _BranchRun, join: _JoinRows, matrix: torch.Tensor,
+                      batch: int) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Components (h, s) of a branch split by token, at the output: ids and pieces ``[c, B, O]`` of
+    the ``H·S`` components in order (the branch's constants are ``_constants``).
+
+    matrix: ``[K, F, O]`` from ``token_matrices``. Source s = w·Nk + j is key j of attention group w
+    (``births._split_tokens``); its component at row r (attention row n, query q) is
+    A[n, h, q, j] · V[n, h, j, within] on head h's features, so pooled and at the output:
+
+        out[(h, s), b] = Σ_{n : group w, image b} Σ_k Σ_{f of head h} W[n, k, h, j] · V[n, h, j, within(f)] · matrix[k, f]
+        W[n, k, h, j]  = Σ_{rows r of n in slot k} γ(r) · A[n, h, q(r), j]
     """
     spec, weights, values = run.spec, run.weights, run.values            # [N, H, Nq, Nk], [N, H, Nk, d]
-    groups, heads, queries, keys = weights.shape[0], weights.shape[1], weights.shape[2], weights.shape[3]
-    sources = run.sources if rows is None else run.sources[rows]                          # [R] n·Nq + q
+    count = pooling.nodes[spec.join].slot_count
+    groups, heads, queries, keys = weights.shape
+    sources = run.sources if join.rows is None else run.sources[join.rows]                # [R] n·Nq + q
     group = sources // queries
-    per_row = weights[group, :, sources % queries] * weight.view(-1, 1, 1)               # [R, H, Nk]
+    per_row = weights[group, :, sources % queries] * join.weight.view(-1, 1, 1)          # [R, H, Nk]
     # [N·(K+1), H, Nk] -> [N, K, H, Nk]: each group's weights of the keys, summed per slot
-    summed = per_row.new_zeros(groups * (count + 1), heads, keys).index_add_(0, group * (count + 1) + slot, per_row)
+    summed = per_row.new_zeros(groups * (count + 1), heads, keys).index_add_(0, group * (count + 1) + join.slot,
+                                                                            per_row)
     summed = summed.view(groups, count + 1, heads, keys)[:, :count]
-    image_of = torch.full((groups,), -1, dtype=torch.long, device=group.device).scatter_(0, group, image)
-    if not bool((image_of[group] == image).all()):
+    image_of = torch.full((groups,), -1, dtype=torch.long, device=group.device).scatter_(0, group, join.image)
+    if not bool((image_of[group] == join.image).all()):
         raise RuntimeError(f"internal: an attention group of {spec.birth.name} feeds several images")
     used = (image_of >= 0).nonzero().flatten()                                            # groups that feed the join
-    where = (used % run.windows, image_of[used])                                          # (w, b) of each
+    window, image = used % run.windows, image_of[used]
     head_of, within = spec.heads.to(group.device), spec.within.to(group.device)
-    columns = values.transpose(1, 2).reshape(groups, keys, -1)[used][..., head_of * values.shape[-1] + within]
-    width = len(head_of)
-    step = max(1, PIECE_ELEMENTS // (keys * batch * count * width))                     # windows per piece
+    outputs = matrix.shape[-1]
     for h in range(heads):
-        own = columns * (head_of == h).to(columns.dtype)                                  # [n, Nk, F]
+        features = (head_of == h).nonzero().flatten()
+        own = values[used, h][..., within[features]]                                      # [n, Nk, W]
+        head_matrix = matrix[:, features].reshape(-1, outputs)                            # [K·W, O]
+        step = max(1, PIECE_ELEMENTS // (keys * count * len(features) * batch))           # windows per piece
         for first in range(0, run.windows, step):
             last = min(first + step, run.windows)
-            inside = ((where[0] >= first) & (where[0] < last)).nonzero().flatten()
-            out = values.new_zeros(last - first, keys, batch, count, width)              # [w, Nk, B, K, F]
-            part = summed[used[inside], :, h].transpose(1, 2).unsqueeze(-1) * own[inside].unsqueeze(2)
-            out.transpose(1, 2).index_put_((where[0][inside] - first, where[1][inside]), part, accumulate=True)
-            yield (h * run.windows + first) * keys, out.reshape(-1, batch, count, width)
+            inside = ((window >= first) & (window < last)).nonzero().flatten()
+            pooled = summed[used[inside], :, h].transpose(1, 2).unsqueeze(-1) * own[inside].unsqueeze(2)
+            out = values.new_zeros(last - first, keys, batch, outputs)                    # [w, Nk, B, O]
+            out.transpose(1, 2).index_put_((window[inside] - first, image[inside]), pooled.flatten(2) @ head_matrix,
+                                           accumulate=True)
+            yield run.ids[(h * run.windows + first) * keys: (h * run.windows + last) * keys], out.flatten(0, 1)
 
 
 def pooled_components(gm: fx.GraphModule, pooling: EarlyPooling, parking: Parking, out: Carried) -> Carried:
@@ -397,19 +432,26 @@ def pooled_components(gm: fx.GraphModule, pooling: EarlyPooling, parking: Parkin
         for chunk in parking.parked.pop(node):
             injections.setdefault(node, []).append(pooling.pool(node, chunk.values, gammas[node]))
             ids.setdefault(node, []).extend(chunk.ids)
+    tokens = [run for run in parking.runs.values() if run.split == "token"]
+    if tokens:
+        dtype, device = tokens[0].weights.dtype, tokens[0].weights.device
+        matrices = pooling.cached(("token", dtype, str(device)),
+                                  lambda: token_matrices(gm, pooling, tokens, dtype, device))
     for birth in list(parking.runs):
         run = parking.runs.pop(birth)
         join = run.spec.join
-        pieces = _branch_pieces(gm, pooling, run, gammas[join])
         if run.split != "token":
-            run_ids, values = next(pieces)
+            run_ids, values = _branch_components(gm, pooling, run, gammas[join])
             injections.setdefault(join, []).append(pooling.arrange(join, values))
             ids.setdefault(join, []).extend(run_ids)
             continue
-        for run_ids, values in pieces:  # each piece through the unit tail alone (bounded memory)
-            rows = pooling.run({join: pooling.arrange(join, values)})[join]
-            out.chunks.append(Chunk(run_ids, rows.reshape(len(run_ids), rows.shape[0] // len(run_ids),
-                                                          *rows.shape[2:])))
+        rows = _join_rows(pooling, run, gammas[join], run.weights.dtype)
+        for run_ids, values in _token_components(pooling, run, rows, matrices[birth], gammas[join].shape[0]):
+            out.chunks.append(Chunk(run_ids, values.reshape(len(run_ids), -1, *pooling.cotangent.shape)))
+        constant_ids, constants = _constants(gm, run, rows)
+        if constants is not None:
+            injections.setdefault(join, []).append(pooling.arrange(join, constants))
+            ids.setdefault(join, []).extend(constant_ids)
     if not injections:
         return out
     for node, rows in pooling.run({n: torch.cat(parts) for n, parts in injections.items()}).items():

@@ -65,17 +65,17 @@ def test_windowed_attention_is_pooled_by_token_without_the_dense_split(name, mon
     monkeypatch.setattr(births, "_split_tokens", dense)
     pooled = []
 
-    def recorded(run, *args):
+    def recorded(pooling, run, *args):
         pooled.append((run.spec.birth, run.windows))
-        return pooled_tokens(run, *args)
+        return token_components(pooling, run, *args)
 
-    pooled_tokens = early_pooling._pooled_tokens
-    monkeypatch.setattr(early_pooling, "_pooled_tokens", recorded)
+    token_components = early_pooling._token_components
+    monkeypatch.setattr(early_pooling, "_token_components", recorded)
     out = decomposer(images, level="token")
     assert out.relative_error() <= 1e-10
     assert sorted(birth.name for birth, _ in pooled) == sorted(birth.name for birth in attention)
     assert max(windows for _, windows in pooled) > 1  # attention within windows: sources are (window, key)
-    monkeypatch.setattr(early_pooling, "PIECE_ELEMENTS", 1)  # one window per piece through the unit tail
+    monkeypatch.setattr(early_pooling, "PIECE_ELEMENTS", 1)  # one window per piece
     pieces = decomposer(images, level="token")
     assert pieces.keys == out.keys
     torch.testing.assert_close(pieces.components, out.components, rtol=1e-12, atol=1e-14)

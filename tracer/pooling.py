@@ -137,10 +137,12 @@ class UnitTail:
 
     def run(self, start_shape: tuple[int, ...], injections: dict[fx.Node, torch.Tensor] | None = None, *,
             dtype: torch.dtype, device: torch.device | str = "cpu",
-            shapes: dict | None = None) -> dict[fx.Node, torch.Tensor]:
+            shapes: dict | None = None, taps: dict | None = None) -> dict[fx.Node, torch.Tensor]:
         """Rows injected at tail nodes (``{node: [rows, *shape at node]}``) pushed to the decomposed
         node: ``{node: [rows, *output shape]}``. ``start_shape``: the start node's value shape on
-        the grid to use. ``shapes``, if given, receives every tail node's value shape."""
+        the grid to use. ``shapes``, if given, receives every tail node's value shape. ``taps``
+        (keys: tail nodes): each gets a zero tensor that requires grad added to all rows there, so
+        that a backward pass from the output gives every row's adjoint at those nodes."""
         injections = injections or {}
         stacks: dict[fx.Node, _Stack] = {}
         values = _Values({})
@@ -166,6 +168,10 @@ class UnitTail:
                     stack = stacks[node]
                     stacks[node] = _Stack(torch.cat([stack.rows, added.to(stack.rows.dtype)]),
                                           stack.segments + ((node, added.shape[0]),))
+                    values.stacks[node] = stacks[node].rows
+                if taps is not None and node in taps:
+                    taps[node] = torch.zeros_like(stacks[node].rows, requires_grad=True)
+                    stacks[node] = _Stack(stacks[node].rows + taps[node], stacks[node].segments)
                     values.stacks[node] = stacks[node].rows
             for done in self._frees.get(i, ()):
                 stacks.pop(done, None)
@@ -339,6 +345,43 @@ class EarlyPooling:
     branches: dict[fx.Node, PooledBranch] = dataclasses.field(default_factory=dict)  # by birth
     static: dict[fx.Node, torch.Tensor] = dataclasses.field(default_factory=dict)
     reference: fx.Node | None = None
+    cache: dict = dataclasses.field(default_factory=dict, repr=False)  # products of the weights (``cached``)
+
+    def cached(self, key, compute):
+        """``compute()`` once per ``key`` while the model's weights and buffers are unchanged (the unit
+        tail and the row maps depend on them, never on the images)."""
+        gm = self.tail.gm
+        version = tuple((id(t), t._version) for t in itertools.chain(gm.parameters(), gm.buffers()))
+        if self.cache.get("version") != version:
+            self.cache.clear()
+            self.cache["version"] = version
+        if key not in self.cache:
+            self.cache[key] = compute()
+        return self.cache[key]
+
+    def tail_matrices(self, nodes, dtype: torch.dtype, device: torch.device) -> dict[fx.Node, torch.Tensor]:
+        """node -> ``[K·F, O]``: the unit tail from each of ``nodes`` as one matrix (rows: small-grid
+        token and feature as in ``pooled``; O: the output's numbers per image), so ``pooled(...)``
+        [k, B, K, F] reshaped to [k·B, K·F] reaches the output as one product. All from one backward
+        pass of O rows through the small grid."""
+        size = self.cotangent.numel()
+        taps = dict.fromkeys(nodes)
+        with torch.enable_grad():
+            rows = torch.zeros(size, *self.start_shape, dtype=dtype, device=device)
+            out = self.tail.run(self.start_shape, {self.tail.start: rows}, dtype=dtype, device=device,
+                                taps=taps)[self.tail.start]                         # [O, 1, *output shape[1:]]
+            missing = [describe(n) for n, tap in taps.items() if tap is None]
+            if missing:
+                raise TailUnavailable(f"not on the unit tail: {', '.join(missing)}")
+            units = torch.eye(size, dtype=dtype, device=device).reshape(out.shape)
+            grads = torch.autograd.grad(out, list(taps.values()), units, allow_unused=True)
+        matrices = {}
+        for node, grad in zip(taps, grads):  # grad [1 + O, *small shape]: row 1 + o is output o's adjoint
+            pooled = self.nodes[node]
+            grad = grad[1:].detach() if grad is not None else taps[node].new_zeros(taps[node].shape)[1:]
+            tokens = _token_major(grad, pooled.token_axes, pooled.feature_axes, leading=1)   # [O, 1, K, F]
+            matrices[node] = tokens.reshape(size, -1).T.contiguous()
+        return matrices
 
     def static_weights(self, node: fx.Node, reference_weights: torch.Tensor) -> torch.Tensor:
         """γ [B, T] at a ``static`` node from the batch's γ at ``reference`` [B, T_reference]."""
