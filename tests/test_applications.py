@@ -164,6 +164,40 @@ def test_planted_token_lights_up_its_grid_cell_through_its_heads_map():
     assert other_head[1].abs().max() < 0.5
 
 
+def two_stage_labels():
+    """Token labels of a pooled two-stage model: stage 0 on an 8×8 grid in four 4×4 windows (sources
+    numbered ``window * 16 + key``, as windowed attention numbers them), stage 1 on a 4×4 grid (one window)."""
+    labels = [ComponentLabel("patch_embed.proj", "embedding")]
+    for window in range(4):
+        for key in range(16):
+            row, col = 4 * (window // 2) + key // 4, 4 * (window % 2) + key % 4
+            labels.append(ComponentLabel("stages.0.attn", "attention", 0, 0, window * 16 + key, position=(row, col)))
+    labels += [ComponentLabel("stages.1.attn", "attention", 1, 0, key, position=divmod(key, 4)) for key in range(16)]
+    return labels
+
+
+def test_each_stage_grid_covers_the_whole_image():
+    """A coarse stage's token lights up its own image region (4× larger cells), a fine stage's token its
+    smaller one, and a stage whose every token contributes 1 adds a flat 1 over the whole image."""
+    labels = two_stage_labels()
+    contributions = torch.zeros(len(labels), 3)
+    coarse = labels.index(ComponentLabel("stages.1.attn", "attention", 1, 0, 6, position=(1, 2)))
+    fine = next(i for i, l in enumerate(labels) if l.name == "stages.0.attn" and l.position == (5, 2))
+    contributions[coarse, 0] = 1.0
+    contributions[fine, 1] = 1.0
+    contributions[[i for i, l in enumerate(labels) if l.name == "stages.1.attn"], 2] = 1.0
+    heatmaps = token_heatmaps(contributions, labels, (64, 64))                          # [3, 64, 64]
+    assert divmod(int(heatmaps[0].flatten().argmax()), 64)[0] // 16 == 1                # 16-pixel cells
+    assert divmod(int(heatmaps[0].flatten().argmax()), 64)[1] // 16 == 2
+    assert heatmaps[0, 16:32, 32:48].sum() > 0.5 * heatmaps[0].sum()
+    assert divmod(int(heatmaps[1].flatten().argmax()), 64)[0] // 8 == 5                 # 8-pixel cells
+    assert divmod(int(heatmaps[1].flatten().argmax()), 64)[1] // 8 == 2
+    torch.testing.assert_close(heatmaps[2], torch.ones(64, 64))
+    grids = branch_grids(contributions, labels)
+    assert grids["stages.0.attn"].shape == (3, 8, 8) and grids["stages.1.attn"].shape == (3, 4, 4)
+    assert grids["stages.0.attn"][1, 5, 2] == 1.0 and grids["stages.1.attn"][0, 1, 2] == 1.0
+
+
 def test_segmentation_recovers_a_planted_mask():
     labels = token_labels(layers=1, heads=1)
     grid_mask = torch.zeros(2, 8, 8, dtype=torch.bool)

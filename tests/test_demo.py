@@ -36,6 +36,7 @@ def test_metrics_follow_the_documented_layout(demo_out):
     for scores in metrics["segmentation"].values():
         assert set(scores) >= {"pixel_acc", "iou", "map", "baseline"}
         assert set(scores["baseline"]) >= {"pixel_acc", "iou", "map"}
+        assert scores["by_branch"] and set(scores["by_branch"]) == set(scores["baseline"]["by_layer"])
     assert metrics["spurious"], "the spurious-split model is analysed"
     for result in metrics["spurious"].values():
         assert set(result) >= {"k", "worst_group_before", "worst_group_after", "average_before", "average_after"}

@@ -81,3 +81,28 @@ def test_windowed_attention_token_positions_are_image_positions():
             torch.testing.assert_close(after.components[i], before.components[i], rtol=1e-10, atol=1e-12)
     same_window = [i for i, p in zip(rows, positions) if isinstance(p, tuple) and p[0] < 4 and 4 <= p[1] < 8]
     assert not torch.allclose(after.components[same_window], before.components[same_window])
+
+
+def test_later_stage_token_positions_are_image_positions():
+    """Two-stage Swin (64 px, patch 8: an 8×8 grid in four 4×4 windows, then a 4×4 grid). Perturbing
+    pixels of the top-right window changes only that window's stage-0 values, hence only the stage-1
+    tokens merged from it (rows 0-1, cols 2-3 of the 4×4 grid): every other stage-1 token component is a
+    scaled copy of itself (the attention weights and norm scales change, its value does not)."""
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, depths=(1, 1), num_heads=(2, 2),
+                              embed_dim=16, window_size=4, img_size=64, patch_size=8).eval().double()
+    images = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    perturbed = images.clone()
+    perturbed[:, :, 8:16, 40:48] += 1.0                       # stage-0 token (1, 5): window (0, 1)
+    decomposer = trace_and_decompose(model)
+    before, after = decomposer(images, level="token"), decomposer(perturbed, level="token")
+    assert before.relative_error() < 1e-10 and after.relative_error() < 1e-10
+    stage1 = [i for i, label in enumerate(before.labels) if label.token is not None and label.layer == 1]
+    assert {before.labels[i].head for i in stage1} == {0, 1}
+    positions = [before.labels[i].position for i in stage1]
+    assert sorted(set(positions)) == [(r, c) for r in range(4) for c in range(4)]
+    old, new = before.components[stage1, 0], after.components[stage1, 0]
+    factors = (new * old).sum(-1) / (old * old).sum(-1)
+    changed = {p for p, f, o, n in zip(positions, factors, old, new)
+               if not torch.allclose(n, f * o, rtol=1e-8, atol=1e-12)}
+    assert changed == {(r, c) for r in (0, 1) for c in (2, 3)}, changed

@@ -94,8 +94,10 @@ def _overlay(image: torch.Tensor, heatmap: torch.Tensor) -> np.ndarray:
 def _heatmaps(report: Report, results: list[TargetResult], sample: ToySample, settings: DemoSettings) -> None:
     report.section("heatmaps", "Token heatmaps along each image's object text")
     report.paragraph("Level token, all heads: ⟨a_i,token(x), t⟩ with t = the text of the image's object "
-                     "('a red circle') minus the mean scene text, per source position, upsampled. Baseline: "
-                     "last-layer attention of the output-reading queries, mean over heads.")
+                     "('a red circle') minus the mean scene text, per source position on its stage's grid, "
+                     "each grid upsampled to the image, summed. Baseline: last-layer attention received from "
+                     "the output-reading queries (the class token, or every token of a pooled model), mean over "
+                     "queries and heads.")
     rows = torch.arange(settings.fit_images, settings.fit_images + settings.token_images)
     for r in results:
         report.heading(r.name)
@@ -114,6 +116,15 @@ def _heatmaps(report: Report, results: list[TargetResult], sample: ToySample, se
                   [r.name, "attention baseline", s["baseline"]["pixel_acc"], s["baseline"]["iou"],
                    s["baseline"]["map"]]]
     report.table(["model", "method", "pixel accuracy", "IoU", "mAP"], table)
+    report.paragraph("Per attention layer: the token heatmap of that layer's heads alone, and that layer's "
+                     "attention as the baseline map.")
+    layers = []
+    for r in results:
+        s = r.segmentation.scores
+        for name, ours in s.get("by_branch", {}).items():
+            theirs = s["baseline"].get("by_layer", {}).get(name, {"iou": float("nan"), "map": float("nan")})
+            layers.append([r.name, name, ours["iou"], ours["map"], theirs["iou"], theirs["map"]])
+    report.table(["model", "attention layer", "token heatmap IoU", "mAP", "attention IoU", "mAP"], layers)
     for r in results:
         s = r.segmentation.scores
         report.verdict(f"{r.name}: heatmap IoU above the attention baseline", s["iou"] > s["baseline"]["iou"],

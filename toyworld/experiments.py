@@ -14,7 +14,7 @@ import torch
 from align import CompAlign
 from align.ablation import AblationCurve, ablation_curve, component_means, layer_steps
 from align.debias import LabelledSplit, remove_spurious, spurious_order
-from align.heatmaps import attention_heatmaps, token_heatmaps
+from align.heatmaps import attention_heatmaps, branch_grids, token_heatmaps, upsample
 from align.parent_maps import text_contributions
 from align.retrieval import image_retrieval_scores, precision_at_k, ranked, shares_value
 from align.segmentation import segmentation_scores
@@ -89,22 +89,37 @@ def object_segmentation(decomposer, aligner: CompAlign, sample: ToySample, rows:
                         directions: torch.Tensor, batch_size: int) -> tuple[SegmentationResult, float]:
     """Token heatmaps (all heads) along each image's object direction vs the object masks.
 
+    Scores also each attention branch's own heatmap (``by_branch``) and each layer's attention
+    (``baseline.by_layer``), so a multi-stage model shows which stage's grid carries the object.
     Returns the result and the token level's largest relative additivity error.
     """
     images = sample.images[rows]
     dec, error = decompose_batches(decomposer, images, "token", batch_size)
     size = tuple(images.shape[-2:])
-    heatmaps = torch.cat([token_heatmaps(text_contributions(aligner, dec.components[:, i:i + 1], dec.labels,
-                                                            directions[i]), dec.labels, size)
-                          for i in range(len(rows))])                                      # [B, S, S]
-    baseline = attention_heatmaps(attention_maps(decomposer, target_preprocess(images)), size)
+    contributions = torch.cat([text_contributions(aligner, dec.components[:, i:i + 1], dec.labels, directions[i])
+                               for i in range(len(rows))], 1)                             # [C, B]
+    heatmaps = token_heatmaps(contributions, dec.labels, size)                            # [B, S, S]
+    maps = attention_maps(decomposer, target_preprocess(images))
+    baseline = attention_heatmaps(maps, size)
     masks = sample.masks[rows]
     ours, theirs = segmentation_scores(heatmaps, masks), segmentation_scores(baseline, masks)
+    by_branch = {name: _iou_and_map(upsample(grid, size), masks)
+                 for name, grid in branch_grids(contributions, dec.labels).items()}
+    by_layer = {m.name: _iou_and_map(attention_heatmaps(maps, size, layer=i), masks) for i, m in enumerate(maps)}
+    queries = maps[-1].queries
     scores = {"pixel_acc": ours.pixel_accuracy, "iou": ours.foreground_iou, "map": ours.mean_average_precision,
+              "by_branch": by_branch,
               "baseline": {"pixel_acc": theirs.pixel_accuracy, "iou": theirs.foreground_iou,
-                           "map": theirs.mean_average_precision, "method": "last-layer attention of the "
-                           "output-reading queries, mean over heads"}}
+                           "map": theirs.mean_average_precision, "by_layer": by_layer,
+                           "method": f"last-layer attention ({maps[-1].name}) received from the {queries} "
+                                     f"output-reading quer{'y' if queries == 1 else 'ies'} per image, mean over "
+                                     "queries and heads"}}
     return SegmentationResult(scores, heatmaps, baseline), error
+
+
+def _iou_and_map(heatmaps: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
+    scores = segmentation_scores(heatmaps, masks)
+    return {"iou": scores.foreground_iou, "map": scores.mean_average_precision}
 
 
 @dataclass
