@@ -54,14 +54,24 @@ def image_retrieval_scores(features: torch.Tensor, queries: Sequence[int] | torc
                            subspace: torch.Tensor | None = None) -> torch.Tensor:
     """[Q, N] cosine between Σ_{i∈S} features_i of each query image and of every image.
 
-    features: [C, N, D] components (raw or mapped); queries: Q image indices; a query's own
-    column is set to -inf (``exclude_queries``), so it never retrieves itself. ``centre``
-    subtracts the sums' mean over the N images first: what every image shares (biases, a
+    features: [C, N, D] components (raw or mapped); queries: Q image indices; the other
+    options as in ``summed_retrieval_scores``.
+    """
+    return summed_retrieval_scores(selected_sum(features, selected), queries, exclude_queries, centre, subspace)
+
+
+def summed_retrieval_scores(summed: torch.Tensor, queries: Sequence[int] | torch.Tensor,
+                            exclude_queries: bool = True, centre: bool = True,
+                            subspace: torch.Tensor | None = None) -> torch.Tensor:
+    """[Q, N] cosine between the summed features [N, D] of each query image and of every image.
+
+    A query's own column is set to -inf (``exclude_queries``), so it never retrieves itself.
+    ``centre`` subtracts the mean over the N images first: what every image shares (biases, a
     component's average) would otherwise dominate the cosine. subspace: orthonormal rows
     [r, D] (``property_basis`` of a property's text embeddings): the sums are compared by
     their coordinates in that span only, so variation outside the property does not count.
     """
-    summed = selected_sum(features, selected).double()                                        # [N, D]
+    summed = summed.double()                                                                  # [N, D]
     if subspace is not None:
         summed = summed @ subspace.to(summed).T                                               # [N, r]
     if centre:
@@ -93,13 +103,15 @@ def choose_retrieval(features: torch.Tensor, order: Sequence[int], relevant: tor
     """
     if len(order) == 0:
         raise ValueError("no component to choose from")
+    features = features.flatten(2)                                                            # [C, N, D]
     queries = list(range(features.shape[1]))
     spaces = [None] if subspace is None else [None, subspace]
+    summed = torch.zeros(features.shape[1:], dtype=torch.float64, device=features.device)    # [N, D]
     best = None
-    for count in range(1, len(order) + 1):
+    for count, row in enumerate(order, start=1):
+        summed += features[row].double()                                                      # the top ``count``
         for space in spaces:
-            scores = image_retrieval_scores(features, queries, list(order[:count]), subspace=space)   # [N, N]
-            precision = precision_at_k(scores, relevant, k)
+            precision = precision_at_k(summed_retrieval_scores(summed, queries, subspace=space), relevant, k)
             if best is None or precision > best.precision:
                 best = RetrievalChoice(count, space is not None, precision)
     return best
