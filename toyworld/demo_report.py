@@ -86,6 +86,11 @@ def _retrieval(report: Report, results: list[TargetResult], sample: ToySample, s
         report.verdict(f"{r.name}: selected components beat the full representation for the factors it was not "
                        f"trained on ({', '.join(UNTRAINED_FACTORS)})", len(better) == len(UNTRAINED_FACTORS),
                        f"better for: {', '.join(better) or 'none'}")
+        beyond = [f for f in UNTRAINED_FACTORS
+                  if r.retrieval.precision[f]["components"] > r.retrieval.precision[f]["full_projected"]]
+        report.verdict(f"{r.name}: for those factors, picking components adds to comparing the full representation "
+                       "inside the factor's text subspace", len(beyond) == len(UNTRAINED_FACTORS),
+                       f"better for: {', '.join(beyond) or 'none'}")
         for factor in UNTRAINED_FACTORS:
             example = r.retrieval.examples[factor]
             query = example["query"][0]
