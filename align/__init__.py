@@ -33,6 +33,8 @@ from .image_targets import clip_image_targets
 from .parent_maps import aligner_rows, map_components_by_parent, text_contributions
 from .properties import property_descriptions, shipped_properties
 from .retrieval import (
+    RetrievalChoice,
+    choose_retrieval,
     image_retrieval_scores,
     precision_at_k,
     ranked,
@@ -56,13 +58,13 @@ from .textspan import TextSpanResult, text_span
 from .training import AlignmentReport, TrainingOptions, evaluate_alignment, train_compalign
 
 __all__ = ["AblationCurve", "AlignerMismatch", "AlignmentReport", "ClipLoadError", "ClipModel", "CompAlign",
-           "DebiasResult", "GroupAccuracy", "LabelledSplit", "PropertyScorer", "SegmentationScores",
+           "DebiasResult", "GroupAccuracy", "LabelledSplit", "PropertyScorer", "RetrievalChoice", "SegmentationScores",
            "StoreAlignmentData", "StreamingAlignmentData", "TensorAlignmentData", "TextEmbeddingCache",
            "TextSpanResult", "TrainingOptions", "ablate", "ablation_curve", "aligner_rows", "attention_heatmaps",
-           "average_precision", "binarize", "branch_grids", "clip_image_targets", "component_indices",
-           "component_means", "describe_store_component", "encode_descriptions", "evaluate_alignment",
-           "fit_linear_probe", "grid_layout", "group_accuracy", "head_selector", "heatmap_overlay",
-           "image_retrieval_scores", "imagenet_templates", "layer_steps", "line_plot", "load_clip",
+           "average_precision", "binarize", "branch_grids", "choose_retrieval", "clip_image_targets",
+           "component_indices", "component_means", "describe_store_component", "encode_descriptions",
+           "evaluate_alignment", "fit_linear_probe", "grid_layout", "group_accuracy", "head_selector",
+           "heatmap_overlay", "image_retrieval_scores", "imagenet_templates", "layer_steps", "line_plot", "load_clip",
            "map_components_by_parent", "ordered_steps", "precision_at_k", "predict", "property_bases",
            "property_basis", "property_descriptions", "property_scores", "rank_components", "ranked",
            "remove_spurious", "score_store", "segmentation_scores", "selected_sum", "shares_value",

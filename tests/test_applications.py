@@ -12,6 +12,7 @@ from align import (
     average_precision,
     binarize,
     branch_grids,
+    choose_retrieval,
     component_means,
     fit_linear_probe,
     grid_layout,
@@ -109,6 +110,52 @@ def test_image_retrieval_centres_away_what_every_image_shares():
     centred = precision_at_k(image_retrieval_scores(features, queries), relevant, 10)
     raw = precision_at_k(image_retrieval_scores(features, queries, centre=False), relevant, 10)
     assert centred > 0.95 and raw < 0.8                                                # chance: 29/59
+
+
+def spread_property(generator, images=200):
+    """Aligned [3, N, D]: a 4-valued property written as two bits, bit 0 along direction 0 in component 0
+    and bit 1 along direction 1 in component 1, each component dominated by its own nuisance (a random
+    unit vector in directions 2.., 3× larger); component 2 is nuisance only. No single component
+    tells the value, and the nuisance dominates every sum of components."""
+    directions = torch.linalg.qr(torch.randn(D, D, generator=generator))[0].T          # orthonormal rows
+    value = torch.randint(0, 4, (images,), generator=generator)
+    bits = torch.stack([value % 2, value // 2]).float() * 2 - 1                        # [2, N] of ±1
+    nuisance = unit(torch.randn(3, images, D - 2, generator=generator)) @ directions[2:]  # [3, N, D]
+    aligned = 3 * nuisance
+    aligned[:2] += bits[:, :, None] * directions[:2, None, :]
+    return aligned, value, directions[:2]
+
+
+def test_subspace_retrieval_recovers_a_property_spread_over_components():
+    generator = torch.Generator().manual_seed(3)
+    aligned, value, subspace = spread_property(generator)
+    queries = list(range(len(value)))
+    relevant = shares_value(value.tolist(), queries)
+    relevant[torch.arange(len(queries)), torch.tensor(queries)] = False
+
+    def precision(selected, space=None):
+        return precision_at_k(image_retrieval_scores(aligned, queries, selected, subspace=space), relevant, 10)
+
+    assert precision([0, 1], subspace) == 1.0                                          # both bits, inside the span
+    assert precision([0], subspace) < 0.7 and precision([1], subspace) < 0.7           # one bit: half the values
+    assert precision(None) < 0.6 and precision([0, 1]) < 0.6                           # the nuisance wins outside it
+    projector = subspace.T @ subspace                                                  # [D, D]
+    assert torch.allclose(image_retrieval_scores(aligned, queries, [0, 1], subspace=subspace),
+                          image_retrieval_scores(aligned @ projector, queries, [0, 1]), atol=1e-6)
+    choice = choose_retrieval(aligned, [0, 1, 2], relevant, subspace)
+    assert (choice.count, choice.projected, choice.precision) == (2, True, 1.0)       # fewest components that tie
+    assert choose_retrieval(aligned, [0, 1, 2], relevant).precision < 0.6             # no subspace: no good choice
+
+
+def test_choose_retrieval_keeps_one_component_when_it_carries_the_property():
+    generator = torch.Generator().manual_seed(4)
+    aligned, factor, _, directions = planted_retrieval(generator)
+    queries = list(range(len(factor)))
+    relevant = shares_value(factor.tolist(), queries)
+    choice = choose_retrieval(aligned, [0, 2, 3, 1], relevant, directions[:3])        # nuisance ranked last
+    assert (choice.count, choice.projected, choice.precision) == (1, False, 1.0)      # ties: the whole space first
+    with pytest.raises(ValueError, match="no component"):
+        choose_retrieval(aligned, [], relevant)
 
 
 def test_precision_at_k_counts_relevant_items_in_the_top_k():

@@ -61,7 +61,7 @@ class DemoSettings:
     test_images: int = 1024    # probes and retrieval (never used for fitting)
     token_images: int = 48     # level token: heatmaps and segmentation (from the test images)
     spurious_images: int = 1024  # per balanced split (validation, test) of the spurious-split model
-    k: int = 3                 # components per selection
+    k: int = 3                 # components per probe selection (and the fixed top-k retrieval column)
     seed: int = 9001           # toy-world seed of the demo images (training used worlds 1-103)
     batch_size: int = 64
     models: tuple[str, ...] = TARGET_NAMES
@@ -138,7 +138,8 @@ def analyse_target(name: str, clip: ClipModel, sample: ToySample, fit: torch.Ten
         aligned = aligner.map_components(dec.components)                           # [C, N, d_clip]
     watch.lap("align")
 
-    scorer = PropertyScorer({factor: property_basis(e) for factor, e in embeddings.items()})
+    bases = {factor: property_basis(e) for factor, e in embeddings.items()}             # factor -> [r, d_clip]
+    scorer = PropertyScorer(bases)
     scorer.update(aligned[:, fit])
     scores, constant = scorer.scores(), scorer.constant()
     rankings = {factor: rank_components(scores, dec.keys, factor, constant=constant) for factor in FACTORS}
@@ -148,7 +149,8 @@ def analyse_target(name: str, clip: ClipModel, sample: ToySample, fit: torch.Ten
                                      len(FACTORS[factor]), settings.k) for factor in FACTORS}
     watch.lap("score")
 
-    retrieval = property_retrieval(aligned, sample, test, {f: o[:settings.k] for f, o in orders.items()})
+    validation = fit[data.heldout]                     # fit images CompAlign did not train on
+    retrieval = property_retrieval(aligned, sample, validation, test, orders, bases, settings.k)
     watch.lap("retrieval")
     rows = test[:settings.token_images]
     directions = object_directions(lambda texts: encode_descriptions(clip, texts, TEXT_TEMPLATES), sample, rows)

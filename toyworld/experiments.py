@@ -16,7 +16,7 @@ from align.ablation import AblationCurve, ablation_curve, component_means, layer
 from align.debias import LabelledSplit, remove_spurious, spurious_order
 from align.heatmaps import attention_heatmaps, branch_grids, token_heatmaps, upsample
 from align.parent_maps import text_contributions
-from align.retrieval import image_retrieval_scores, precision_at_k, ranked, shares_value
+from align.retrieval import choose_retrieval, image_retrieval_scores, precision_at_k, ranked, shares_value
 from align.segmentation import segmentation_scores
 from decompose import Decomposition
 from decompose.attention_maps import attention_maps
@@ -41,28 +41,47 @@ def decompose_batches(decomposer, images: torch.Tensor, level: str, batch_size: 
 
 @dataclass
 class RetrievalResult:
-    precision: dict[str, dict[str, float]]              # factor -> {"components": p@10, "full": p@10}
+    # factor -> {"components": p@10 of the chosen selection, "full": p@10 of all components, "count": top
+    # components summed, "projected": compared inside the factor's text subspace, "validation": the chosen
+    # selection's p@10 on the validation images, "top_k": p@10 of the fixed top-k (whole space),
+    # "full_projected": p@10 of all components inside the subspace}; p@10 on the test images
+    precision: dict[str, dict[str, float]]
     examples: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # factor -> query/components/full rows
 
 
-def property_retrieval(aligned: torch.Tensor, sample: ToySample, rows: torch.Tensor,
-                       selections: dict[str, list[int]], k: int = 10, shown: int = 5) -> RetrievalResult:
-    """Image-based retrieval w.r.t. each factor among ``rows``: every image queries all others.
+def property_retrieval(aligned: torch.Tensor, sample: ToySample, validation: torch.Tensor, test: torch.Tensor,
+                       orders: dict[str, list[int]], bases: dict[str, torch.Tensor], top_k: int, k: int = 10,
+                       shown: int = 5) -> RetrievalResult:
+    """Image-based retrieval w.r.t. each factor among the ``test`` rows, every image querying all others.
 
-    aligned: [C, N, d_clip]; selections: factor -> selected component rows
+    The selection (how many of the factor's top components, inside its text subspace or not) is chosen
+    by precision@k among the ``validation`` rows (``choose_retrieval``), never the test rows.
+    aligned: [C, N, d_clip]; orders: factor -> eligible component rows, most tied first;
+    bases: factor -> orthonormal [r, d_clip] text subspace (``property_basis``); top_k: the fixed count
+    reported alongside
     """
-    features = aligned[:, rows]
-    queries = list(range(len(rows)))
+    features = aligned[:, test]
+    queries = list(range(len(test)))
     result = RetrievalResult({})
-    for factor, selected in selections.items():
-        relevant = shares_value([sample.value_names(factor)[i] for i in rows.tolist()], queries)
-        by_components = image_retrieval_scores(features, queries, selected)
+    for factor, order in orders.items():
+        values = sample.value_names(factor)
+        choice = choose_retrieval(aligned[:, validation], order,
+                                  shares_value([values[i] for i in validation.tolist()], range(len(validation))),
+                                  bases[factor], k)
+        relevant = shares_value([values[i] for i in test.tolist()], queries)
+        subspace = bases[factor] if choice.projected else None
+        by_components = image_retrieval_scores(features, queries, order[:choice.count], subspace=subspace)
         full = image_retrieval_scores(features, queries, None)
+        fixed = image_retrieval_scores(features, queries, order[:top_k])
+        full_projected = image_retrieval_scores(features, queries, None, subspace=bases[factor])
         result.precision[factor] = {"components": precision_at_k(by_components, relevant, k),
-                                    "full": precision_at_k(full, relevant, k)}
-        result.examples[factor] = {"query": [int(rows[0])],
-                                   "components": rows[ranked(by_components[0], shown)].tolist(),
-                                   "full": rows[ranked(full[0], shown)].tolist()}
+                                    "full": precision_at_k(full, relevant, k), "count": choice.count,
+                                    "projected": choice.projected, "validation": choice.precision,
+                                    "top_k": precision_at_k(fixed, relevant, k),
+                                    "full_projected": precision_at_k(full_projected, relevant, k)}
+        result.examples[factor] = {"query": [int(test[0])],
+                                   "components": test[ranked(by_components[0], shown)].tolist(),
+                                   "full": test[ranked(full[0], shown)].tolist()}
     return result
 
 
