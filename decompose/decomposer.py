@@ -11,7 +11,7 @@ from torch import nn
 from tracer.ops import OpKind, op_kind
 from tracer.pooling import EarlyPooling, plan_early_pooling, plan_pooled_branch
 from tracer.probe import ModelRunError, run_probe
-from tracer.positions import attention_key_positions, fork_of, value_input
+from tracer.positions import attention_key_positions, fork_of, support_positions, value_input
 from tracer.relevance import CompactPlan, plan_compaction
 from tracer.roles import Role, TrunkPlan, plan_trunk
 from tracer.tracing import frozen_eval_copy, trace_representation
@@ -143,6 +143,29 @@ def key_positions_for(gm, plan: TrunkPlan, probe, image: torch.Tensor) -> dict:
         fork = fork_of(plan, found[0], probe.data_nodes) if found else None
         if fork is not None:
             forks.add(fork)
+    with torch.enable_grad(), in_float64(gm) as original:  # exact integer codes need float64 gradients
+        grid, fork_components = _fork_components(gm, plan, image.double(), forks)
+        values = _Float64Values(probe.values)
+        grid_leaf = grid if grid is not None else image.double().requires_grad_(True)
+        model_dtype: list = []
+
+        def supports(fork, element_keys: torch.Tensor, keys: int) -> list | None:
+            """Receptive-field positions from the same pass in the model's own dtype (only which
+            gradients are zero matters there, and float64 convolutions are many times slower)."""
+            with restored(original):
+                if not model_dtype:
+                    model_dtype.append(_fork_components(gm, plan, image, forks))
+                leaf, found = model_dtype[0]
+                embedding = found.get(fork, {}).get("embedding")
+                return None if embedding is None else support_positions(leaf, embedding, element_keys, keys)
+
+        return attention_key_positions(gm, plan, values, probe.data_nodes, grid_leaf, fork_components,
+                                       supports=supports)
+
+
+def _fork_components(gm, plan: TrunkPlan, image: torch.Tensor, forks: set) -> tuple[torch.Tensor | None, dict]:
+    """One linear pass (grad enabled): the embedding's grid leaf (None: the image is the grid) and
+    fork -> {"embedding": the image's component there, "constants": {name: component}}."""
     captured: dict = {}
     embedding_birth = next((n for n, b in plan.births.items() if b.kind == "embedding"), None)
     leaves: dict = {}
@@ -158,25 +181,22 @@ def key_positions_for(gm, plan: TrunkPlan, probe, image: torch.Tensor) -> dict:
         return carried
 
     registry = ComponentRegistry()
-    with torch.enable_grad(), in_float64(gm):  # exact integer codes need float64 gradients
-        propagate(gm, plan, image.double(), "branch", registry, on_carried=capture)
-        grid = leaves.get("grid")
-        fork_components = {}
-        for fork, carried in captured.items():
-            parts: dict = {"constants": {}}
-            for chunk in carried.chunks:
-                if not isinstance(chunk.values, torch.Tensor):
-                    continue
-                for row, component in enumerate(chunk.ids):
-                    label = registry.labels[component]
-                    if label.kind == "embedding" and grid is not None and grid.dim() == 5:  # [1, B, C, H, W]
-                        parts["embedding"] = chunk.values[row]
-                    elif label.kind == "constant":
-                        parts["constants"][label.name] = chunk.values[row].detach()
-            fork_components[fork] = parts
-        values = _Float64Values(probe.values)
-        grid_leaf = grid if grid is not None else image.double().requires_grad_(True)
-        return attention_key_positions(gm, plan, values, probe.data_nodes, grid_leaf, fork_components)
+    propagate(gm, plan, image, "branch", registry, on_carried=capture)
+    grid = leaves.get("grid")
+    fork_components = {}
+    for fork, carried in captured.items():
+        parts: dict = {"constants": {}}
+        for chunk in carried.chunks:
+            if not isinstance(chunk.values, torch.Tensor):
+                continue
+            for row, component in enumerate(chunk.ids):
+                label = registry.labels[component]
+                if label.kind == "embedding" and grid is not None and grid.dim() == 5:  # [1, B, C, H, W]
+                    parts["embedding"] = chunk.values[row]
+                elif label.kind == "constant":
+                    parts["constants"][label.name] = chunk.values[row].detach()
+        fork_components[fork] = parts
+    return grid, fork_components
 
 
 class _Float64Values(dict):
@@ -198,14 +218,28 @@ class _Float64Values(dict):
 
 @contextlib.contextmanager
 def in_float64(module: nn.Module):
-    """Temporarily run ``module`` (our own copy) in float64; the original tensors come back."""
+    """Temporarily run ``module`` (our own copy) in float64; the original tensors come back.
+    Yields them as (tensor, original data) pairs (for ``restored``)."""
     saved = [(t, t.data) for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point()]
     try:
         for tensor, data in saved:
             tensor.data = data.double()
-        yield module
+        yield saved
     finally:
         for tensor, data in saved:
+            tensor.data = data
+
+
+@contextlib.contextmanager
+def restored(saved: list):
+    """Inside ``in_float64``: the original tensors for a while."""
+    current = [(tensor, tensor.data) for tensor, _ in saved]
+    try:
+        for tensor, data in saved:
+            tensor.data = data
+        yield
+    finally:
+        for tensor, data in current:
             tensor.data = data
 
 

@@ -1,4 +1,7 @@
 """Source positions of token components, and that they are the true image positions."""
+import copy
+import math
+
 import pytest
 import timm
 import torch
@@ -106,3 +109,24 @@ def test_later_stage_token_positions_are_image_positions():
     changed = {p for p, f, o, n in zip(positions, factors, old, new)
                if not torch.allclose(n, f * o, rtol=1e-8, atol=1e-12)}
     assert changed == {(r, c) for r in (0, 1) for c in (2, 3)}, changed
+
+
+def test_overlapping_receptive_field_positions_are_the_same_in_float32_and_float64():
+    """MaxViT's convolutional stem and pooled shortcuts make receptive fields overlap, so positions come
+    from support centroids, found in the model's own dtype: a float32 and a float64 copy give the same
+    labels, and every attention's keys of one head cover its whole grid once per window."""
+    torch.manual_seed(0)
+    model = timm.create_model("maxvit_tiny_tf_224", pretrained=False, depths=(1, 1), embed_dim=(32, 64),
+                              img_size=64).eval()
+    images = torch.randn(1, 3, 64, 64)
+    single = trace_and_decompose(model)(images, level="token")
+    double = trace_and_decompose(copy.deepcopy(model).double())(images.double(), level="token")
+    assert single.keys == double.keys
+    assert [label.position for label in single.labels] == [label.position for label in double.labels]
+    layers = {label.layer for label in single.labels if label.token is not None}
+    assert len(layers) == 4  # block and grid attention in each of two stages
+    for layer in layers:
+        positions = [label.position for label in single.labels
+                     if label.token is not None and label.layer == layer and label.head == 0]
+        side = math.isqrt(len(positions))
+        assert sorted(positions) == [(r, c) for r in range(side) for c in range(side)]

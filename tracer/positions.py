@@ -21,6 +21,7 @@ attention (more attention rows than images on the batch axis) numbers its source
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -185,15 +186,19 @@ def grid_positions(pixel_keys: torch.Tensor, count: int) -> list[tuple[int, int]
 
 
 def attention_key_positions(gm: fx.GraphModule, plan: TrunkPlan, values: dict, data_nodes: set[fx.Node],
-                            image: torch.Tensor, fork_components: dict[fx.Node, dict[str, Any]]
+                            image: torch.Tensor, fork_components: dict[fx.Node, dict[str, Any]],
+                            supports: Callable[[fx.Node, torch.Tensor, int], list | None] | None = None
                             ) -> dict[fx.Node, list[Position]]:
     """Per attention birth, the position of every key (None where it cannot be told).
 
     image: the probe image, a leaf requiring grad; fork_components: fork node ->
     {"embedding": the image's component at the fork (computed from ``image``),
-    "constants": {name: component value at the fork}}, from one linear pass.
+    "constants": {name: component value at the fork}}, from one linear pass. supports:
+    (fork, element keys, keys) -> ``support_positions`` (default: from ``fork_components``), used
+    where receptive fields overlap; forks with the same embedding and keys share the result.
     """
     positions: dict[fx.Node, list[Position]] = {}
+    known: list[tuple[torch.Tensor, torch.Tensor, list[Position]]] = []  # embedding, element keys, result
     for birth_node, birth in plan.births.items():
         if birth.kind != "attention":
             continue
@@ -213,12 +218,36 @@ def attention_key_positions(gm: fx.GraphModule, plan: TrunkPlan, values: dict, d
         if element_keys is None:
             positions[birth_node] = [None] * keys
             continue
-        positions[birth_node] = _positions_from_fork(element_keys, keys, image, fork_components[fork])
+        positions[birth_node] = _positions_from_fork(
+            element_keys, keys, image, fork_components[fork],
+            partial(_shared_support, known, supports or _own_support(image, fork_components), fork, element_keys, keys,
+                    fork_components[fork].get("embedding")))
     return positions
 
 
+def _own_support(image: torch.Tensor, fork_components: dict) -> Callable:
+    return lambda fork, element_keys, keys: support_positions(image, fork_components[fork]["embedding"],
+                                                              element_keys, keys)
+
+
+def _shared_support(known: list, supports: Callable, fork: fx.Node, element_keys: torch.Tensor, keys: int,
+                    embedding: torch.Tensor | None) -> list | None:
+    """``supports(fork, element_keys, keys)``, once for forks with the same embedding and keys."""
+    for seen_embedding, seen_keys, result in known:
+        if _same(seen_embedding, embedding) and _same(seen_keys, element_keys):
+            return result
+    result = supports(fork, element_keys, keys)
+    if embedding is not None:
+        known.append((embedding.detach(), element_keys, result))
+    return result
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return a is not None and b is not None and a.shape == b.shape and bool(torch.equal(a.detach(), b.detach()))
+
+
 def _positions_from_fork(element_keys: torch.Tensor, keys: int, image: torch.Tensor,
-                         fork: dict[str, Any]) -> list[Position]:
+                         fork: dict[str, Any], support: Callable[[], list | None]) -> list[Position]:
     embedding: torch.Tensor | None = fork.get("embedding")   # [*fork shape], a function of image
     result: list[Position] = [None] * keys
     if embedding is not None:
@@ -227,7 +256,7 @@ def _positions_from_fork(element_keys: torch.Tensor, keys: int, image: torch.Ten
             per_pixel = pixel_codes.amax(dim=tuple(range(pixel_codes.dim() - 2)))  # [H, W]
             result = list(grid_positions(per_pixel, keys))
         else:  # overlapping receptive fields (a pooled or strided-conv shortcut): support centroids
-            result = list(support_positions(image, embedding, element_keys, keys))
+            result = list(support() or result)
     supports = []
     for name, constant in fork.get("constants", {}).items():
         covered = {int(k) - 1 for k in element_keys[(constant != 0) & (element_keys > 0)].unique().tolist()}
