@@ -10,8 +10,8 @@ from torch import nn
 
 from tracer.ops import OpKind, op_kind
 from tracer.pooling import EarlyPooling, plan_early_pooling, plan_pooled_branch
-from tracer.probe import ModelRunError, run_probe
 from tracer.positions import attention_key_positions, fork_of, support_positions, value_input
+from tracer.probe import ModelRunError, run_probe
 from tracer.relevance import CompactPlan, plan_compaction
 from tracer.roles import Role, TrunkPlan, plan_trunk
 from tracer.tracing import frozen_eval_copy, trace_representation

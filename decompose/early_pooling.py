@@ -7,7 +7,8 @@ pools inside the branch are not split into full-size head tensors at all: their 
 kept where the heads are whole feature columns (at level token: the attention's weights and
 values), and the row moves after it are followed with a row index code. At the end
 (``pooled_components``) every waiting component is pooled over tokens with this batch's weights
-and pushed through the unit tail on the small grid.
+and pushed through the unit tail on the small grid; a branch split by token reaches the output
+through one matrix per head instead (``token_matrices``: row maps and unit tail composed, cached).
 """
 from __future__ import annotations
 
@@ -313,8 +314,11 @@ def _join_rows(pooling: EarlyPooling, run: _BranchRun, gamma: torch.Tensor, dtyp
     target = image * (count + 1) + slot
     totals = gamma.new_zeros(batch * (count + 1)).index_add_(0, target, weight)
     totals = totals.reshape(batch, count + 1)[:, :count].unsqueeze(-1).to(dtype)
-    sign = additive_sign(spec.join, list(spec.join.args[:2]).index(spec.operand))
-    return _JoinRows(rows, image, slot, weight.to(dtype), totals, target, sign)
+    return _JoinRows(rows, image, slot, weight.to(dtype), totals, target, _join_sign(spec))
+
+
+def _join_sign(spec: PooledBranch) -> float:
+    return additive_sign(spec.join, list(spec.join.args[:2]).index(spec.operand))
 
 
 def _mapped(gm: fx.GraphModule, run: _BranchRun, rows: torch.Tensor, first: int = 0) -> torch.Tensor:
@@ -368,7 +372,7 @@ def token_matrices(gm: fx.GraphModule, pooling: EarlyPooling, runs: list[_Branch
     for run in runs:
         width = len(run.spec.heads)
         rows = _mapped(gm, run, torch.eye(width, dtype=dtype, device=device))            # [F, F at the join]
-        rows = rows * additive_sign(run.spec.join, list(run.spec.join.args[:2]).index(run.spec.operand))
+        rows = rows * _join_sign(run.spec)
         count = pooling.nodes[run.spec.join].slot_count
         tail = tails[run.spec.join].reshape(count, rows.shape[-1], -1)                  # [K, F', O]
         matrices[run.spec.birth] = torch.einsum("fj,kjo->kfo", rows, tail)

@@ -399,10 +399,9 @@ class EarlyPooling:
         real = _token_major(adjoint, pooled.token_axes, pooled.feature_axes, leading=0)     # [B, T, F]
         unit = pooled.adjoint.to(real.dtype)                                                # [K, F]
         squared = (unit * unit).sum(-1, keepdim=True)
-        projected = real @ (unit / torch.where(squared > 0, squared, torch.ones_like(squared))).T  # [B, T, K]
-        projected = torch.cat([projected, projected.new_zeros(*projected.shape[:2], 1)], dim=-1)
+        dual = unit / torch.where(squared > 0, squared, torch.ones_like(squared))          # [K, F]
         slots = pooled.slots.to(real.device)
-        gamma = projected.gather(-1, slots.expand(real.shape[0], -1).unsqueeze(-1)).squeeze(-1)
+        gamma = (real * torch.cat([dual, dual.new_zeros(1, dual.shape[1])])[slots]).sum(-1)  # [B, T]
         spread = torch.arange(0, real.shape[1], max(1, real.shape[1] // RESIDUAL_TOKENS), device=real.device)
         sample = real[:, spread]
         unit_rows = torch.cat([unit, unit.new_zeros(1, unit.shape[1])])[slots[spread]]

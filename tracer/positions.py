@@ -21,8 +21,9 @@ attention (more attention rows than images on the batch axis) numbers its source
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx as fx
