@@ -416,10 +416,11 @@ def _token_components(pooling: EarlyPooling, run: _BranchRun, join: _JoinRows, m
         for first in range(0, run.windows, step):
             last = min(first + step, run.windows)
             inside = ((window >= first) & (window < last)).nonzero().flatten()
-            pooled = summed[used[inside], :, h].transpose(1, 2).unsqueeze(-1) * own[inside].unsqueeze(2)
-            out = values.new_zeros(last - first, keys, batch, outputs)                    # [w, Nk, B, O]
-            out.transpose(1, 2).index_put_((window[inside] - first, image[inside]), pooled.flatten(2) @ head_matrix,
-                                           accumulate=True)
+            slot_weights = summed[used[inside], :, h].transpose(1, 2).contiguous()        # [n, Nk, K]
+            pooled = slot_weights.unsqueeze(-1) * own[inside].unsqueeze(2)                # [n, Nk, K, W]
+            out = values.new_zeros(batch * (last - first), keys, outputs)                 # [B·w, Nk, O]
+            out.index_copy_(0, image[inside] * (last - first) + window[inside] - first, pooled.flatten(2) @ head_matrix)
+            out = out.view(batch, last - first, keys, outputs).permute(1, 2, 0, 3)        # [w, Nk, B, O] (a view)
             yield run.ids[(h * run.windows + first) * keys: (h * run.windows + last) * keys], out.flatten(0, 1)
 
 
