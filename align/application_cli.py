@@ -2,6 +2,7 @@
 
     vit-decompose retrieve --store STORE --aligner ALIGNER --text "a red object" [--property colour --components 3]
     vit-decompose retrieve --store STORE --aligner ALIGNER --query IMAGE_ID --property colour --components 3
+    vit-decompose retrieve --store STORE --aligner ALIGNER --query IMAGE_ID --property colour --components 99 --within-property
     vit-decompose heatmap  --store TOKEN_STORE --aligner ALIGNER --text "a dog" --images DIR --out DIR
     vit-decompose segment  --store TOKEN_STORE --aligner ALIGNER --text "a dog" --masks masks.json
     vit-decompose ablate   --store STORE --labels labels.csv --out DIR [--aligner ALIGNER --classes classes.json]
@@ -244,12 +245,23 @@ def _property_order(args, store: DecompositionStore, aligner: CompAlign, device:
     return [row.index for row in ranking]
 
 
+def _property_basis(args, aligner: CompAlign, device: str) -> torch.Tensor:
+    """[r, d_clip] orthonormal basis of ``--property``'s description embeddings."""
+    properties = property_descriptions(args.properties)
+    clip = _clip_for_aligner(args, aligner, device)
+    return property_bases(clip, {args.property: properties[args.property]}, _templates(args.templates),
+                          TextEmbeddingCache(Path(args.aligner) / TEXT_CACHE))[args.property]
+
+
 # --- retrieve ---------------------------------------------------------------------------------
 
 @torch.no_grad()
 def _command_retrieve(args) -> int:
     if bool(args.text) == bool(args.query):
         raise ValueError("give --text (text-based retrieval) or --query IMAGE_ID (image-based), not both")
+    if args.within_property and (args.text or args.raw or not args.property):
+        raise ValueError("--within-property compares aligned image sums inside --property's text span: "
+                         "use it with --query and --property, without --raw or --text")
     device = _device(args.device)
     store, aligner = _open(args, device)
     ids = store.image_ids()
@@ -270,7 +282,8 @@ def _command_retrieve(args) -> int:
         score = torch.cat(scores)                                                            # [N]
     else:
         query = store_positions_of(store, [args.query])[0]
-        score = image_retrieval_scores(torch.cat(features).unsqueeze(0), [query])[0]         # [N]
+        subspace = _property_basis(args, aligner, device) if args.within_property else None
+        score = image_retrieval_scores(torch.cat(features).unsqueeze(0), [query], subspace=subspace)[0]  # [N]
     values = _relevance_values(args, ids)
     relevant = None
     if values is not None:
@@ -587,6 +600,9 @@ def add_application_commands(subparsers) -> None:
     retrieve.add_argument("--property", help="use the top --components components for this property")
     retrieve.add_argument("--properties", help='JSON {"property": ["description", ...]} added to the shipped')
     retrieve.add_argument("--components", type=int, default=3, help="how many components for --property")
+    retrieve.add_argument("--within-property", action="store_true",
+                          help="image-based: compare the sums only inside --property's text span (with a large "
+                               "--components: the whole representation restricted to the property)")
     retrieve.add_argument("--labels", help="CSV / JSON keyed by image id: with it, precision@top is printed")
     retrieve.add_argument("--label-field", default="label", help="the field of --labels that says relevance")
     retrieve.add_argument("--relevant", help="text-based: the --labels value of relevant images")

@@ -12,7 +12,18 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from align import CompAlign, encode_descriptions, head_selector, load_clip, text_contributions, token_heatmaps
+from align import (
+    CompAlign,
+    encode_descriptions,
+    head_selector,
+    image_retrieval_scores,
+    load_clip,
+    map_components_by_parent,
+    property_basis,
+    property_descriptions,
+    text_contributions,
+    token_heatmaps,
+)
 from align.application_cli import labels_with_positions, load_store_rows, read_table
 from align.cli import main
 from decompose import decompose_dataset, trace_and_decompose
@@ -105,6 +116,27 @@ def test_retrieve_by_query_image_never_returns_the_query(world, capsys):
         assert len(lines) == 23 and all(line.split()[2] != query for line in lines)
     assert main(["retrieve", *common(world)]) == 2                                      # neither --text nor --query
     assert "give --text" in capsys.readouterr().err
+
+
+def test_retrieve_within_a_property_matches_the_python_api(world, capsys):
+    root, store = world["root"], world["stores"]["head"]
+    query, out = world["ids"][3], root / "within.json"
+    assert main(["retrieve", *common(world), "--query", query, "--property", "colour", "--components", "99",
+                 "--within-property", "--top", "7", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    components, _ = load_store_rows(store, list(range(len(store))))
+    features = map_components_by_parent(world["aligner"], components, store.labels)
+    texts = property_descriptions(None)["colour"]
+    basis = property_basis(encode_descriptions(world["clip"], texts, "raw"))
+    position = store.image_ids().index(query)
+    expected = image_retrieval_scores(features, [position], subspace=basis)[0]
+    ids = store.image_ids()
+    assert [r["id"] for r in result["ranking"]] == [ids[i] for i in expected.argsort(descending=True)[:7]]
+    assert [r["id"] for r in result["ranking"]] != [ids[i] for i in
+                                                    image_retrieval_scores(features, [position])[0].argsort(
+                                                        descending=True)[:7]]
+    assert main(["retrieve", *common(world), "--query", query, "--within-property"]) == 2   # no --property
+    assert "--within-property" in capsys.readouterr().err
 
 
 def test_heatmap_writes_overlays_equal_to_the_python_heatmaps(world, capsys):
