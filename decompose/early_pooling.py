@@ -31,7 +31,7 @@ from tracer.linear_rules import (
     is_in_place,
 )
 from tracer.ops import op_kind
-from tracer.pooling import MAP, EarlyPooling, PooledBranch, source_row_code
+from tracer.pooling import MAP, SCALE, EarlyPooling, PooledBranch, row_scale, source_row_code, unit_norm
 from tracer.roles import TrunkPlan
 
 from .births import attention_groups, attention_parts
@@ -69,7 +69,9 @@ class _BranchRun:
     code: torch.Tensor | None = None                    # [*rows, 1] row code while it is pushed
     targets: torch.Tensor | None = None                 # [rows where pooled] the join's row each feeds, or -1
     shape: tuple[int, ...] = ()                         # value shape where the code starts
-    maps: list[tuple[fx.Node, fx.Node, dict]] = field(default_factory=list)  # op, carrier, other inputs
+    maps: list[tuple[fx.Node, fx.Node, dict, str]] = field(default_factory=list)  # op, carrier, other inputs, kind
+    row_scale: torch.Tensor | None = None               # [join rows] a ``SCALE`` step's frozen scale
+    scale_at: int = -1                                  # its index in ``maps`` (-1: none)
     # split by token: weights [N, H, Nq, Nk] and values [N, H, Nk, d] of the birth, attention groups
     # per image, the source code (``source_row_code``) pushed to ``spec.node``, and there per row n·Nq + q
     weights: torch.Tensor | None = None
@@ -179,8 +181,8 @@ class Parking:
         steps = dict(spec.steps)
         if node in steps:
             carrier = _chain_input(spec, node)
-            if steps[node] == MAP:
-                self._record_map(gm, plan, run, node, carrier, real, registry)
+            if steps[node] in (MAP, SCALE):
+                self._record_map(gm, plan, run, node, carrier, real, registry, steps[node])
             elif run.targets is None:  # push the row code (once per value shape)
                 code = run.code.expand(real[carrier].shape).contiguous()
                 run.code = Evaluator(gm, node, real)({carrier: code})[..., :1].clone()  # not a view of it
@@ -243,11 +245,18 @@ class Parking:
         if run.sources is None:
             run.source_code = source_row_code(run.birth_shape).to(value.device).contiguous()
 
-    def _record_map(self, gm, plan, run: _BranchRun, node, carrier, real, registry) -> None:
+    def _record_map(self, gm, plan, run: _BranchRun, node, carrier, real, registry, kind: str) -> None:
         inputs = {n: real[n] for n in node.all_input_nodes if n is not carrier}
-        run.maps.append((node, carrier, inputs))
+        run.maps.append((node, carrier, inputs, kind))
         width = real[carrier].shape[-1]
         zero = real[carrier].new_zeros(1, 1, width)
+        if kind == SCALE:
+            scale = row_scale(gm, node, carrier, real)
+            if scale is None:
+                raise RuntimeError(f"early pooling: {node.name} no longer scales each row alike for this batch; "
+                                   f"decompose with prune=False")
+            run.row_scale, run.scale_at = scale.reshape(-1), len(run.maps) - 1
+            zero = real[carrier].new_zeros(1, *real[carrier].shape)  # its per-row statistics need every row
         _, offsets = apply_affine(gm, node, op_kind(node, gm), real, carrier, zero)
         for offset in offsets:
             component = registry.new(offset_label(offset, plan.layer(node), node))
@@ -268,8 +277,11 @@ def _chain_input(spec: PooledBranch, node: fx.Node) -> fx.Node:
     raise KeyError(node.name)
 
 
-def _apply_map(gm: fx.GraphModule, node: fx.Node, carrier: fx.Node, inputs: dict, rows: torch.Tensor) -> torch.Tensor:
-    """A row map (linear part) on ``rows`` [..., F] -> [..., F']."""
+def _apply_map(gm: fx.GraphModule, node: fx.Node, carrier: fx.Node, inputs: dict, kind: str,
+               rows: torch.Tensor) -> torch.Tensor:
+    """A row map (linear part; of a ``SCALE`` step: its unit part) on ``rows`` [..., F] -> [..., F']."""
+    if kind == SCALE:
+        return unit_norm(node, inputs, rows)
     flat = rows.reshape(1, -1, rows.shape[-1])
     if has_bias_argument(node, carrier):
         out = Evaluator(gm, bias_free_call(node)[0], inputs)({carrier: flat})
@@ -294,8 +306,9 @@ class _JoinRows:
     rows: torch.Tensor | None   # [R] those rows (None: all)
     image: torch.Tensor         # [R] image of each
     slot: torch.Tensor          # [R] small-grid token at the join
-    weight: torch.Tensor        # [R] γ at the join's row
+    weight: torch.Tensor        # [R] γ at the join's row (times the row's ``SCALE``, if any: for values before it)
     totals: torch.Tensor        # [B, K, 1] Σγ of the fed rows per image and slot
+    scaled: torch.Tensor        # [B, K, 1] Σ weight (= totals without a ``SCALE`` step)
     target: torch.Tensor        # [R] image · (K + 1) + slot
     sign: float                 # how the branch enters the join
 
@@ -309,12 +322,18 @@ def _join_rows(pooling: EarlyPooling, run: _BranchRun, gamma: torch.Tensor, dtyp
     rows = None if bool(fed.all()) else fed.nonzero().flatten()
     join_rows = run.targets if rows is None else run.targets[rows]
     image, token = join_rows // tokens, join_rows % tokens
-    weight = gamma[image, token]
+    unscaled = gamma[image, token]
+    weight = unscaled if run.row_scale is None else unscaled * run.row_scale.to(unscaled)[join_rows]
     slot = pooled_join.slots.to(join_rows.device)[token]
     target = image * (count + 1) + slot
-    totals = gamma.new_zeros(batch * (count + 1)).index_add_(0, target, weight)
-    totals = totals.reshape(batch, count + 1)[:, :count].unsqueeze(-1).to(dtype)
-    return _JoinRows(rows, image, slot, weight.to(dtype), totals, target, _join_sign(spec))
+
+    def per_slot(values):  # [R] -> [B, K, 1]
+        summed = gamma.new_zeros(batch * (count + 1)).index_add_(0, target, values)
+        return summed.reshape(batch, count + 1)[:, :count].unsqueeze(-1).to(dtype)
+
+    totals = per_slot(unscaled)
+    scaled = totals if run.row_scale is None else per_slot(weight)
+    return _JoinRows(rows, image, slot, weight.to(dtype), totals, scaled, target, _join_sign(spec))
 
 
 def _join_sign(spec: PooledBranch) -> float:
@@ -323,17 +342,18 @@ def _join_sign(spec: PooledBranch) -> float:
 
 def _mapped(gm: fx.GraphModule, run: _BranchRun, rows: torch.Tensor, first: int = 0) -> torch.Tensor:
     """``rows`` [..., F] through the branch's row maps from map ``first`` on, to the join."""
-    for node, carrier, inputs in run.maps[first:]:
-        rows = _apply_map(gm, node, carrier, inputs, rows)
+    for node, carrier, inputs, kind in run.maps[first:]:
+        rows = _apply_map(gm, node, carrier, inputs, kind, rows)
     return rows
 
 
 def _constants(gm: fx.GraphModule, run: _BranchRun, join: _JoinRows) -> tuple[list[int], torch.Tensor | None]:
     """The constant components the row maps add (ids, [c, B, K, F] at the join, signed)."""
     ids, values = [], []
-    for position, component, row in run.offsets:
+    for position, component, row in run.offsets:  # a constant added before a SCALE step is scaled by it
         ids.append(component)
-        values.append(_mapped(gm, run, (join.totals * row.to(join.totals.dtype)).unsqueeze(0), position + 1))
+        totals = join.scaled if position < run.scale_at else join.totals
+        values.append(_mapped(gm, run, (totals * row.to(totals.dtype)).unsqueeze(0), position + 1))
     if not values:
         return ids, None
     return ids, torch.cat(values) * join.sign

@@ -48,8 +48,9 @@ def test_pooled_equals_unpooled(name, level):
     torch.testing.assert_close(again.components, pooled.components.flip(1), rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", ["swin_tiny_patch4_window7_224", "maxvit_tiny_tf_224"])
+@pytest.mark.parametrize("name", ["swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256", "maxvit_tiny_tf_224"])
 def test_windowed_attention_is_pooled_by_token_without_the_dense_split(name, monkeypatch):
+    """SwinV2's branches end in a norm (x + norm(attn(x))): its per-row scale joins the pooling weights."""
     torch.manual_seed(0)
     model, size = _double(name)
     images = torch.randn(2, *size, dtype=torch.float64)

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from .linear_rules import (
     Evaluator,
     additive_sign,
+    apply_affine,
     batch_norm_scale,
     bias_free_call,
     has_bias_argument,
@@ -208,7 +209,7 @@ class UnitTail:
         carrier = carriers[0]
         stack = stacks[carrier]
         if kind == OpKind.NORM:
-            return _Stack(_unit_norm(node, values, stack.rows), stack.segments)
+            return _Stack(unit_norm(node, values, stack.rows), stack.segments)
         if kind == OpKind.PRODUCT and has_bias_argument(node, carrier):
             stripped, _ = bias_free_call(node)
             return _Stack(Evaluator(self.gm, stripped, values).over_components({carrier: stack.rows}),
@@ -290,7 +291,7 @@ def _zero_padding(node: fx.Node) -> ReplacedCall:
     return ReplacedCall(node, tuple(args), kwargs)
 
 
-def _unit_norm(node: fx.Node, values: dict, rows: torch.Tensor) -> torch.Tensor:
+def unit_norm(node: fx.Node, values: dict, rows: torch.Tensor) -> torch.Tensor:
     """A norm with its data-dependent scale set to 1: centring and weight remain."""
     if node.target is F.layer_norm:
         dims = tuple(range(-len(tuple(norm_argument(node, values, "normalized_shape"))), 0))
@@ -662,7 +663,7 @@ def _verified_nodes(tail: UnitTail, start_shape: tuple[int, ...], candidates: li
 
 # --- branches pooled before their output projection ---------------------------------------
 
-MOVE, MAP = "move", "map"
+MOVE, MAP, SCALE = "move", "map", "scale"
 
 
 @dataclass
@@ -688,7 +689,9 @@ class PooledBranch:
     within:    [F] index of each feature within its head (the birth's last axis), None unless every
                row of ``node`` is one (attention row, query) of the birth (the token-level split)
     prefix:    the branch from its birth to ``node`` (ops that only rearrange the birth's elements)
-    steps:     the ops from ``node`` to the join's branch operand, each ``MOVE`` or ``MAP``
+    steps:     the ops from ``node`` to the join's branch operand, each ``MOVE``, ``MAP`` or ``SCALE``
+               (a norm over the features: its unit part is a row map, its frozen per-row scale joins
+               the pooling weights; at most one, with only row maps after it: SwinV2's post-norm)
     skipped:   the branch's nodes from its birth to that operand (no components computed there)
     row_targets: per value shape at ``node``, the join's row each of its rows feeds (cached)
     """
@@ -750,6 +753,9 @@ def plan_pooled_branch(gm: fx.GraphModule, plan: TrunkPlan, pooling: EarlyPoolin
         steps.insert(0, (chain[index], step))
     if not steps or not is_binary_additive(join) or chain[-1] not in join.args[:2]:
         return None
+    kinds = [kind for _, kind in steps]
+    if SCALE in kinds and (kinds.count(SCALE) > 1 or MOVE in kinds[kinds.index(SCALE):]):
+        return None  # a row's scale is read where its rows are the join's: only row maps after it
     node = chain[len(chain) - 1 - len(steps)]
     prefix = chain[: chain.index(node) + 1]
     if not _without_offsets(gm, prefix, values):
@@ -852,11 +858,14 @@ def _head_columns(gm: fx.GraphModule, chain: list[fx.Node], values: dict, heads:
 def _row_step(gm: fx.GraphModule, op: fx.Node, source: fx.Node, values: dict,
               data_nodes: set[fx.Node]) -> str | None:
     """``MOVE`` if ``op`` moves whole rows of ``source`` (features last), ``MAP`` if it maps every
-    row alike (rows kept in place), else None; checked on random tensors of the probe's shapes."""
+    row alike (rows kept in place), ``SCALE`` if it is a norm whose linear part is a per-row scale
+    times a row map (``row_scale``), else None; checked on random tensors of the probe's shapes."""
     x, y = values.get(source), values.get(op)
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) or x.dim() < 2 or y.dim() < 2:
         return None
     kind = op_kind(op, gm)
+    if kind == OpKind.NORM:
+        return SCALE if row_scale(gm, op, source, values) is not None else None
     if kind not in (OpKind.AFFINE, OpKind.PRODUCT, OpKind.UNKNOWN):
         return None
     if [n for n in op.all_input_nodes if n in data_nodes and n is not source]:
@@ -889,6 +898,30 @@ def _row_step(gm: fx.GraphModule, op: fx.Node, source: fx.Node, values: dict,
             and torch.allclose(first.reshape(-1), out_rows[0], rtol=0, atol=tolerance)):
         return MAP
     return None
+
+
+def row_scale(gm: fx.GraphModule, norm: fx.Node, source: fx.Node, values: dict) -> torch.Tensor | None:
+    """[*rows] the frozen scale of each row where a norm's linear part is that scale times its unit
+    part (``unit_norm``), as a layer or RMS norm over the features; None if it is not (a group norm)."""
+    x = values.get(source)
+    if not isinstance(x, torch.Tensor) or x.dim() < 2 or norm_argument(norm, values, "input") is not x:
+        return None
+    generator = torch.Generator().manual_seed(1)
+    probes = torch.randn(2, x.shape[-1], generator=generator, dtype=torch.float64).to(x.dtype)
+    try:
+        frozen = [apply_affine(gm, norm, OpKind.NORM, values, source, p.expand(1, *x.shape))[0][0]
+                  for p in probes]                                                      # [*rows, F] each
+        unit = [unit_norm(norm, values, p) for p in probes]                             # [F] each
+    except _TAIL_FAILURES:
+        return None
+    first = unit[0].reshape(-1)
+    scale = (frozen[0].reshape(-1, first.shape[0]) @ first) / (first @ first).clamp_min(1e-300)
+    expected = scale.unsqueeze(1) * unit[1].reshape(1, -1)
+    second = frozen[1].reshape(expected.shape)
+    tolerance = SAME_ROWS_TOLERANCE.get(x.dtype, 1e-3) * float(second.abs().max().clamp_min(1e-30))
+    if not torch.allclose(second, expected, rtol=0, atol=tolerance):
+        return None
+    return scale.reshape(x.shape[:-1])
 
 
 def _moves_rows(evaluate: Evaluator, source: fx.Node, noise: torch.Tensor, out: torch.Tensor) -> bool:
