@@ -128,3 +128,17 @@ def test_class_period_treats_unreached_tokens_as_wildcards():
     assert class_period(labels) == (2, 2)
     assert class_period(torch.tensor([-1, 0, 0, 0])) == (1,)
     assert class_period(torch.tensor([0, 1, 2, 0, 1])) == (3,)
+
+
+def test_post_norm_branches_are_pooled_in_float32_even_with_zero_norm_weights():
+    """timm initialises SwinV2's post-norm weights to zero: the row scale is then any number (the
+    branch adds nothing), and must not come out as 0/0 in float32."""
+    kwargs = TIMM_MODELS["swinv2_tiny_window8_256"]
+    model = timm.create_model("swinv2_tiny_window8_256", pretrained=False, **kwargs).eval()
+    images = torch.randn(2, *input_size(model, kwargs))
+    decomposer = trace_and_decompose(model)
+    plan = decomposer.plan(images[:1])
+    attention = [birth for birth, found in plan.births.items() if found.kind == "attention"]
+    chosen = branches_for_level(plan.pooling.branches, "token")
+    assert attention and all(chosen.get(birth, (None, None))[1] == "token" for birth in attention)
+    assert decomposer(images, level="token").relative_error() <= 1e-4

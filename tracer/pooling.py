@@ -915,7 +915,7 @@ def row_scale(gm: fx.GraphModule, norm: fx.Node, source: fx.Node, values: dict) 
     except _TAIL_FAILURES:
         return None
     first = unit[0].reshape(-1)
-    scale = (frozen[0].reshape(-1, first.shape[0]) @ first) / (first @ first).clamp_min(1e-300)
+    scale = (frozen[0].reshape(-1, first.shape[0]) @ first) / (first @ first).clamp_min(torch.finfo(first.dtype).tiny)
     expected = scale.unsqueeze(1) * unit[1].reshape(1, -1)
     second = frozen[1].reshape(expected.shape)
     tolerance = SAME_ROWS_TOLERANCE.get(x.dtype, 1e-3) * float(second.abs().max().clamp_min(1e-30))
