@@ -710,6 +710,8 @@ class PooledBranch:
     prefix: list[fx.Node] = dataclasses.field(default_factory=list)
     # birth value shape -> [rows of ``node``'s value] the birth's (attention row · Nq + query) of each (cached)
     source_rows: dict[tuple[int, ...], torch.Tensor] = dataclasses.field(default_factory=dict)
+    # (heads, sources) -> the labels of its components at level token (cached: the same every batch)
+    labels: dict[tuple[int, int], list] = dataclasses.field(default_factory=dict)
 
     @property
     def operand(self) -> fx.Node:
