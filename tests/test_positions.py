@@ -130,3 +130,15 @@ def test_overlapping_receptive_field_positions_are_the_same_in_float32_and_float
                      if label.token is not None and label.layer == layer and label.head == 0]
         side = math.isqrt(len(positions))
         assert sorted(positions) == [(r, c) for r in range(side) for c in range(side)]
+
+
+def test_forks_with_the_same_elements_per_key_share_supports_key_by_key():
+    from tracer.positions import _same_groups
+
+    block = torch.tensor([[1, 1, 2, 2], [3, 3, 4, 4]])        # keys = rows of 2 elements, numbered one way
+    grid = torch.tensor([[2, 2, 4, 4], [1, 1, 3, 3]])         # the same element sets, numbered another way
+    assert _same_groups(grid, block, 4) == [2, 0, 3, 1]       # grid key 1 holds block key 3's elements ...
+    assert _same_groups(block, block, 4) == [0, 1, 2, 3]
+    split = torch.tensor([[1, 2, 3, 3], [4, 4, 4, 4]])        # other element sets: no sharing
+    assert _same_groups(split, block, 4) is None
+    assert _same_groups(torch.tensor([[1, 1, 0, 0], [2, 2, 3, 3]]), block, 4) is None   # an element without a key

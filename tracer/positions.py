@@ -233,14 +233,35 @@ def _own_support(image: torch.Tensor, fork_components: dict) -> Callable:
 
 def _shared_support(known: list, supports: Callable, fork: fx.Node, element_keys: torch.Tensor, keys: int,
                     embedding: torch.Tensor | None) -> list | None:
-    """``supports(fork, element_keys, keys)``, once for forks with the same embedding and keys."""
+    """``supports(fork, element_keys, keys)``, once per embedding and grouping of its elements into keys:
+    forks with the same embedding whose keys are the same element sets, numbered otherwise (MaxViT's
+    block and grid attention), reuse it key by key."""
     for seen_embedding, seen_keys, result in known:
-        if _same(seen_embedding, embedding) and _same(seen_keys, element_keys):
-            return result
+        if result is not None and _same(seen_embedding, embedding):
+            matched = _same_groups(element_keys, seen_keys, keys)
+            if matched is not None:
+                return [result[k] if k >= 0 else None for k in matched]
     result = supports(fork, element_keys, keys)
     if embedding is not None:
         known.append((embedding.detach(), element_keys, result))
     return result
+
+
+def _same_groups(codes: torch.Tensor, seen: torch.Tensor, keys: int) -> list[int] | None:
+    """Per key of ``codes`` (key + 1 per element, 0: none), the key of ``seen`` with exactly the same
+    elements (-1 for a key with no element); None unless every key has such a match."""
+    if codes.shape != seen.shape or bool(((codes > 0) != (seen > 0)).any()):
+        return None
+    pairs = torch.stack([codes.flatten(), seen.flatten()], 1)
+    pairs = pairs[pairs[:, 0] > 0].unique(dim=0)                          # one row per (key, seen key)
+    if len(pairs[:, 0].unique()) != len(pairs) or len(pairs[:, 1].unique()) != len(pairs):
+        return None                                                       # a key split or merged
+    matched = [-1] * keys
+    for key, other in pairs.tolist():
+        if key > keys:
+            return None
+        matched[key - 1] = other - 1
+    return matched
 
 
 def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
