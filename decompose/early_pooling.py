@@ -253,9 +253,9 @@ class Parking:
         width = real[carrier].shape[-1]
         zero = real[carrier].new_zeros(1, 1, width)
         if kind == SCALE:
-            scale = row_scale(gm, node, carrier, real)
+            scale = row_scale(gm, node, carrier, real, checked=False)  # the plan checked it on the probe
             if scale is None:
-                raise RuntimeError(f"early pooling: {node.name} no longer scales each row alike for this batch; "
+                raise RuntimeError(f"early pooling: no per-row scale at {node.name} for this batch; "
                                    f"decompose with prune=False")
             run.row_scale, run.scale_at = scale.reshape(-1), len(run.maps) - 1
             zero = real[carrier].new_zeros(1, *real[carrier].shape)  # its per-row statistics need every row

@@ -902,14 +902,16 @@ def _row_step(gm: fx.GraphModule, op: fx.Node, source: fx.Node, values: dict,
     return None
 
 
-def row_scale(gm: fx.GraphModule, norm: fx.Node, source: fx.Node, values: dict) -> torch.Tensor | None:
+def row_scale(gm: fx.GraphModule, norm: fx.Node, source: fx.Node, values: dict,
+              checked: bool = True) -> torch.Tensor | None:
     """[*rows] the frozen scale of each row where a norm's linear part is that scale times its unit
-    part (``unit_norm``), as a layer or RMS norm over the features; None if it is not (a group norm)."""
+    part (``unit_norm``), as a layer or RMS norm over the features; None if it is not (a group norm).
+    ``checked=False`` skips the check on a second row (a plan already checked this norm)."""
     x = values.get(source)
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or norm_argument(norm, values, "input") is not x:
         return None
     generator = torch.Generator().manual_seed(1)
-    probes = torch.randn(2, x.shape[-1], generator=generator, dtype=torch.float64).to(x.dtype)
+    probes = torch.randn(2 if checked else 1, x.shape[-1], generator=generator, dtype=torch.float64).to(x.dtype)
     try:
         frozen = [apply_affine(gm, norm, OpKind.NORM, values, source, p.expand(1, *x.shape))[0][0]
                   for p in probes]                                                      # [*rows, F] each
@@ -918,6 +920,8 @@ def row_scale(gm: fx.GraphModule, norm: fx.Node, source: fx.Node, values: dict) 
         return None
     first = unit[0].reshape(-1)
     scale = (frozen[0].reshape(-1, first.shape[0]) @ first) / (first @ first).clamp_min(torch.finfo(first.dtype).tiny)
+    if not checked:
+        return scale.reshape(x.shape[:-1])
     expected = scale.unsqueeze(1) * unit[1].reshape(1, -1)
     second = frozen[1].reshape(expected.shape)
     tolerance = SAME_ROWS_TOLERANCE.get(x.dtype, 1e-3) * float(second.abs().max().clamp_min(1e-30))
