@@ -217,30 +217,24 @@ class _Float64Values(dict):
 
 
 @contextlib.contextmanager
-def in_float64(module: nn.Module):
-    """Temporarily run ``module`` (our own copy) in float64; the original tensors come back.
-    Yields them as (tensor, original data) pairs (for ``restored``)."""
-    saved = [(t, t.data) for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point()]
+def restored(pairs: list):
+    """Temporarily ``tensor.data = data`` for each (tensor, data) pair; yields the data they had,
+    as pairs, which come back at the end."""
+    current = [(tensor, tensor.data) for tensor, _ in pairs]
     try:
-        for tensor, data in saved:
-            tensor.data = data.double()
-        yield saved
-    finally:
-        for tensor, data in saved:
+        for tensor, data in pairs:
             tensor.data = data
-
-
-@contextlib.contextmanager
-def restored(saved: list):
-    """Inside ``in_float64``: the original tensors for a while."""
-    current = [(tensor, tensor.data) for tensor, _ in saved]
-    try:
-        for tensor, data in saved:
-            tensor.data = data
-        yield
+        yield current
     finally:
         for tensor, data in current:
             tensor.data = data
+
+
+def in_float64(module: nn.Module):
+    """Temporarily run ``module`` (our own copy) in float64; the original tensors come back.
+    Yields them as (tensor, original data) pairs (``restored(pairs)`` brings them back for a while)."""
+    tensors = [t for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point()]
+    return restored([(t, t.data.double()) for t in tensors])
 
 
 def compaction_for(gm, plan: TrunkPlan, probe, image: torch.Tensor) -> CompactPlan:
