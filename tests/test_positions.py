@@ -121,6 +121,7 @@ def test_overlapping_receptive_field_positions_are_the_same_in_float32_and_float
     images = torch.randn(1, 3, 64, 64)
     single = trace_and_decompose(model)(images, level="token")
     double = trace_and_decompose(copy.deepcopy(model).double())(images.double(), level="token")
+    assert single.relative_error() <= 1e-4 and double.relative_error() <= 1e-10
     assert single.keys == double.keys
     assert [label.position for label in single.labels] == [label.position for label in double.labels]
     layers = {label.layer for label in single.labels if label.token is not None}

@@ -188,15 +188,15 @@ def grid_positions(pixel_keys: torch.Tensor, count: int) -> list[tuple[int, int]
 
 def attention_key_positions(gm: fx.GraphModule, plan: TrunkPlan, values: dict, data_nodes: set[fx.Node],
                             image: torch.Tensor, fork_components: dict[fx.Node, dict[str, Any]],
-                            supports: Callable[[fx.Node, torch.Tensor, int], list | None] | None = None
+                            supports: Callable[[fx.Node, torch.Tensor, int], list | None]
                             ) -> dict[fx.Node, list[Position]]:
     """Per attention birth, the position of every key (None where it cannot be told).
 
     image: the probe image, a leaf requiring grad; fork_components: fork node ->
     {"embedding": the image's component at the fork (computed from ``image``),
     "constants": {name: component value at the fork}}, from one linear pass. supports:
-    (fork, element keys, keys) -> ``support_positions`` (default: from ``fork_components``), used
-    where receptive fields overlap; forks with the same embedding and keys share the result.
+    (fork, element keys, keys) -> ``support_positions`` for that fork, used where receptive fields
+    overlap; forks with the same embedding and keys share the result.
     """
     positions: dict[fx.Node, list[Position]] = {}
     known: list[tuple[torch.Tensor, torch.Tensor, list[Position]]] = []  # embedding, element keys, result
@@ -221,14 +221,8 @@ def attention_key_positions(gm: fx.GraphModule, plan: TrunkPlan, values: dict, d
             continue
         positions[birth_node] = _positions_from_fork(
             element_keys, keys, image, fork_components[fork],
-            partial(_shared_support, known, supports or _own_support(image, fork_components), fork, element_keys, keys,
-                    fork_components[fork].get("embedding")))
+            partial(_shared_support, known, supports, fork, element_keys, keys, fork_components[fork].get("embedding")))
     return positions
-
-
-def _own_support(image: torch.Tensor, fork_components: dict) -> Callable:
-    return lambda fork, element_keys, keys: support_positions(image, fork_components[fork]["embedding"],
-                                                              element_keys, keys)
 
 
 def _shared_support(known: list, supports: Callable, fork: fx.Node, element_keys: torch.Tensor, keys: int,
