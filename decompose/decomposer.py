@@ -128,9 +128,9 @@ def relevance_masks(gm, plan: TrunkPlan, image: torch.Tensor) -> dict:
     with torch.enable_grad():
         target, out = propagate(gm, plan, image, "branch", ComponentRegistry(), on_carried=perturb)
         generator = torch.Generator().manual_seed(0)
-        direction = torch.randn(target.shape, generator=generator, dtype=torch.float64).to(target)
+        direction = torch.randn(target.shape, generator=generator, dtype=torch.float64, device="cpu").to(target)
         (out.stacked().sum(0) * direction).sum().backward()
-    return {node: (delta.grad != 0) if delta.grad is not None else torch.zeros(delta.shape, dtype=torch.bool)
+    return {node: (delta.grad != 0) if delta.grad is not None else torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
             for node, delta in perturbations.items()}
 
 
@@ -263,7 +263,8 @@ def early_pooling_for(gm, plan: TrunkPlan, probe, image: torch.Tensor) -> EarlyP
         return None
     generator = torch.Generator().manual_seed(0)
     target_shape = probe.values[plan.target].shape
-    cotangents = torch.randn((POOLING_COTANGENTS, *target_shape[1:]), generator=generator, dtype=torch.float64)
+    cotangents = torch.randn((POOLING_COTANGENTS, *target_shape[1:]), generator=generator, dtype=torch.float64,
+                             device="cpu").to(image.device)
     parking = Parking(set(starts) | set(candidates), perturb_all=True)
     # the probe image once per cotangent, then another image (mirrored) with the first cotangent
     images = torch.cat([image.double().expand(POOLING_COTANGENTS, *image.shape[1:]), image.double().flip(-1)])

@@ -245,7 +245,7 @@ class Parking:
         run.birth_shape = tuple(value.shape)
         run.sources = run.spec.source_rows.get(run.birth_shape)
         if run.sources is None:
-            run.source_code = source_row_code(run.birth_shape).to(value.device).contiguous()
+            run.source_code = source_row_code(run.birth_shape, value.device).contiguous()
 
     def _record_map(self, gm, plan, run: _BranchRun, node, carrier, real, registry, kind: str) -> None:
         inputs = {n: real[n] for n in node.all_input_nodes if n is not carrier}

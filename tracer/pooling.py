@@ -137,7 +137,7 @@ class UnitTail:
                 self._frees.setdefault(i, []).append(node)
 
     def run(self, start_shape: tuple[int, ...], injections: dict[fx.Node, torch.Tensor] | None = None, *,
-            dtype: torch.dtype, device: torch.device | str = "cpu",
+            dtype: torch.dtype, device: torch.device | str,
             shapes: dict | None = None, taps: dict | None = None) -> dict[fx.Node, torch.Tensor]:
         """Rows injected at tail nodes (``{node: [rows, *shape at node]}``) pushed to the decomposed
         node: ``{node: [rows, *output shape]}``. ``start_shape``: the start node's value shape on
@@ -473,7 +473,7 @@ def token_classes(vectors: torch.Tensor, tolerance: float = PARALLEL_TOLERANCE) 
     """[T] class of each row of ``vectors`` [T, V]: rows parallel to each other share a class; -1 for
     zero rows."""
     norms = vectors.norm(dim=1)
-    labels = torch.full((vectors.shape[0],), -1, dtype=torch.long)
+    labels = torch.full((vectors.shape[0],), -1, dtype=torch.long, device=vectors.device)
     if not bool((norms > 0).any()):
         return labels
     unit = vectors / norms.clamp_min(torch.finfo(vectors.dtype).tiny).unsqueeze(1)
@@ -559,7 +559,7 @@ def plan_early_pooling(gm: fx.GraphModule, plan: TrunkPlan, data_nodes: set[fx.N
         except TailUnavailable:
             continue
         real_shape = (1, *adjoints[start].shape[1:])
-        token_axes = _token_axes(tail, real_shape, adjoints[start].dtype)
+        token_axes = _token_axes(tail, real_shape, adjoints[start].dtype, adjoints[start].device)
         if not token_axes:
             continue
         feature_axes = tuple(a for a in range(1, len(real_shape)) if a not in token_axes)
@@ -605,10 +605,12 @@ def _find_static(pooling: EarlyPooling, adjoints: dict, other_image: dict) -> No
                       if abs(factors[node] - factors[reference]) <= MATCH_TOLERANCE * abs(factors[reference])}
 
 
-def _token_axes(tail: UnitTail, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[int, ...]:
+def _token_axes(tail: UnitTail, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+                ) -> tuple[int, ...]:
     """Axes of the start value whose size the output's shape does not depend on."""
     try:
-        reference = tail.run(shape, {tail.start: torch.zeros((1, *shape), dtype=dtype)}, dtype=dtype)
+        reference = tail.run(shape, {tail.start: torch.zeros((1, *shape), dtype=dtype, device=device)},
+                             dtype=dtype, device=device)
     except _TAIL_FAILURES:
         return ()
     expected = reference[tail.start].shape
@@ -619,7 +621,8 @@ def _token_axes(tail: UnitTail, shape: tuple[int, ...], dtype: torch.dtype) -> t
         smaller = list(shape)
         smaller[axis] -= 1
         try:
-            out = tail.run(tuple(smaller), {tail.start: torch.zeros((1, *smaller), dtype=dtype)}, dtype=dtype)
+            out = tail.run(tuple(smaller), {tail.start: torch.zeros((1, *smaller), dtype=dtype, device=device)},
+                           dtype=dtype, device=device)
         except _TAIL_FAILURES:
             continue
         if out[tail.start].shape == expected:
@@ -630,10 +633,10 @@ def _token_axes(tail: UnitTail, shape: tuple[int, ...], dtype: torch.dtype) -> t
 def _verified_nodes(tail: UnitTail, start_shape: tuple[int, ...], candidates: list[fx.Node],
                     adjoints: dict[fx.Node, torch.Tensor], cotangents: torch.Tensor) -> dict[fx.Node, PooledNode]:
     """Candidates whose real adjoints match the unit tail on ``start_shape``."""
-    dtype = cotangents.dtype
+    dtype, device = cotangents.dtype, cotangents.device
     shapes: dict = {}
     try:
-        tail.run(start_shape, dtype=dtype, shapes=shapes)
+        tail.run(start_shape, dtype=dtype, device=device, shapes=shapes)
     except _TAIL_FAILURES:
         return {}
     nodes = [n for n in candidates if n in shapes and n in adjoints]
@@ -641,9 +644,10 @@ def _verified_nodes(tail: UnitTail, start_shape: tuple[int, ...], candidates: li
         return {}
     count = cotangents.shape[0]
     with torch.enable_grad():
-        leaves = {n: torch.zeros((count, *shapes[n]), dtype=dtype, requires_grad=True) for n in nodes}
+        leaves = {n: torch.zeros((count, *shapes[n]), dtype=dtype, device=device, requires_grad=True)
+                  for n in nodes}
         try:
-            out = tail.run(start_shape, leaves, dtype=dtype)
+            out = tail.run(start_shape, leaves, dtype=dtype, device=device)
         except _TAIL_FAILURES:
             return {}
         if not out:
@@ -791,7 +795,7 @@ def _head_features(gm: fx.GraphModule, chain: list[fx.Node], values: dict) -> to
     else:
         count = math.prod(value.shape[d] for d in head_dims)
         view = [value.shape[d] if d in head_dims else 1 for d in range(value.dim())]
-        head_code = (torch.arange(count, dtype=value.dtype) + 1).reshape(view).expand(value.shape)
+        head_code = (torch.arange(count, dtype=value.dtype, device=value.device) + 1).reshape(view).expand(value.shape)
     code, real = head_code, value
     for previous, op in itertools.pairwise(chain):
         evaluate = Evaluator(gm, op, values)
@@ -814,10 +818,10 @@ def _head_features(gm: fx.GraphModule, chain: list[fx.Node], values: dict) -> to
     return heads
 
 
-def source_row_code(shape: tuple[int, ...]) -> torch.Tensor:
+def source_row_code(shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
     """For a birth value [N, *heads, Nq, d]: n·Nq + q + 1 at every element (float64, exact)."""
     rows, queries = shape[0], shape[-2]
-    code = torch.arange(rows * queries, dtype=torch.float64) + 1
+    code = torch.arange(rows * queries, dtype=torch.float64, device=device) + 1
     view = [rows] + [1] * (len(shape) - 3) + [queries, 1]
     return code.reshape(view).expand(shape)
 
@@ -838,10 +842,10 @@ def _head_columns(gm: fx.GraphModule, chain: list[fx.Node], values: dict, heads:
     if birth.dim() < 3 or birth.numel() >= 2 ** 52 or last.dim() < 2:
         return None
     rows, queries, width = birth.shape[0], birth.shape[-2], birth.shape[-1]
-    columns = (torch.arange(width, dtype=torch.float64) + 1).expand(birth.shape)
+    columns = (torch.arange(width, dtype=torch.float64, device=birth.device) + 1).expand(birth.shape)
     try:
         source, within = (pushed(gm, chain, values, code.contiguous()) for code in
-                          (source_row_code(tuple(birth.shape)), columns))
+                          (source_row_code(tuple(birth.shape), birth.device), columns))
     except Exception:
         return None
     if not isinstance(source, torch.Tensor) or source.shape != last.shape or within.shape != last.shape:
@@ -874,7 +878,7 @@ def _row_step(gm: fx.GraphModule, op: fx.Node, source: fx.Node, values: dict,
         return None
     evaluate = Evaluator(gm, op, values)
     generator = torch.Generator().manual_seed(0)
-    noise = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(x.dtype)
+    noise = torch.randn(x.shape, generator=generator, dtype=torch.float64, device="cpu").to(x)
     try:
         out = evaluate({source: noise})
     except Exception:
@@ -911,7 +915,8 @@ def row_scale(gm: fx.GraphModule, norm: fx.Node, source: fx.Node, values: dict,
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or norm_argument(norm, values, "input") is not x:
         return None
     generator = torch.Generator().manual_seed(1)
-    probes = torch.randn(2 if checked else 1, x.shape[-1], generator=generator, dtype=torch.float64).to(x.dtype)
+    probes = torch.randn(2 if checked else 1, x.shape[-1], generator=generator, dtype=torch.float64,
+                         device="cpu").to(x)
     try:
         frozen = [apply_affine(gm, norm, OpKind.NORM, values, source, p.expand(1, *x.shape))[0][0]
                   for p in probes]                                                      # [*rows, F] each
@@ -936,7 +941,7 @@ def _moves_rows(evaluate: Evaluator, source: fx.Node, noise: torch.Tensor, out: 
     rows = math.prod(noise.shape[:-1])
     if rows >= 2 / torch.finfo(noise.dtype).eps:
         return False  # row numbers would not be exact in this dtype
-    code = (torch.arange(rows, dtype=noise.dtype) + 1).reshape(*noise.shape[:-1], 1).expand(noise.shape)
+    code = (torch.arange(rows, dtype=noise.dtype, device=noise.device) + 1).reshape(*noise.shape[:-1], 1).expand(noise.shape)
     try:
         moved = evaluate({source: code.contiguous()})
     except Exception:

@@ -118,7 +118,7 @@ def codes_from_graph(x: torch.Tensor, y: torch.Tensor, codes: torch.Tensor, dire
     best_plain = torch.zeros_like(x)
     best_ratio = torch.zeros_like(x)
     for _ in range(directions):
-        direction = (torch.rand(y.shape, generator=generator, dtype=torch.float64) + 0.5).to(y)
+        direction = (torch.rand(y.shape, generator=generator, dtype=torch.float64, device="cpu") + 0.5).to(y)
         coded, = torch.autograd.grad(y, x, direction * codes.to(y), retain_graph=True)
         plain, = torch.autograd.grad(y, x, direction, retain_graph=True)
         better = plain.abs() > best_plain.abs()
@@ -133,13 +133,14 @@ def codes_from_graph(x: torch.Tensor, y: torch.Tensor, codes: torch.Tensor, dire
     return rounded.long()
 
 
-def source_codes(shape: torch.Size, key_axis: int, window_axis: int) -> torch.Tensor:
+def source_codes(shape: torch.Size, key_axis: int, window_axis: int, device: torch.device | str = "cpu"
+                 ) -> torch.Tensor:
     """``window * Nk + key + 1`` broadcast over a values tensor of ``shape``."""
     key_axis, window_axis = key_axis % len(shape), window_axis % len(shape)
     key_view, window_view = [1] * len(shape), [1] * len(shape)
     key_view[key_axis], window_view[window_axis] = shape[key_axis], shape[window_axis]
-    keys = torch.arange(shape[key_axis], dtype=torch.float64).view(key_view)
-    windows = torch.arange(shape[window_axis], dtype=torch.float64).view(window_view)
+    keys = torch.arange(shape[key_axis], dtype=torch.float64, device=device).view(key_view)
+    windows = torch.arange(shape[window_axis], dtype=torch.float64, device=device).view(window_view)
     return (windows * shape[key_axis] + keys + 1).expand(shape)
 
 
@@ -150,7 +151,8 @@ def support_positions(image: torch.Tensor, embedding: torch.Tensor, element_keys
     One batched vector-Jacobian product per chunk of keys; used when receptive fields overlap.
     """
     generator = torch.Generator().manual_seed(2)
-    direction = (torch.rand(embedding.shape, generator=generator, dtype=torch.float64) + 0.5).to(embedding)
+    direction = (torch.rand(embedding.shape, generator=generator, dtype=torch.float64, device="cpu") + 0.5
+                 ).to(embedding)
     centroids: list[tuple[float, float] | None] = []
     for start in range(0, keys, chunk):
         codes = torch.arange(start + 1, min(start + chunk, keys) + 1, device=element_keys.device)
@@ -215,7 +217,7 @@ def attention_key_positions(gm: fx.GraphModule, plan: TrunkPlan, values: dict, d
         windows = value.shape[batch_axis]  # the probe has one image: more rows are windows
         keys = value.shape[axis] * windows
         element_keys = code_of_inputs(subgraph_function(gm, values, fork, value_node), values[fork],
-                                      source_codes(value.shape, axis, batch_axis))
+                                      source_codes(value.shape, axis, batch_axis, value.device))
         if element_keys is None:
             positions[birth_node] = [None] * keys
             continue
