@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -67,12 +68,32 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-kwargs", help='JSON keyword arguments for the model constructor, e.g. \'{"depth": 2}\'')
     parser.add_argument("--image-size", type=int, help="override the model's input size")
     parser.add_argument("--level", default="head", choices=["branch", "head", "token"])
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu; under torchrun "
+                        "each rank takes cuda:LOCAL_RANK)")
+
+
+def _device(requested: str | None) -> torch.device:
+    """``--device``, or cuda when there is one; a torchrun rank's bare ``cuda`` is its LOCAL_RANK's GPU."""
+    name = requested or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"--device {name!r} is not a torch device ({error}); use e.g. cpu, cuda, cuda:1") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda was given but torch sees no CUDA GPU; use --device cpu")
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+        torch.cuda.set_device(device)
+    return device
 
 
 def _command_trace(args) -> int:
     model, config = _model_and_data_config(args)
+    device = _device(args.device)
     size = tuple(config["input_size"])
-    images = _synthetic_images(args.batch, size[-1])[:, : size[0]]
+    images = _synthetic_images(args.batch, size[-1])[:, : size[0]].to(device)
+    model = model.to(device)
     summary, table = _decompose_and_report(model, images, args.level)
     print(table)
     print(json.dumps(summary, indent=2))
@@ -80,16 +101,15 @@ def _command_trace(args) -> int:
 
 
 def _command_decompose(args) -> int:
-    import os
-
     from .dataset import decompose_dataset, evaluation_transform
 
+    device = _device(args.device)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed and not torch.distributed.is_initialized():  # launched by torchrun
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     model, config = _model_and_data_config(args)
     transform, preprocessing = evaluation_transform(config)
-    decomposer = trace_and_decompose(model)
+    decomposer = trace_and_decompose(model.to(device))
     try:
         store = decompose_dataset(decomposer, args.images, args.out, level=args.level, transform=transform,
                                   preprocessing=preprocessing, model_name=args.model, checkpoint=args.checkpoint,

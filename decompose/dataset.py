@@ -132,7 +132,7 @@ def decompose_dataset(decomposer: Decomposer, images: str | Path, out: str | Pat
         for batch, batch_ids, batch_skipped in loader:
             skipped += batch_skipped
             if batch is not None:
-                dec = decomposer(batch.to(_model_dtype(decomposer)), level=level)
+                dec = decomposer(batch.to(**_model_tensors(decomposer)), level=level)
                 components.append(dec.components.to("cpu", store_dtype))
                 representation.append(dec.representation.to("cpu", store_dtype))
                 kept += batch_ids
@@ -151,9 +151,10 @@ def decompose_dataset(decomposer: Decomposer, images: str | Path, out: str | Pat
     return None
 
 
-def _model_dtype(decomposer: Decomposer) -> torch.dtype:
+def _model_tensors(decomposer: Decomposer) -> dict:
+    """dtype and device of the model's parameters (images go there)."""
     parameter = next(decomposer.graph_module.parameters(), None)
-    return parameter.dtype if parameter is not None else torch.float32
+    return {"dtype": parameter.dtype, "device": parameter.device} if parameter is not None else {"dtype": torch.float32}
 
 
 def _labels_and_shape(decomposer: Decomposer, dataset: ImageFiles, level: str):
@@ -161,7 +162,7 @@ def _labels_and_shape(decomposer: Decomposer, dataset: ImageFiles, level: str):
     for index in range(len(dataset)):
         tensor, _, error = dataset[index]
         if error is None:
-            dec = decomposer(tensor.unsqueeze(0).to(_model_dtype(decomposer)), level=level)
+            dec = decomposer(tensor.unsqueeze(0).to(**_model_tensors(decomposer)), level=level)
             return dec.labels, tuple(dec.representation.shape[1:])
     raise ValueError(f"none of the {len(dataset)} files under {dataset.root} is a readable image")
 

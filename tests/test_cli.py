@@ -23,3 +23,14 @@ def test_cli_reports_bad_checkpoint_and_unknown_model(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["trace", "--model", "not_a_model_xyz"]) == 2
     assert "unknown timm model" in capsys.readouterr().err
+
+
+def test_cli_device_option(capsys):
+    tiny = ["--model", "vit_tiny_patch16_224", "--model-kwargs", '{"depth": 1, "img_size": 32}']
+    assert main(["trace", *tiny, "--device", "cpu"]) == 0
+    assert '"relative_error"' in capsys.readouterr().out
+    assert main(["trace", *tiny, "--device", "gpu0"]) == 2
+    assert "is not a torch device" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["trace", *tiny, "--device", "cuda"]) == 2
+        assert "sees no CUDA GPU" in capsys.readouterr().err
