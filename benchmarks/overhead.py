@@ -72,7 +72,8 @@ def _runner(model, images, level):
 
 
 def _timings(name, batch, levels, repeats, image_size, depth, device, queue):
-    """Child process: median seconds per level, forward and levels interleaved (fair under load)."""
+    """Child process: median seconds per level, forward and levels interleaved (fair under load);
+    on CUDA also each level's peak memory (``"peak"``: level -> bytes), measured in the same process."""
     model, images = _setup(name, batch, image_size, depth, device)
     runners = {level: _runner(model, images, level) for level in ("forward", *levels)}
     times = {level: [] for level in runners}
@@ -81,7 +82,20 @@ def _timings(name, batch, levels, repeats, image_size, depth, device, queue):
     for _ in range(repeats):
         for level, run in runners.items():
             times[level].append(_elapsed(run, device))
-    queue.put({level: statistics.median(values) for level, values in times.items()})
+    result = {level: statistics.median(values) for level, values in times.items()}
+    if device != "cpu":
+        result["peak"] = {level: _cuda_peak(run) for level, run in runners.items()}
+    queue.put(result)
+
+
+def _cuda_peak(run) -> int:
+    """Bytes one call adds to the CUDA allocator's high-water mark (model and plan excluded)."""
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run()
+    torch.cuda.synchronize()
+    return max(torch.cuda.max_memory_allocated() - baseline, 1)
 
 
 def _elapsed(run, device) -> float:
@@ -98,25 +112,19 @@ def _elapsed(run, device) -> float:
 
 
 def _peak_memory(name, batch, level, image_size, depth, device, allocator, queue):
-    """Child process: peak bytes one call of ``level`` adds to the process (model and plan excluded)."""
-    if device == "cpu" and allocator == "fixed":
+    """Child process (CPU): peak bytes one call of ``level`` adds to the resident set (model and plan
+    excluded)."""
+    if allocator == "fixed":
         _fix_mmap_threshold()
     model, images = _setup(name, batch, image_size, depth, device)
     run = _runner(model, images, level)
-    if device == "cpu" and allocator == "default" and level == "forward":
+    if allocator == "default" and level == "forward":
         run()  # the decomposer's runner has planned on one image: both have allocated and freed once
-    if device == "cpu":
-        _release_free_memory()
-        baseline = _resident_bytes()
-        _reset_peak()
-        run()
-        queue.put(max(_peak_resident_bytes() - baseline, 1))
-    else:
-        torch.cuda.synchronize()
-        baseline = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        run()
-        queue.put(max(torch.cuda.max_memory_allocated() - baseline, 1))
+    _release_free_memory()
+    baseline = _resident_bytes()
+    _reset_peak()
+    run()
+    queue.put(max(_peak_resident_bytes() - baseline, 1))
 
 
 def _fix_mmap_threshold() -> None:
@@ -196,11 +204,15 @@ def table(models, batch, levels, repeats, device, image_size=None, depth=None, a
                 alone = _in_child(_timings, name, batch, [level], repeats, image_size, depth, device) or {}
                 times.setdefault("forward", alone.get("forward"))
                 times[level] = alone.get(level)
-        memory = {level: _in_child(_peak_memory, name, batch, level, image_size, depth, device, allocator)
-                  for level in ("forward", *levels)}
+        if device == "cpu":  # resident peaks need a fresh process per level
+            memory = {level: _in_child(_peak_memory, name, batch, level, image_size, depth, device, allocator)
+                      for level in ("forward", *levels)}
+        else:
+            memory = times.pop("peak", None) or {}
+            memory = {level: memory.get(level) for level in ("forward", *levels)}
         row = {"model": name, "batch": batch, "image_size": image_size, "depth": depth,
-               "forward_s": times["forward"], "forward_peak_mb": memory["forward"] / 2**20,
-               "images_per_s": batch / times["forward"]}
+               "forward_s": times["forward"], "forward_peak_mb": _ratio(memory["forward"], 2**20),
+               "images_per_s": _ratio(batch, times["forward"])}
         for level in levels:
             row[f"{level}_time_x"] = _ratio(times.get(level), times["forward"])
             row[f"{level}_memory_x"] = _ratio(memory[level], memory["forward"])
@@ -221,10 +233,13 @@ def _print_row(row, levels):
         parts.append(f"img={row['image_size']}")
     if row["depth"]:
         parts.append(f"depth={row['depth']}")
-    parts.append(f"fwd {row['forward_s'] * 1000:8.1f} ms {row['forward_peak_mb']:7.1f} MB")
+    parts.append(f"fwd {row['forward_s'] * 1000:8.1f} ms {row['images_per_s']:7.1f} img/s "
+                 + (f"{row['forward_peak_mb']:7.1f} MB" if row["forward_peak_mb"] is not None else "failed mem"))
     for level in levels:
-        time_x, memory_x, peak = (row[f"{level}_{key}"] for key in ("time_x", "memory_x", "peak_mb"))
-        parts.append(f"{level}: " + (f"{time_x:5.2f}x time" if time_x is not None else "failed time") + " "
+        time_x, memory_x, peak, rate = (row[f"{level}_{key}"] for key in ("time_x", "memory_x", "peak_mb",
+                                                                          "images_per_s"))
+        parts.append(f"{level}: " + (f"{time_x:5.2f}x time ({rate:.1f} img/s)" if time_x is not None
+                                     else "failed time") + " "
                      + (f"{memory_x:5.2f}x mem ({peak:.0f} MB)" if memory_x is not None else "failed mem"))
     print("  ".join(parts), flush=True)
 
@@ -243,6 +258,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"allocator {args.allocator}")
+    if args.device.startswith("cuda"):
+        print(f"  {torch.cuda.get_device_name(args.device)}; TF32 matmul {torch.backends.cuda.matmul.allow_tf32}, "
+              f"TF32 cuDNN {torch.backends.cudnn.allow_tf32}")
     options = {"allocator": args.allocator}
     rows = table(args.models, args.batch, args.levels, args.repeats, args.device, **options)
     if args.scaling:
