@@ -28,9 +28,8 @@ from tracer.linear_rules import (
     apply_affine,
     bias_free_call,
     has_bias_argument,
-    is_in_place,
 )
-from tracer.ops import op_kind
+from tracer.ops import is_in_place, op_kind
 from tracer.pooling import MAP, SCALE, EarlyPooling, PooledBranch, row_scale, source_row_code, unit_norm
 from tracer.roles import TrunkPlan
 

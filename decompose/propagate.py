@@ -210,6 +210,21 @@ def _compacted_components(gm, plan, node, role, real, carried, level, registry, 
 
 
 MAX_CHUNKS = 512
+# before an op, many chunks holding few elements in all are stacked into one (one call instead of many)
+STACK_CHUNKS, STACK_ELEMENTS = 8, 2**22
+
+
+def _few_chunks(carried: Carried) -> Carried:
+    """``carried`` with its chunks stacked into one when they are many but small (the constants and
+    head rows that reach a CLS model's final norm); the probe chunk of a ``Parking`` stays apart."""
+    if len(carried.chunks) <= STACK_CHUNKS or not all(isinstance(c.values, torch.Tensor) for c in carried.chunks):
+        return carried
+    probe, rest = split_probe(carried)
+    shape = rest[0].values.shape[1:]
+    if sum(len(c.ids) for c in rest) * shape.numel() > STACK_ELEMENTS:
+        return carried
+    rest = Carried(rest)
+    return Carried(probe + [Chunk(rest.ids, rest.stacked())])
 
 
 def _consolidated(carried: Carried) -> Carried:
@@ -250,6 +265,8 @@ def _components_of(gm, plan, node, role, real, carried, level, registry, images,
         born = split_birth(gm, birth, real, level, birth_slice, batch_size=images.shape[0])
         ids = [registry.new(born_label(birth, node, h, t, key_positions)) for h, t in zip(born.heads, born.tokens)]
         return _with_offsets(Carried.single(ids, born.values), born.offsets, layer, node, registry)
+    if node in plan.passthrough and node.args[0] in carried:  # the op returns its input as it is
+        return carried[node.args[0]]
     kind = op_kind(node, gm)
     inputs = [n for n in node.all_input_nodes if n in carried]
     if kind in (OpKind.AFFINE, OpKind.NORM):  # reshape_as(x), type_as(x): x gives a shape, not data
@@ -259,7 +276,7 @@ def _components_of(gm, plan, node, role, real, carried, level, registry, images,
     if len(inputs) != 1:
         raise RuntimeError(f"internal: {describe(node)} has {len(inputs)} carried inputs")
     chunks, offsets = [], []
-    for k, chunk in enumerate(carried[inputs[0]].chunks):
+    for k, chunk in enumerate(_few_chunks(carried[inputs[0]]).chunks):
         values, chunk_offsets = apply_affine(gm, op, kind, real, inputs[0], chunk.values)
         chunks.append(Chunk(chunk.ids, values))
         if k == 0:  # offsets do not depend on the components
@@ -312,20 +329,27 @@ def _merge_sum(a: Carried, b: Carried, sign: float) -> Carried:
     everything = a.chunks + b.chunks
     if not everything:  # both operands computed elsewhere (see early_pooling.Parking)
         return Carried([])
-    shapes = [tree_flatten(c.values)[0] for c in everything]
-    common = [torch.broadcast_shapes(*(leaves[i].shape[1:] for leaves in shapes)) if _is_floating(leaf) else None
-              for i, leaf in enumerate(shapes[0])]
+    if all(isinstance(c.values, torch.Tensor) for c in everything):  # the common case, without pytrees
+        shape = torch.broadcast_shapes(*{c.values.shape[1:] for c in everything})
+        common = [shape]
 
-    def broadcast(values: Any) -> Any:
-        leaves, structure = tree_flatten(values)
-        return tree_unflatten([leaf.expand(leaf.shape[0], *common[i]) if _is_floating(leaf) else leaf
-                               for i, leaf in enumerate(leaves)], structure)
+        def broadcast(values: Any) -> Any:
+            return values if values.shape[1:] == shape else values.expand(values.shape[0], *shape)
+    else:
+        shapes = [tree_flatten(c.values)[0] for c in everything]
+        common = [torch.broadcast_shapes(*(leaves[i].shape[1:] for leaves in shapes)) if _is_floating(leaf)
+                  else None for i, leaf in enumerate(shapes[0])]
+
+        def broadcast(values: Any) -> Any:
+            leaves, structure = tree_flatten(values)
+            return tree_unflatten([leaf.expand(leaf.shape[0], *common[i]) if _is_floating(leaf) else leaf
+                                   for i, leaf in enumerate(leaves)], structure)
 
     chunks = [Chunk(c.ids, broadcast(c.values)) for c in a.chunks]
     a_ids = set(a.ids)
     for chunk in b.chunks:
         values = broadcast(chunk.values if sign == 1.0 else _leafwise(lambda leaf: leaf * sign, chunk.values))
-        if not a_ids.intersection(chunk.ids):
+        if a_ids.isdisjoint(chunk.ids):
             chunks.append(Chunk(chunk.ids, values))
             continue
         same = next((k for k, c in enumerate(chunks) if c.ids == chunk.ids), None)

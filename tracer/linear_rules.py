@@ -34,7 +34,8 @@ from .attention import (
     sdpa_values,
     sdpa_weights,
 )
-from .ops import META_FUNCTIONS, META_METHODS, OpKind, is_subtraction
+from .component_axis import with_component_axis
+from .ops import IN_PLACE_FUNCTIONS, META_FUNCTIONS, META_METHODS, OpKind, is_in_place, is_subtraction
 from .probe import ReplacedCall, ValueOverlay, node_arguments
 from .tracing import MODEL_PREFIX, call_target, module_path
 
@@ -83,6 +84,12 @@ class Evaluator:
         other leaves (sizes) are taken from one call.
         """
         nodes = list(carriers)
+        if len(nodes) == 1 and isinstance(carriers[nodes[0]], torch.Tensor):  # shape ops: no vmap needed
+            components = carriers[nodes[0]]
+            args, kwargs = node_arguments(self.node, ValueOverlay(self.real, {nodes[0]: components}))
+            out = with_component_axis(self.node, args, kwargs, components)
+            if out is not None:
+                return out
         try:  # the common case: tensor (or tuple of tensors) out, an op with a batching rule
             with warnings.catch_warnings():  # "no batching rule ... performance drop": still exact
                 warnings.filterwarnings("ignore", message="There is a performance drop")
@@ -114,21 +121,11 @@ def _is_floating(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.is_floating_point()
 
 
-_IN_PLACE_FUNCTIONS = {operator.iadd: operator.add, operator.isub: operator.sub,
-                       operator.imul: operator.mul, operator.itruediv: operator.truediv}
-
-
-def is_in_place(node: fx.Node) -> bool:
-    """Whether ``node`` writes into its first argument (``x.add_(y)``, ``x += y``)."""
-    return ((node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_"))
-            or (node.op == "call_function" and node.target in _IN_PLACE_FUNCTIONS))
-
-
 def _out_of_place(node):
     """In-place ops must not write into component tensors shared with other nodes."""
     if not is_in_place(node):
         return node
-    target = node.target[:-1] if node.op == "call_method" else _IN_PLACE_FUNCTIONS[node.target]
+    target = node.target[:-1] if node.op == "call_method" else IN_PLACE_FUNCTIONS[node.target]
     return ReplacedCall(node, node.args, node.kwargs, target=target)
 
 

@@ -17,6 +17,16 @@ import torch.nn.functional as F
 from torch import nn
 
 
+IN_PLACE_FUNCTIONS = {operator.iadd: operator.add, operator.isub: operator.sub,
+                       operator.imul: operator.mul, operator.itruediv: operator.truediv}
+
+
+def is_in_place(node: fx.Node) -> bool:
+    """Whether ``node`` writes into its first argument (``x.add_(y)``, ``x += y``)."""
+    return ((node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_"))
+            or (node.op == "call_function" and node.target in IN_PLACE_FUNCTIONS))
+
+
 class OpKind(enum.Enum):
     ADDITIVE = "additive"      # linear in every data input jointly: add, sub, cat, stack
     AFFINE = "affine"          # affine in its first input, other inputs are not data

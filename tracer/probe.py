@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_map
 
-from .ops import META_FUNCTIONS, META_METHODS
+from .ops import META_FUNCTIONS, META_METHODS, is_in_place
 from .tracing import call_target, describe
 
 
@@ -64,6 +64,7 @@ class Probe:
     gm: fx.GraphModule
     values: dict[fx.Node, Any]
     data_nodes: set[fx.Node] = field(default_factory=set)
+    passthrough: set[fx.Node] = field(default_factory=set)  # ops that returned their input itself
 
     def is_data(self, node: Any) -> bool:
         return isinstance(node, fx.Node) and node in self.data_nodes
@@ -84,11 +85,23 @@ def _carries_image_data(node: fx.Node, value: Any, data_nodes: set[fx.Node]) -> 
     return has_tensor and any(n in data_nodes for n in node.all_input_nodes)
 
 
+def _passes_through(node: fx.Node, live: dict, values: dict) -> bool:
+    """The op returned its first argument itself, unchanged (dropout in eval mode, ``contiguous()``,
+    a no-op ``.to()``): not a copy, so on any input it does nothing to the values."""
+    if node.op not in ("call_function", "call_method") or is_in_place(node) or node.kwargs.get("inplace"):
+        return False
+    source = node.args[0] if node.args else None
+    out = live[node]
+    return (isinstance(source, fx.Node) and isinstance(out, torch.Tensor) and live.get(source) is out
+            and isinstance(values.get(source), torch.Tensor) and torch.equal(out, values[source]))
+
+
 def run_probe(gm: fx.GraphModule, images: torch.Tensor) -> Probe:
     """Run ``gm`` on ``images`` node by node, keeping a snapshot of every value."""
     values: dict[fx.Node, Any] = {}
     live: dict[fx.Node, Any] = {}
     data_nodes: set[fx.Node] = set()
+    passthrough: set[fx.Node] = set()
     with torch.no_grad():
         for node in gm.graph.nodes:
             if node.op == "placeholder":
@@ -106,10 +119,12 @@ def run_probe(gm: fx.GraphModule, images: torch.Tensor) -> Probe:
                     raise ModelRunError(
                         f"the model failed on input of shape {tuple(images.shape)} at "
                         f"{describe(node)}: {type(error).__name__}: {error}") from error
+                if _passes_through(node, live, values):
+                    passthrough.add(node)
             values[node] = _snapshot(live[node])
             if _carries_image_data(node, live[node], data_nodes):
                 data_nodes.add(node)
-    return Probe(gm, values, data_nodes)
+    return Probe(gm, values, data_nodes, passthrough)
 
 
 def _first_placeholder(gm: fx.GraphModule) -> fx.Node:

@@ -70,6 +70,7 @@ class TrunkPlan:
     probe_image: Any = None                  # the image [1, C, H, W] the plan was probed with
     key_positions: Any = None                # attention birth -> key positions (level token)
     pooling: Any = None                      # pooling.EarlyPooling when pruning is on and the output is pooled
+    passthrough: set[fx.Node] = field(default_factory=set)  # ops that return their input (dropout in eval)
 
     def layer(self, node: fx.Node) -> int | None:
         """Residual block index of the branch ``node`` belongs to (None on the trunk)."""
@@ -239,6 +240,7 @@ def plan_trunk(gm: fx.GraphModule, probe: Probe, cut_nonlinear_trunk: bool = Fal
             target = retarget.new_target
             continue
         plan.stopped_before = stopped_before
+        plan.passthrough = {n for n in probe.passthrough if n in plan.roles and plan.roles[n] is not Role.BIRTH}
         _name_births(plan, analysis)
         return plan
 
