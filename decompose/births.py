@@ -28,7 +28,7 @@ from tracer.attention import (
 from tracer.linear_rules import Offset
 from tracer.ops import is_multihead_attention
 from tracer.probe import node_arguments
-from tracer.relevance import Slice
+from tracer.relevance import Slice, index_tensor
 from tracer.roles import Birth
 
 LEVELS = ("branch", "head", "token")
@@ -94,7 +94,7 @@ def attention_parts(node: fx.Node, real: dict) -> AttentionParts | None:
 
 def _slice_parts(parts: AttentionParts, spec: Slice, ndim: int) -> AttentionParts:
     """Weights and values restricted to the positions ``spec`` keeps of ``weights @ values``."""
-    index = torch.tensor(spec.index, dtype=torch.long, device=parts.weights.device)
+    index = index_tensor(spec.index, parts.weights.device)
     axis = spec.axis - ndim                     # negative: aligns operands of different rank
     weights, values = parts.weights, parts.values
     if axis == -2:                              # query axis
@@ -163,7 +163,7 @@ def _split_multihead(gm: fx.GraphModule, node: fx.Node, real: dict, level: str,
     real_out = real[node][0]
     query_axis = 1 if mha.batch_first else 0
     if spec is not None and spec.axis == query_axis:  # only some query tokens are needed
-        index = torch.tensor(spec.index, dtype=torch.long, device=parts.weights.device)
+        index = index_tensor(spec.index, parts.weights.device)
         parts = AttentionParts(parts.weights.index_select(-2, index), parts.values)
         real_out = spec.take(real_out)
         spec = None

@@ -16,6 +16,7 @@ on that row. This module finds such pruning from the graph, never from names:
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,13 @@ from .tracing import call_target
 COMPACT_FRACTION = 0.5
 
 
+@functools.lru_cache(maxsize=4096)
+def index_tensor(index: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """``index`` as a long tensor on ``device``, made once (a host-to-device copy per call costs
+    more than the slicing on a GPU)."""
+    return torch.tensor(index, dtype=torch.long, device=device)
+
+
 @dataclass(frozen=True)
 class Slice:
     """Kept positions ``index`` along ``axis`` (of the real value; batch axis included)."""
@@ -40,16 +48,14 @@ class Slice:
 
     def take(self, tensor: torch.Tensor, leading: int = 0) -> torch.Tensor:
         """Slice ``tensor`` (with ``leading`` extra axes in front, e.g. the component axis)."""
-        index = torch.tensor(self.index, dtype=torch.long, device=tensor.device)
-        return tensor.index_select(self.axis + leading, index)
+        return tensor.index_select(self.axis + leading, index_tensor(self.index, tensor.device))
 
     def scatter(self, compact: torch.Tensor, leading: int = 0) -> torch.Tensor:
         """Zero-filled full-size tensor holding ``compact`` at the kept positions."""
         shape = list(compact.shape)
         shape[self.axis + leading] = self.full
         full = compact.new_zeros(shape)
-        index = torch.tensor(self.index, dtype=torch.long, device=compact.device)
-        return full.index_copy(self.axis + leading, index, compact)
+        return full.index_copy(self.axis + leading, index_tensor(self.index, compact.device), compact)
 
 
 def find_slice(mask: torch.Tensor) -> Slice | None:
