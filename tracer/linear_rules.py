@@ -238,16 +238,21 @@ def blockwise_linear(components: torch.Tensor, weight: torch.Tensor) -> torch.Te
     count = nonzero.sum(1)
     start = nonzero.float().argmax(1)
     stop = features - nonzero.flip(1).float().argmax(1)
-    if bool(((stop - start != count) & (count > 0)).any()) or bool((count > features // 2).any()):
+    spans = torch.stack([start, stop, count.to(start.dtype)], 1).long().tolist()  # one read-back
+    if any((b - a != n and n > 0) or n > features // 2 for a, b, n in spans):
         return None
     out = components.new_zeros(components.shape[:-1] + (weight.shape[0],))
     blocks: dict[tuple[int, int], list[int]] = {}
-    for k, (a, b, n) in enumerate(zip(start.tolist(), stop.tolist(), count.tolist())):
+    for k, (a, b, n) in enumerate(spans):
         if n:
             blocks.setdefault((a, b), []).append(k)
     for (a, b), rows in blocks.items():
-        index = torch.tensor(rows, device=components.device)
-        out[index] = F.linear(components[index][..., a:b], weight[:, a:b])
+        first, last = rows[0], rows[-1] + 1
+        if last - first == len(rows):  # consecutive rows (one head's components): a view, no gather
+            out[first:last] = F.linear(components[first:last, ..., a:b], weight[:, a:b])
+        else:
+            index = torch.tensor(rows, device=components.device)
+            out[index] = F.linear(components[index][..., a:b], weight[:, a:b])
     return out
 
 
