@@ -147,7 +147,8 @@ def _propagate(gm, plan, images, level, registry, compact, on_carried, positions
             break
         role = plan.roles.get(node)
         if role is Role.BIRTH:  # births read their own real value
-            real[node] = _real_value(gm, node, real, images, placeholder)
+            with torch.no_grad():  # real values are constants (grad mode is on for a Parking's probe)
+                real[node] = _real_value(gm, node, real, images, placeholder)
         if role is not None and parking is not None and parking.computes(node):
             carried[node] = parking.step(gm, plan, node, real, registry, level, positions.get(node),
                                          images.shape[0])
@@ -158,7 +159,8 @@ def _propagate(gm, plan, images, level, registry, compact, on_carried, positions
             if on_carried is not None:
                 carried[node] = on_carried(node, carried[node])
         if role is not Role.BIRTH:
-            real[node] = _real_value(gm, node, real, images, placeholder)
+            with torch.no_grad():
+                real[node] = _real_value(gm, node, real, images, placeholder)
         if role is not None and parking is not None:
             parking.after_real(node, real)
             carried[node] = parking.park(node, carried[node], real)
