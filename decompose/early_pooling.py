@@ -249,16 +249,16 @@ class Parking:
     def _record_map(self, gm, plan, run: _BranchRun, node, carrier, real, registry, kind: str) -> None:
         inputs = {n: real[n] for n in node.all_input_nodes if n is not carrier}
         run.maps.append((node, carrier, inputs, kind))
-        width = real[carrier].shape[-1]
-        zero = real[carrier].new_zeros(1, 1, width)
-        if kind == SCALE:
-            scale = row_scale(gm, node, carrier, real, checked=False)  # the plan checked it on the probe
+        if kind == SCALE:  # its offsets (the norm's bias) come from the same full-size evaluation
+            offsets: list = []
+            scale = row_scale(gm, node, carrier, real, checked=False, offsets=offsets)  # checked when planning
             if scale is None:
                 raise RuntimeError(f"early pooling: no per-row scale at {node.name} for this batch; "
                                    f"decompose with prune=False")
             run.row_scale, run.scale_at = scale.reshape(-1), len(run.maps) - 1
-            zero = real[carrier].new_zeros(1, *real[carrier].shape)  # its per-row statistics need every row
-        _, offsets = apply_affine(gm, node, op_kind(node, gm), real, carrier, zero)
+        else:
+            _, offsets = apply_affine(gm, node, op_kind(node, gm), real, carrier,
+                                      real[carrier].new_zeros(1, 1, real[carrier].shape[-1]))
         for offset in offsets:
             component = registry.new(offset_label(offset, plan.layer(node), node))
             run.offsets.append((len(run.maps) - 1, component, offset.value.reshape(-1, offset.value.shape[-1])[0]))

@@ -907,10 +907,11 @@ def _row_step(gm: fx.GraphModule, op: fx.Node, source: fx.Node, values: dict,
 
 
 def row_scale(gm: fx.GraphModule, norm: fx.Node, source: fx.Node, values: dict,
-              checked: bool = True) -> torch.Tensor | None:
+              checked: bool = True, offsets: list | None = None) -> torch.Tensor | None:
     """[*rows] the frozen scale of each row where a norm's linear part is that scale times its unit
     part (``unit_norm``), as a layer or RMS norm over the features; None if it is not (a group norm).
-    ``checked=False`` skips the check on a second row (a plan already checked this norm)."""
+    ``checked=False`` skips the check on a second row (a plan already checked this norm).
+    ``offsets``, if given, receives the norm's offsets (its bias: ``Offset``s) from the same evaluation."""
     x = values.get(source)
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or norm_argument(norm, values, "input") is not x:
         return None
@@ -918,11 +919,13 @@ def row_scale(gm: fx.GraphModule, norm: fx.Node, source: fx.Node, values: dict,
     probes = torch.randn(2 if checked else 1, x.shape[-1], generator=generator, dtype=torch.float64,
                          device="cpu").to(x)
     try:
-        frozen = [apply_affine(gm, norm, OpKind.NORM, values, source, p.expand(1, *x.shape))[0][0]
-                  for p in probes]                                                      # [*rows, F] each
+        evaluated = [apply_affine(gm, norm, OpKind.NORM, values, source, p.expand(1, *x.shape)) for p in probes]
+        frozen = [out[0] for out, _ in evaluated]                                       # [*rows, F] each
         unit = [unit_norm(norm, values, p) for p in probes]                             # [F] each
     except _TAIL_FAILURES:
         return None
+    if offsets is not None:
+        offsets.extend(evaluated[0][1])
     first = unit[0].reshape(-1)
     scale = (frozen[0].reshape(-1, first.shape[0]) @ first) / (first @ first).clamp_min(torch.finfo(first.dtype).tiny)
     if not checked:
