@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 
 @dataclass(frozen=True)
@@ -27,9 +28,9 @@ class ComponentLabel:
     node: str = ""
     position: tuple[int, int] | str | None = None
 
-    @property
+    @cached_property
     def key(self) -> str:
-        """Unique, stable text key: ``blocks.3.attn.h5`` / ``blocks.3.attn.h5.t17``."""
+        """Unique, stable text key: ``blocks.3.attn.h5`` / ``blocks.3.attn.h5.t17`` (made once)."""
         key = self.name
         if self.head is not None:
             key += f".h{self.head}"

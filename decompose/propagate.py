@@ -265,7 +265,7 @@ def _components_of(gm, plan, node, role, real, carried, level, registry, images,
             values = images.unsqueeze(0)
             return Carried.single([registry.new(label)], _take(values, birth_slice) if birth_slice else values)
         born = split_birth(gm, birth, real, level, birth_slice, batch_size=images.shape[0])
-        ids = [registry.new(born_label(birth, node, h, t, key_positions)) for h, t in zip(born.heads, born.tokens)]
+        ids = registry.new_many(_birth_labels(plan, node, level, born, key_positions))
         return _with_offsets(Carried.single(ids, born.values), born.offsets, layer, node, registry)
     if node in plan.passthrough and node.args[0] in carried:  # the op returns its input as it is
         return carried[node.args[0]]
@@ -284,6 +284,16 @@ def _components_of(gm, plan, node, role, real, carried, level, registry, images,
         if k == 0:  # offsets do not depend on the components
             offsets = chunk_offsets
     return _with_offsets(Carried(chunks), offsets, layer, node, registry)
+
+
+def _birth_labels(plan: TrunkPlan, node: fx.Node, level: str, born, key_positions: list | None) -> list:
+    """The labels of a birth's components (tens of thousands at level token), built once per plan and
+    reused while the split gives the same (head, token) rows."""
+    cached = plan.labels.get((node, level))
+    if cached is None or cached[0] != born.heads or cached[1] != born.tokens:
+        labels = [born_label(plan.births[node], node, h, t, key_positions) for h, t in zip(born.heads, born.tokens)]
+        cached = plan.labels[(node, level)] = (list(born.heads), list(born.tokens), labels)
+    return cached[2]
 
 
 def born_label(birth, node: fx.Node, head: int | None, token: int | None,
