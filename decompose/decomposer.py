@@ -130,7 +130,8 @@ def relevance_masks(gm, plan: TrunkPlan, image: torch.Tensor) -> dict:
         generator = torch.Generator().manual_seed(0)
         direction = torch.randn(target.shape, generator=generator, dtype=torch.float64, device="cpu").to(target)
         (out.stacked().sum(0) * direction).sum().backward()
-    return {node: (delta.grad != 0) if delta.grad is not None else torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
+    return {node: (delta.grad != 0) if delta.grad is not None
+            else torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
             for node, delta in perturbations.items()}
 
 

@@ -1,13 +1,13 @@
-"""Shape ops on a stack of components without vmap, and ops that return their input."""
+"""Per-call shortcuts: shape ops without vmap, ops that return their input, labels built once per plan."""
 import operator
 
 import pytest
 import timm
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import fx
 
 from decompose import trace_and_decompose
 from tracer.component_axis import with_component_axis
@@ -93,3 +93,15 @@ def test_vit_dropouts_are_passed_through_and_the_sum_is_exact():
     with torch.no_grad():
         expected = model.forward_head(model.forward_features(images), pre_logits=True)
     assert torch.allclose(dec.components.sum(0), expected, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_cached_labels_match_a_fresh_decomposer_across_levels_and_batch_sizes():
+    """Labels built once per plan and level: a second call (another batch size, after another level)
+    gives exactly the labels of a new decomposer, and the sum stays the model's output."""
+    model = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, depth=2, img_size=32).eval()
+    decomposer = trace_and_decompose(model)
+    for level, batch in (("token", 1), ("head", 2), ("token", 3)):
+        images = torch.randn(batch, 3, 32, 32)
+        dec = decomposer(images, level=level)
+        assert dec.labels == trace_and_decompose(model)(images, level=level).labels
+        assert dec.relative_error() <= 1e-5

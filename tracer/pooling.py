@@ -944,7 +944,8 @@ def _moves_rows(evaluate: Evaluator, source: fx.Node, noise: torch.Tensor, out: 
     rows = math.prod(noise.shape[:-1])
     if rows >= 2 / torch.finfo(noise.dtype).eps:
         return False  # row numbers would not be exact in this dtype
-    code = (torch.arange(rows, dtype=noise.dtype, device=noise.device) + 1).reshape(*noise.shape[:-1], 1).expand(noise.shape)
+    code = torch.arange(rows, dtype=noise.dtype, device=noise.device) + 1
+    code = code.reshape(*noise.shape[:-1], 1).expand(noise.shape)
     try:
         moved = evaluate({source: code.contiguous()})
     except Exception:
