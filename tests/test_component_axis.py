@@ -43,6 +43,7 @@ CASES = [
     (_Op("call_function", operator.getitem), ((None, 1, slice(None, None, 2)),)),
     (_Op("call_function", operator.getitem), (-1,)),
     (_Op("call_method", "contiguous"), ()),
+    (_Op("call_function", F.pad), ((0, 0, 1, 2),)), (_Op("call_function", F.pad), ((1, 0, 0, 2, 1, 1),)),
 ]
 
 
@@ -105,3 +106,32 @@ def test_cached_labels_match_a_fresh_decomposer_across_levels_and_batch_sizes():
         dec = decomposer(images, level=level)
         assert dec.labels == trace_and_decompose(model)(images, level=level).labels
         assert dec.relative_error() <= 1e-5
+
+
+class _Padded(torch.nn.Module):
+    """Tokens padded on the trunk: with a constant (an offset component) or with zeros (none)."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+        self.embed = torch.nn.Conv2d(3, 8, 4, stride=4)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        x = F.pad(x, (0, 0, 1, 2), value=self.value) if self.value is not None else F.pad(x, (0, 0, 1, 2))
+        x = x + self.mlp(x)
+        return x.mean(1)
+
+
+@pytest.mark.parametrize("value", [None, 0.0, 0.5])
+def test_padding_with_a_constant_is_an_offset_and_zero_padding_is_not(value):
+    torch.manual_seed(0)
+    model = _Padded(value).eval().double()
+    images = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    dec = trace_and_decompose(model)(images, level="branch")
+    with torch.no_grad():
+        expected = model(images)
+    assert torch.allclose(dec.components.sum(0), expected, rtol=0, atol=1e-12)
+    offsets = [label for label in dec.labels if label.name.endswith(".offset")]
+    assert bool(offsets) == (value == 0.5)

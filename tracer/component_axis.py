@@ -3,8 +3,8 @@
 Components of a value ``v`` are stacked as ``[C, *v.shape]``. For the ops below, what the op
 does to each component follows from its arguments alone: dimension arguments shift by one
 (the component axis is in front), the sizes of a reshape get the component count in front,
-basic indexing gets a leading full slice, and ``F.linear`` already maps the last axis of any
-leading shape. ``torch.vmap`` gives the same result for every op, at a fixed cost of a few
+basic indexing gets a leading full slice, and ``F.linear`` (the last axis) and constant ``F.pad``
+(trailing axes) act on any leading shape. ``torch.vmap`` gives the same result for every op, at a fixed cost of a few
 hundred microseconds per call, which dominates a decomposition on a GPU.
 """
 from __future__ import annotations
@@ -52,6 +52,10 @@ def with_component_axis(op: Any, args: tuple, kwargs: dict, components: torch.Te
         if len(rest) in (1, 2) and rest[1:] in ((), (None,)) and isinstance(weight, torch.Tensor) and weight.dim() == 2:
             return F.linear(components, weight)
         return None
+    if op.op == "call_function" and op.target is F.pad:  # constant padding of trailing axes (the default mode)
+        pad = rest[0] if len(rest) == 1 else None
+        fits = isinstance(pad, (tuple, list)) and len(pad) // 2 <= components.dim() - 1
+        return F.pad(components, pad) if fits else None
     if op.op == "call_function" and op.target is operator.getitem and len(rest) == 1:
         index = _basic_index(rest[0])
         return None if index is None else components[(slice(None), *index)]

@@ -161,13 +161,24 @@ def apply_affine(gm: fx.GraphModule, node: fx.Node, kind: OpKind, real: dict,
     if kind == OpKind.AFFINE and node.target is operator.getitem and isinstance(components, (tuple, list)):
         return components[node.args[1]], []
     out = evaluate.over_components({carrier: components})
-    if kind in (OpKind.AFFINE, OpKind.PRODUCT) and node.target is not F.pad:
+    if kind in (OpKind.AFFINE, OpKind.PRODUCT) and not _pads_with_a_constant(node):
         return out, []
     at_zero = evaluate({carrier: _zeros_like(real[carrier])})
     if _is_zero(at_zero):
         return out, []
     shifted = _subtract(out, at_zero)
     return shifted, [Offset(at_zero, f"{module_path(node) or node.name}:{node.name}.offset")]
+
+
+def _pads_with_a_constant(node: Any) -> bool:
+    """``F.pad`` filling with a value that may be nonzero (an offset); zero, reflect, replicate and
+    circular padding are linear."""
+    if node.target is not F.pad:
+        return False
+    args = node.args
+    mode = node.kwargs.get("mode", args[2] if len(args) > 2 else "constant")
+    value = node.kwargs.get("value", args[3] if len(args) > 3 else None)
+    return mode == "constant" and not (value is None or (isinstance(value, (int, float)) and value == 0))
 
 
 def _subtract(out: Any, at_zero: Any) -> Any:
