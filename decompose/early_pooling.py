@@ -222,10 +222,11 @@ class Parking:
             value = real[spec.birth]
             heads = range(run.weights.shape[1]) if value.dim() > 3 else [None]
             sources = run.windows * run.weights.shape[-1]
-            key = (len(heads), sources)
-            if key not in spec.labels:  # the same for every batch of this plan
-                spec.labels[key] = [born_label(birth, spec.birth, h, t, positions) for h in heads for t in range(sources)]
-            run.ids = registry.new_many(spec.labels[key])
+            key = (spec.birth, "token", len(heads), sources)
+            if key not in plan.labels:  # the same for every batch of this plan
+                plan.labels[key] = [born_label(birth, spec.birth, h, t, positions)
+                                    for h in heads for t in range(sources)]
+            run.ids = registry.new_many(plan.labels[key])
             return
         heads = sorted(set(spec.heads.tolist())) if run.split == "head" else [None]
         if run.split == "head":

@@ -714,8 +714,6 @@ class PooledBranch:
     prefix: list[fx.Node] = dataclasses.field(default_factory=list)
     # birth value shape -> [rows of ``node``'s value] the birth's (attention row · Nq + query) of each (cached)
     source_rows: dict[tuple[int, ...], torch.Tensor] = dataclasses.field(default_factory=dict)
-    # (heads, sources) -> the labels of its components at level token (cached: the same every batch)
-    labels: dict[tuple[int, int], list] = dataclasses.field(default_factory=dict)
 
     @property
     def operand(self) -> fx.Node:
@@ -818,7 +816,7 @@ def _head_features(gm: fx.GraphModule, chain: list[fx.Node], values: dict) -> to
     return heads
 
 
-def source_row_code(shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
+def source_row_code(shape: tuple[int, ...], device: torch.device | str) -> torch.Tensor:
     """For a birth value [N, *heads, Nq, d]: n·Nq + q + 1 at every element (float64, exact)."""
     rows, queries = shape[0], shape[-2]
     code = torch.arange(rows * queries, dtype=torch.float64, device=device) + 1

@@ -133,8 +133,7 @@ def codes_from_graph(x: torch.Tensor, y: torch.Tensor, codes: torch.Tensor, dire
     return rounded.long()
 
 
-def source_codes(shape: torch.Size, key_axis: int, window_axis: int, device: torch.device | str = "cpu"
-                 ) -> torch.Tensor:
+def source_codes(shape: torch.Size, key_axis: int, window_axis: int, device: torch.device | str) -> torch.Tensor:
     """``window * Nk + key + 1`` broadcast over a values tensor of ``shape``."""
     key_axis, window_axis = key_axis % len(shape), window_axis % len(shape)
     key_view, window_view = [1] * len(shape), [1] * len(shape)

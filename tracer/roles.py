@@ -71,7 +71,7 @@ class TrunkPlan:
     key_positions: Any = None                # attention birth -> key positions (level token)
     pooling: Any = None                      # pooling.EarlyPooling when pruning is on and the output is pooled
     passthrough: set[fx.Node] = field(default_factory=set)  # ops that return their input (dropout in eval)
-    labels: dict = field(default_factory=dict)  # birth, level -> its components' labels (built once)
+    labels: dict = field(default_factory=dict)  # (birth, level, ...) -> its components' labels (built once)
 
     def layer(self, node: fx.Node) -> int | None:
         """Residual block index of the branch ``node`` belongs to (None on the trunk)."""
