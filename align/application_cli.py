@@ -219,8 +219,10 @@ def _class_embeddings(args, aligner: CompAlign, device: str) -> tuple[list[str],
     return [str(name) for name in classes], torch.stack(rows)
 
 
-def _selected_components(args, store: DecompositionStore, aligner: CompAlign, device: str) -> list[int] | None:
-    """``--component`` keys, or the top ``--components`` for ``--property``, or None (all)."""
+def _selected_components(args, store: DecompositionStore, aligner: CompAlign,
+                         bases: dict[str, torch.Tensor] | None) -> list[int] | None:
+    """``--component`` keys, or the top ``--components`` for ``--property`` (``bases``: ``_property_bases``),
+    or None (all)."""
     keys = [l.key for l in store.labels]
     if args.component:
         unknown = [k for k in args.component if k not in keys]
@@ -229,28 +231,26 @@ def _selected_components(args, store: DecompositionStore, aligner: CompAlign, de
         return [keys.index(k) for k in args.component]
     if not args.property:
         return None
-    return _property_order(args, store, aligner, device)[:args.components]
+    return _property_order(args, store, aligner, bases)[:args.components]
 
 
-def _property_order(args, store: DecompositionStore, aligner: CompAlign, device: str) -> list[int]:
-    """Every component by its specific score for ``--property`` over the store (constants last)."""
+def _property_bases(args, aligner: CompAlign, device: str) -> dict[str, torch.Tensor]:
+    """property -> [r, d_clip] orthonormal basis of its description embeddings, for every property
+    (``--property`` must be one of them); CLIP is loaded once for all."""
     properties = property_descriptions(args.properties)
     if args.property not in properties:
         raise ValueError(f"unknown property {args.property!r}; known: {sorted(properties)}")
     clip = _clip_for_aligner(args, aligner, device)
-    bases = property_bases(clip, properties, _templates(args.templates),
-                           TextEmbeddingCache(Path(args.aligner) / TEXT_CACHE))
+    return property_bases(clip, properties, _templates(args.templates),
+                          TextEmbeddingCache(Path(args.aligner) / TEXT_CACHE))
+
+
+def _property_order(args, store: DecompositionStore, aligner: CompAlign, bases: dict[str, torch.Tensor]
+                    ) -> list[int]:
+    """Every component by its specific score for ``--property`` over the store (constants last)."""
     scorer = score_store(aligner, store, bases, batch_size=args.batch_size)
     ranking = rank_components(scorer.scores(), aligner.keys, args.property, constant=scorer.constant())
     return [row.index for row in ranking]
-
-
-def _property_basis(args, aligner: CompAlign, device: str) -> torch.Tensor:
-    """[r, d_clip] orthonormal basis of ``--property``'s description embeddings."""
-    properties = property_descriptions(args.properties)
-    clip = _clip_for_aligner(args, aligner, device)
-    return property_bases(clip, {args.property: properties[args.property]}, _templates(args.templates),
-                          TextEmbeddingCache(Path(args.aligner) / TEXT_CACHE))[args.property]
 
 
 # --- retrieve ---------------------------------------------------------------------------------
@@ -265,7 +265,9 @@ def _command_retrieve(args) -> int:
     device = _device(args.device)
     store, aligner = _open(args, device)
     ids = store.image_ids()
-    selected = _selected_components(args, store, aligner, device)
+    needs_bases = args.property and (args.within_property or not args.component)  # --component wins for the rows
+    bases = _property_bases(args, aligner, device) if needs_bases else None
+    selected = _selected_components(args, store, aligner, bases)
     rows = list(range(len(store.labels))) if selected is None else selected
     labels = [store.labels[i] for i in rows]
     direction = _text_direction(args, aligner, device)[0] if args.text else None
@@ -282,7 +284,7 @@ def _command_retrieve(args) -> int:
         score = torch.cat(scores)                                                            # [N]
     else:
         query = store_positions_of(store, [args.query])[0]
-        subspace = _property_basis(args, aligner, device) if args.within_property else None
+        subspace = bases[args.property] if args.within_property else None
         score = image_retrieval_scores(torch.cat(features).unsqueeze(0), [query], subspace=subspace)[0]  # [N]
     values = _relevance_values(args, ids)
     relevant = None
@@ -505,7 +507,7 @@ def _ablation_steps(args, store: DecompositionStore, aligner: CompAlign | None, 
         return layer_steps(store.labels, last_first=args.order == "layer-last-first")
     if not args.property:
         raise ValueError("--order property needs --property NAME")
-    order = _property_order(args, store, aligner, device)
+    order = _property_order(args, store, aligner, _property_bases(args, aligner, device))
     return ordered_steps(order[:args.max_steps], store.labels)
 
 
