@@ -107,7 +107,8 @@ class Parking:
         self._leaf: torch.Tensor | None = None
         self._shapes: dict[fx.Node, torch.Size] = {}
         self._seen: dict[fx.Node, Any] = {}
-        self._reduce = None
+        self._reduce = self._reduce_key = None
+        self._last: tuple | None = None  # (key, adjoint, reduced) of the last recorded node
 
     # --- the trunk ------------------------------------------------------------------------
     def park(self, node: fx.Node, carried: Carried, real: dict) -> Carried:
@@ -135,15 +136,21 @@ class Parking:
         return Carried([Chunk([PROBE], values)])
 
     def _record(self, node: fx.Node, grad: torch.Tensor) -> None:
-        self._seen[node] = self._reduce(node, grad[0].detach())
+        grad = grad[0].detach()
+        key = self._reduce_key(node, grad)
+        if key is None or self._last is None or self._last[0] != key:
+            self._last = (key, grad, self._reduce(node, grad))  # the adjoint is kept: its address is in the key
+        self._seen[node] = self._last[2]
 
-    def adjoints(self, out: Carried, cotangent: torch.Tensor, reduce=lambda node, grad: grad
-                 ) -> tuple[Carried, dict[fx.Node, Any]]:
+    def adjoints(self, out: Carried, cotangent: torch.Tensor, reduce=lambda node, grad: grad,
+                 reduce_key=lambda node, grad: None) -> tuple[Carried, dict[fx.Node, Any]]:
         """``out`` without the probe, and node -> ``reduce(node, adjoint)`` for every node where the
-        probe was recorded (adjoint: ∂⟨output, cotangent⟩/∂value, ``cotangent`` shaped like the output)."""
+        probe was recorded (adjoint: ∂⟨output, cotangent⟩/∂value, ``cotangent`` shaped like the output).
+        A node whose ``reduce_key`` equals the last recorded node's (not None) shares its result: the
+        adjoints of a stage's nodes, between which the trunk only reshapes, are views of one tensor."""
         probe, rest = split_probe(out)
         rest = Carried(rest)
-        self._seen, self._reduce = {}, reduce
+        self._seen, self._reduce, self._reduce_key = {}, reduce, reduce_key
         if probe and self._leaf is not None:
             with torch.enable_grad():
                 values = probe[0].values[0]
@@ -152,7 +159,7 @@ class Parking:
         for node, shape in self._shapes.items():  # not reached by the probe: no effect on the output
             if node not in self._seen:
                 self._seen[node] = reduce(node, torch.zeros(shape, dtype=self._leaf.dtype, device=self._leaf.device))
-        seen, self._seen, self._leaf, self._shapes = self._seen, {}, None, {}
+        seen, self._seen, self._leaf, self._shapes, self._last = self._seen, {}, None, {}, None
         return rest, seen
 
     # --- branches pooled inside the branch ----------------------------------------------
@@ -449,7 +456,7 @@ def _token_components(pooling: EarlyPooling, run: _BranchRun, join: _JoinRows, m
 def pooled_components(gm: fx.GraphModule, pooling: EarlyPooling, parking: Parking, out: Carried) -> Carried:
     """The output's components, with those parked at ``pooling``'s nodes (and its pooled branches)
     taken to the output: pooled over tokens with this batch's weights, then through the unit tail."""
-    out, gammas = parking.adjoints(out, pooling.cotangent, reduce=pooling.weights)
+    out, gammas = parking.adjoints(out, pooling.cotangent, reduce=pooling.weights, reduce_key=pooling.weights_key)
     for node in set(parking.parked) | {run.spec.join for run in parking.runs.values()}:
         if node not in gammas:  # static: a multiple of the reference's weights
             gammas[node] = pooling.static_weights(node, gammas[pooling.reference])

@@ -305,11 +305,28 @@ def norm_argument(node: fx.Node, real: dict, name: str):
     return real[arg] if isinstance(arg, fx.Node) else arg
 
 
+def frozen_row_scale(node: fx.Node, real: dict) -> torch.Tensor | None:
+    """The data-dependent factor of a norm that scales each row by one number (layer / RMS norm,
+    ``F.normalize``): ``[*input shape, normalized axes of size 1]``; None for other ops."""
+    if node.target not in _ROW_SCALED:
+        return None
+    x = norm_argument(node, real, "input")
+    if node.target is F.normalize:
+        norm = x.norm(norm_argument(node, real, "p"), norm_argument(node, real, "dim"), keepdim=True)
+        return 1 / norm.clamp_min(norm_argument(node, real, "eps"))
+    dims = tuple(range(-len(tuple(norm_argument(node, real, "normalized_shape"))), 0))
+    eps = norm_argument(node, real, "eps")
+    if node.target is F.rms_norm:
+        eps = torch.finfo(x.dtype).eps if eps is None else eps
+        return torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
+    # the kernel's own 1/std (as the real forward computes it; faster than ``x.var`` on short rows)
+    return torch.native_layer_norm(x, x.shape[len(x.shape) - len(dims):], None, None, eps)[2]
+
+
 def _layer_norm(node: fx.Node, real: dict, components: torch.Tensor):
     x = norm_argument(node, real, "input")
     dims = tuple(range(-len(tuple(norm_argument(node, real, "normalized_shape"))), 0))
-    inv_std = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + norm_argument(node, real, "eps"))
-    out = (components - components.mean(dims, keepdim=True)).mul_(inv_std)  # one new tensor, then in place
+    out = (components - components.mean(dims, keepdim=True)).mul_(frozen_row_scale(node, real))  # new, then in place
     weight = norm_argument(node, real, "weight")
     if weight is not None:
         out.mul_(weight)
@@ -317,11 +334,7 @@ def _layer_norm(node: fx.Node, real: dict, components: torch.Tensor):
 
 
 def _rms_norm(node: fx.Node, real: dict, components: torch.Tensor):
-    x = norm_argument(node, real, "input")
-    dims = tuple(range(-len(tuple(norm_argument(node, real, "normalized_shape"))), 0))
-    eps = norm_argument(node, real, "eps")
-    eps = torch.finfo(x.dtype).eps if eps is None else eps
-    out = components * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
+    out = components * frozen_row_scale(node, real)
     weight = norm_argument(node, real, "weight")
     return (out * weight if weight is not None else out), []
 
@@ -363,13 +376,12 @@ def batch_norm_scale(node: fx.Node, real: dict) -> torch.Tensor:
 
 
 def _normalize(node: fx.Node, real: dict, components: torch.Tensor):
-    x = norm_argument(node, real, "input")
-    norm = x.norm(norm_argument(node, real, "p"), norm_argument(node, real, "dim"), keepdim=True)
-    return components / norm.clamp_min(norm_argument(node, real, "eps")), []
+    return components * frozen_row_scale(node, real), []
 
 
 _NORM_RULES = {F.layer_norm: _layer_norm, F.rms_norm: _rms_norm, F.group_norm: _group_norm,
                F.batch_norm: _batch_norm, F.normalize: _normalize}
+_ROW_SCALED = {F.layer_norm, F.rms_norm, F.normalize}
 
 
 def _frozen_attention(gm: fx.GraphModule, node: fx.Node, real: dict, carrier: fx.Node, components):

@@ -415,6 +415,13 @@ class EarlyPooling:
                 f"{float(residual / sample.norm().clamp_min(1e-30)):.1e}); decompose with prune=False")
         return gamma
 
+    def weights_key(self, node: fx.Node, adjoint: torch.Tensor) -> tuple:
+        """Equal for two nodes exactly when ``weights`` gives the same for them: the same slots and unit
+        adjoints (shared by ``_shared_layouts``) and the adjoint read token-major from the same memory."""
+        pooled = self.nodes[node]
+        tokens = _token_major(adjoint, pooled.token_axes, pooled.feature_axes, leading=0)
+        return id(pooled.slots), id(pooled.adjoint), tokens.data_ptr(), tuple(tokens.shape), tokens.stride()
+
     def pool(self, node: fx.Node, values: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
         """Components ``values`` [k, B, *value shape[1:]] pooled: [k·B, *small shape] for ``run``."""
         return self.arrange(node, self.pooled(node, values, gamma))
@@ -577,9 +584,25 @@ def plan_early_pooling(gm: fx.GraphModule, plan: TrunkPlan, data_nodes: set[fx.N
                 pooling.cotangent = pooling.cotangent.to(dtype)
                 for node in pooled.values():
                     node.adjoint = node.adjoint.to(dtype)
+                _shared_layouts(pooled.values())
                 pooling.static = {node: shape.to(dtype) for node, shape in pooling.static.items()}
                 return pooling
     return None
+
+
+def _shared_layouts(nodes) -> None:
+    """Nodes with equal slots or unit adjoints share one tensor (``EarlyPooling.weights_key``)."""
+    kept: list[torch.Tensor] = []
+
+    def shared(tensor: torch.Tensor) -> torch.Tensor:
+        same = next((k for k in kept if k.shape == tensor.shape and k.dtype == tensor.dtype
+                     and torch.equal(k, tensor)), None)
+        if same is None:
+            kept.append(tensor)
+        return tensor if same is None else same
+
+    for node in nodes:
+        node.slots, node.adjoint = shared(node.slots), shared(node.adjoint)
 
 
 def _find_static(pooling: EarlyPooling, adjoints: dict, other_image: dict) -> None:
