@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tracer.linear_rules import ROW_SCALED_NORMS
 from tracer.ops import OpKind, op_kind
 from tracer.pooling import EarlyPooling, plan_early_pooling, plan_pooled_branch
 from tracer.positions import attention_key_positions, fork_of, support_positions, value_input
@@ -82,7 +83,8 @@ class Decomposer(nn.Module):
         parking = None
         if plan.pooling is not None:
             parking = Parking(plan.pooling.nodes, branches=branches_for_level(plan.pooling.branches, level),
-                              static=plan.pooling.static, reference=plan.pooling.reference)
+                              static=plan.pooling.static, reference=plan.pooling.reference,
+                              norm_scales=plan.pooling.norm_scales)
         representation, carried = propagate(self.graph_module, plan, images, level, registry,
                                             compact=plan.compact, positions=positions, parking=parking)
         if parking is not None:
@@ -266,15 +268,18 @@ def early_pooling_for(gm, plan: TrunkPlan, probe, image: torch.Tensor) -> EarlyP
     target_shape = probe.values[plan.target].shape
     cotangents = torch.randn((POOLING_COTANGENTS, *target_shape[1:]), generator=generator, dtype=torch.float64,
                              device="cpu").to(image.device)
-    parking = Parking(set(starts) | set(candidates), perturb_all=True)
+    norms = [n for n in trunk if n.target in ROW_SCALED_NORMS and n not in compacted]
+    parking = Parking(set(starts) | set(candidates), perturb_all=True, keep_probes=True, scale_nodes=norms)
     # the probe image once per cotangent, then another image (mirrored) with the first cotangent
     images = torch.cat([image.double().expand(POOLING_COTANGENTS, *image.shape[1:]), image.double().flip(-1)])
     with in_float64(gm):
         _, out = propagate(gm, plan, images, "branch", ComponentRegistry(), parking=parking)
-        _, adjoints = parking.adjoints(out, torch.cat([cotangents, cotangents[:1]]))
+        _, adjoints = parking.adjoints(out, torch.cat([cotangents, cotangents[:1]]), retain_graph=True)
         pooling = plan_early_pooling(gm, plan, probe.data_nodes, starts, candidates,
                                      {n: a[:POOLING_COTANGENTS] for n, a in adjoints.items()}, cotangents,
-                                     {n: a[POOLING_COTANGENTS:] for n, a in adjoints.items()}, dtype=image.dtype)
+                                     {n: a[POOLING_COTANGENTS:] for n, a in adjoints.items()}, dtype=image.dtype,
+                                     probes=parking.probes, scales=parking.scales)
+        parking.probes.clear()  # (their graph)
     if pooling is None:
         return None
     for birth, found in plan.births.items():  # checked on the probe's values, in the model's dtype

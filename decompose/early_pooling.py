@@ -1,8 +1,10 @@
 """Early pooling at run time (the plan is ``tracer.pooling.EarlyPooling``).
 
-During the pass, components leave the trunk at the plan's nodes and wait there (``Parking``);
-a probe chunk takes their place, and hooks on it give, in one backward pass at the end, the
-adjoint of the rest of the trunk at each such node for this batch. Attention branches the plan
+During the pass, components leave the trunk at the plan's nodes and wait there (``Parking``).
+The pooling weights γ of this batch come from the trunk norms' per-row scales where the plan found
+that formula (``tracer.norm_scales``: then only the trunk's constants flow on); otherwise a probe
+chunk takes the components' place, and hooks on it give, in one backward pass at the end, the
+adjoint of the rest of the trunk at each such node. Attention branches the plan
 pools inside the branch are not split into full-size head tensors at all: their real value is
 kept where the heads are whole feature columns (at level token: the attention's weights and
 values), and the row moves after it are followed with a row index code. At the end
@@ -27,8 +29,10 @@ from tracer.linear_rules import (
     additive_sign,
     apply_affine,
     bias_free_call,
+    frozen_row_scale,
     has_bias_argument,
 )
+from tracer.norm_scales import NormScales
 from tracer.ops import is_in_place, op_kind
 from tracer.pooling import MAP, SCALE, EarlyPooling, PooledBranch, row_scale, source_row_code, unit_norm
 from tracer.roles import TrunkPlan
@@ -90,16 +94,27 @@ class Parking:
     branches:    birth -> (``PooledBranch``, how it is split) computed here instead of per component
     static, reference: nodes whose adjoint follows from the one at ``reference`` (no probe needed
                  before it: the probe needs grad only from the first node it is recorded at)
+    norm_scales: γ from the trunk norms' per-row scales (``tracer.norm_scales``): no adjoint recorded
+    keep_probes: keep the probe's value at every recorded node (``probes``, graph kept)
+    scale_nodes: trunk norms whose ``frozen_row_scale`` is kept (``scales``; with ``norm_scales``: its norms)
     """
 
     def __init__(self, nodes, perturb_all: bool = False,
                  branches: dict[fx.Node, tuple[PooledBranch, str]] | None = None,
-                 static=(), reference: fx.Node | None = None):
+                 static=(), reference: fx.Node | None = None, norm_scales: NormScales | None = None,
+                 keep_probes: bool = False, scale_nodes=()):
         self.branches = {birth: spec for birth, (spec, _) in (branches or {}).items()}
         self._split = {birth: split for birth, (_, split) in (branches or {}).items()}
+        self.norm_scales = norm_scales
+        if norm_scales is not None:
+            static, reference, scale_nodes = (), None, norm_scales.norms
         self.required = {spec.join for spec in self.branches.values()} | ({reference} if reference else set())
         self.nodes = set(nodes) | self.required
-        self.recorded = self.nodes - set(static) | ({reference} if reference else set())
+        self.recorded = set() if norm_scales is not None else \
+            self.nodes - set(static) | ({reference} if reference else set())
+        self.keep_probes, self.probes = keep_probes, {}
+        self.batch = 0  # images in the pass (set at the first parked node)
+        self.scale_nodes, self.scales = set(scale_nodes), {}
         self.perturb_all = perturb_all
         self.parked: dict[fx.Node, list[Chunk]] = {}
         self.runs: dict[fx.Node, _BranchRun] = {}
@@ -120,8 +135,9 @@ class Parking:
         if not (waiting or self.perturb_all or node in self.required):
             return carried
         shape = real[node].shape
-        # the probe is zero everywhere (linear rules keep it so); it carries the trunk's offsets where
-        # nothing else flows, and needs grad from the first node whose adjoint is recorded
+        self.batch = shape[0]
+        # the probe is zero everywhere (linear rules keep it so) and needs grad from the first node whose
+        # adjoint is recorded
         values = probe[0].values if probe else real[node].new_zeros(()).expand(1, *shape)
         if node in self.recorded:
             if not values.requires_grad:
@@ -131,8 +147,12 @@ class Parking:
                 values = self._leaf.expand(1, *shape)
             self._shapes[node] = shape
             values.register_hook(partial(self._record, node))
+            if self.keep_probes:
+                self.probes[node] = values
         if waiting:
             self.parked[node] = [Chunk(c.ids, c.values.expand(len(c.ids), *shape)) for c in waiting]
+        if self.norm_scales is not None:  # no adjoints: nothing flows on but the trunk's constants
+            return Carried([])
         return Carried([Chunk([PROBE], values)])
 
     def _record(self, node: fx.Node, grad: torch.Tensor) -> None:
@@ -142,8 +162,14 @@ class Parking:
             self._last = (key, grad, self._reduce(node, grad))  # the adjoint is kept: its address is in the key
         self._seen[node] = self._last[2]
 
+    @property
+    def needs_grad(self) -> bool:
+        """Whether the pass must record the probe's graph (for ``adjoints``)."""
+        return bool(self.recorded)
+
     def adjoints(self, out: Carried, cotangent: torch.Tensor, reduce=lambda node, grad: grad,
-                 reduce_key=lambda node, grad: None) -> tuple[Carried, dict[fx.Node, Any]]:
+                 reduce_key=lambda node, grad: None, retain_graph: bool = False
+                 ) -> tuple[Carried, dict[fx.Node, Any]]:
         """``out`` without the probe, and node -> ``reduce(node, adjoint)`` for every node where the
         probe was recorded (adjoint: ∂⟨output, cotangent⟩/∂value, ``cotangent`` shaped like the output).
         A node whose ``reduce_key`` equals the last recorded node's (not None) shares its result: the
@@ -155,7 +181,7 @@ class Parking:
             with torch.enable_grad():
                 values = probe[0].values[0]
                 torch.autograd.grad(values, [self._leaf], grad_outputs=cotangent.expand(values.shape).to(values.dtype),
-                                    allow_unused=True)
+                                    allow_unused=True, retain_graph=retain_graph)
         for node, shape in self._shapes.items():  # not reached by the probe: no effect on the output
             if node not in self._seen:
                 self._seen[node] = reduce(node, torch.zeros(shape, dtype=self._leaf.dtype, device=self._leaf.device))
@@ -202,7 +228,10 @@ class Parking:
         return Carried([])
 
     def after_real(self, node: fx.Node, real: dict) -> None:
-        """Start a pooled branch's row code where it is pooled, and keep the real value it pools."""
+        """Keep a trunk norm's per-row scale; start a pooled branch's row code where it is pooled, and
+        keep the real value it pools."""
+        if node in self.scale_nodes:
+            self.scales[node] = frozen_row_scale(node, real)
         spec = self._branch_of.get(node)
         if spec is None:
             return
@@ -456,8 +485,14 @@ def _token_components(pooling: EarlyPooling, run: _BranchRun, join: _JoinRows, m
 def pooled_components(gm: fx.GraphModule, pooling: EarlyPooling, parking: Parking, out: Carried) -> Carried:
     """The output's components, with those parked at ``pooling``'s nodes (and its pooled branches)
     taken to the output: pooled over tokens with this batch's weights, then through the unit tail."""
-    out, gammas = parking.adjoints(out, pooling.cotangent, reduce=pooling.weights, reduce_key=pooling.weights_key)
-    for node in set(parking.parked) | {run.spec.join for run in parking.runs.values()}:
+    needed = set(parking.parked) | {run.spec.join for run in parking.runs.values()}
+    if parking.norm_scales is not None:  # no backward pass: γ from the trunk norms' scales
+        out = Carried(split_probe(out)[1])
+        gammas = {node: parking.norm_scales.weights(node, parking.scales, parking.batch) for node in needed}
+    else:
+        out, gammas = parking.adjoints(out, pooling.cotangent, reduce=pooling.weights,
+                                       reduce_key=pooling.weights_key)
+    for node in needed:
         if node not in gammas:  # static: a multiple of the reference's weights
             gammas[node] = pooling.static_weights(node, gammas[pooling.reference])
     injections: dict[fx.Node, list[torch.Tensor]] = {}

@@ -17,7 +17,15 @@ import torch
 from torch import fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from tracer.linear_rules import Evaluator, Offset, additive_sign, apply_affine, is_binary_additive, parameter_name
+from tracer.linear_rules import (
+    Evaluator,
+    Offset,
+    additive_sign,
+    affine_offsets,
+    apply_affine,
+    is_binary_additive,
+    parameter_name,
+)
 from tracer.ops import OpKind, op_kind
 from tracer.probe import ValueOverlay, node_arguments
 from tracer.relevance import CompactPlan, Slice, compact_arguments
@@ -133,7 +141,7 @@ def propagate(gm: fx.GraphModule, plan: TrunkPlan, images: torch.Tensor, level: 
     parking:    an ``early_pooling.Parking``: trunk nodes where components leave the trunk (the
                 result then holds its probe chunk instead of them) and branches it computes itself
     """
-    with torch.enable_grad() if parking is not None else contextlib.nullcontext():
+    with torch.enable_grad() if parking is not None and parking.needs_grad else contextlib.nullcontext():
         return _propagate(gm, plan, images, level, registry, compact, on_carried, positions or {}, parking)
 
 
@@ -145,13 +153,15 @@ def _propagate(gm, plan, images, level, registry, compact, on_carried, positions
     for node in gm.graph.nodes:
         if node.op == "output":
             break
-        role = plan.roles.get(node)
+        role, empty = plan.roles.get(node), None
         if role is Role.BIRTH:  # births read their own real value
             with torch.no_grad():  # real values are constants (grad mode is on for a Parking's probe)
                 real[node] = _real_value(gm, node, real, images, placeholder)
         if role is not None and parking is not None and parking.computes(node):
             carried[node] = parking.step(gm, plan, node, real, registry, level, positions.get(node),
                                          images.shape[0])
+        elif role is not None and (empty := _empty_input(gm, plan, node, role, carried, compact)) is not None:
+            carried[node] = Carried([])  # no components: only its offsets, once its real value is known
         elif role is not None:  # components first: an in-place op may overwrite its input's value
             carried[node] = _compacted_components(gm, plan, node, role, real, carried, level, registry,
                                                   images, compact, positions)
@@ -161,6 +171,11 @@ def _propagate(gm, plan, images, level, registry, compact, on_carried, positions
         if role is not Role.BIRTH:
             with torch.no_grad():
                 real[node] = _real_value(gm, node, real, images, placeholder)
+        if empty is not None:
+            offsets = affine_offsets(gm, node, op_kind(node, gm), real, empty)
+            carried[node] = _with_offsets(carried[node], offsets, plan.layer(node), node, registry)
+            if on_carried is not None:
+                carried[node] = on_carried(node, carried[node])
         if role is not None and parking is not None:
             parking.after_real(node, real)
             carried[node] = parking.park(node, carried[node], real)
@@ -270,9 +285,7 @@ def _components_of(gm, plan, node, role, real, carried, level, registry, images,
     if node in plan.passthrough and node.args[0] in carried:  # the op returns its input as it is
         return carried[node.args[0]]
     kind = op_kind(node, gm)
-    inputs = [n for n in node.all_input_nodes if n in carried]
-    if kind in (OpKind.AFFINE, OpKind.NORM):  # reshape_as(x), type_as(x): x gives a shape, not data
-        inputs = [n for n in inputs if node.args and n is node.args[0]]
+    inputs = _carried_inputs(node, kind, carried)
     if kind == OpKind.ADDITIVE or (kind == OpKind.UNKNOWN and len(inputs) > 1):
         return _additive(gm, op, kind, real, carried, layer, registry)
     if len(inputs) != 1:
@@ -284,6 +297,27 @@ def _components_of(gm, plan, node, role, real, carried, level, registry, images,
         if k == 0:  # offsets do not depend on the components
             offsets = chunk_offsets
     return _with_offsets(Carried(chunks), offsets, layer, node, registry)
+
+
+def _carried_inputs(node: fx.Node, kind: OpKind, carried: dict) -> list[fx.Node]:
+    inputs = [n for n in node.all_input_nodes if n in carried]
+    if kind in (OpKind.AFFINE, OpKind.NORM):  # reshape_as(x), type_as(x): x gives a shape, not data
+        inputs = [n for n in inputs if node.args and n is node.args[0]]
+    return inputs
+
+
+def _empty_input(gm, plan, node: fx.Node, role, carried: dict, compact: CompactPlan | None) -> fx.Node | None:
+    """The one carried input of a single-input op when it holds no components (between the nodes where
+    an ``early_pooling.Parking`` without a probe sets them aside), else None."""
+    if role is Role.BIRTH or node in plan.passthrough or (compact is not None and node in compact.nodes):
+        return None
+    kind = op_kind(node, gm)
+    if kind == OpKind.ADDITIVE:
+        return None
+    inputs = _carried_inputs(node, kind, carried)
+    if len(inputs) != 1 or carried[inputs[0]].chunks:
+        return None
+    return inputs[0]
 
 
 def _birth_labels(plan: TrunkPlan, node: fx.Node, level: str, born, key_positions: list | None) -> list:
@@ -405,7 +439,7 @@ def _additive(gm, node, kind, real, carried, layer, registry) -> Carried:
                 operands.append(carried[operand])
             else:
                 value = real[operand] if isinstance(operand, fx.Node) else operand
-                like = next(_first_tensor(carried[n]) for n in node.all_input_nodes if n in carried)
+                like = next(_first_floating(real[n]) for n in node.all_input_nodes if n in carried)
                 operands.append(_constant_operand(value, operand, node, layer, registry, like))
         result = operands[0]
         for position, operand in enumerate(operands[1:], start=1):
@@ -414,8 +448,8 @@ def _additive(gm, node, kind, real, carried, layer, registry) -> Carried:
     return _zero_filled(gm, node, real, carried, layer, registry)
 
 
-def _first_tensor(carried: Carried) -> torch.Tensor:
-    return next(leaf for leaf in tree_flatten(carried.chunks[0].values)[0] if _is_floating(leaf))
+def _first_floating(value: Any) -> torch.Tensor:
+    return next(leaf for leaf in tree_flatten(value)[0] if _is_floating(leaf))
 
 
 def _zero_filled(gm, node, real, carried, layer, registry) -> Carried:
@@ -448,7 +482,7 @@ def _zero_filled(gm, node, real, carried, layer, registry) -> Carried:
 def _aligned(source: Carried, ids: list[int], shape) -> tuple[list[int], torch.Tensor]:
     unique = list(dict.fromkeys(ids))
     position = {i: k for k, i in enumerate(unique)}
-    full = _first_tensor(source).new_zeros((len(unique),) + tuple(shape))
+    full = _first_floating(source.chunks[0].values).new_zeros((len(unique),) + tuple(shape))
     for chunk in source.chunks:
         full[[position[i] for i in chunk.ids]] = chunk.values.expand(len(chunk.ids), *shape)
     return unique, full

@@ -9,6 +9,7 @@ from torch import nn
 from decompose import births, early_pooling, trace_and_decompose
 from decompose.early_pooling import branches_for_level
 from tests.models import TIMM_MODELS, input_size
+from tracer.norm_scales import fit_norm_scales
 from tracer.pooling import class_period
 
 POOLED_MODELS = ["swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256", "maxvit_tiny_tf_224", "convnext_atto"]
@@ -142,3 +143,57 @@ def test_post_norm_branches_are_pooled_in_float32_even_with_zero_norm_weights():
     chosen = branches_for_level(plan.pooling.branches, "token")
     assert attention and all(chosen.get(birth, (None, None))[1] == "token" for birth in attention)
     assert decomposer(images, level="token").relative_error() <= 1e-4
+
+
+@pytest.mark.parametrize("name", POOLED_MODELS)
+def test_weights_from_norm_scales_equal_the_backward_pass(name):
+    """Where the trunk's only data-dependent factors are the norms' per-row scales, each batch's γ comes
+    from them (no probe, no backward pass), and gives the components the backward pass gives."""
+    torch.manual_seed(0)
+    model, size = _double(name)
+    images = torch.randn(2, *size, dtype=torch.float64)
+    decomposer = trace_and_decompose(model)
+    plan = decomposer.plan(images[:1])
+    assert plan.pooling.norm_scales is not None and plan.pooling.norm_scales.norms
+    for level in ("head", "token"):
+        closed = decomposer(images, level=level)
+        kept, plan.pooling.norm_scales = plan.pooling.norm_scales, None
+        backward = decomposer(images, level=level)
+        plan.pooling.norm_scales = kept
+        assert closed.keys == backward.keys
+        torch.testing.assert_close(closed.components, backward.components, rtol=1e-9, atol=1e-12)
+        assert closed.relative_error() <= 1e-10
+
+
+def _merge_pairs_then_norm():
+    """A token grid [1, images, 4, 2] whose token pairs merge into the rows of a norm [1, images, 2, 4]."""
+    leaf = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    before = leaf.expand(1, 3, 4, 2)
+    after = before.reshape(1, 3, 2, 4) * torch.arange(1.0, 5.0, dtype=torch.float64)
+    return before, after
+
+
+def test_norm_scales_find_the_row_each_token_feeds_and_check_another_image():
+    before, after = _merge_pairs_then_norm()
+    order = {"pooled": 0, "norm": 1}
+    scales = {"norm": torch.tensor([[[2.0], [3.0]], [[2.0], [3.0]], [[5.0], [7.0]]], dtype=torch.float64)}
+    factors = torch.tensor([1.0, 2.0, 0.0, 4.0], dtype=torch.float64)   # token 2 reaches nothing
+    rows = torch.tensor([0, 0, 1, 1])
+
+    def gamma(truth_on_other):
+        def of(node, image):
+            scale = scales["norm"][image].flatten()[rows]
+            return factors * (scale if image == 0 or truth_on_other else scale.flip(0))
+        return of
+
+    def tokens(node, values):                                             # [images, 4, 2] -> [images, T, F]
+        return values
+
+    fitted = fit_norm_scales(["pooled"], order, {"pooled": before, "norm": after}, scales, gamma(True), tokens, 1e-9)
+    assert fitted is not None and fitted.norms == ["norm"]
+    assert fitted.rows["pooled"][0][1].tolist() == [0, 0, 1, 1]
+    batch = {"norm": torch.tensor([[[10.0], [100.0]]], dtype=torch.float64)}
+    assert fitted.weights("pooled", batch, 1).tolist() == [[10.0, 20.0, 0.0, 400.0]]
+    before, after = _merge_pairs_then_norm()
+    assert fit_norm_scales(["pooled"], order, {"pooled": before, "norm": after}, scales, gamma(False), tokens,
+                           1e-9) is None

@@ -226,12 +226,29 @@ def _without_bias(evaluate: Evaluator, node: fx.Node, real: dict, carrier: fx.No
         out = blockwise_linear(components, real[weight] if isinstance(weight, fx.Node) else weight)
     if out is None:
         out = Evaluator(evaluate.gm, stripped, real).over_components({carrier: components})
+    return out, _bias_offsets(node, bias_node, real, out.shape[1:])
+
+
+def _bias_offsets(node: fx.Node, bias_node: Any, real: dict, shape: torch.Size) -> list[Offset]:
+    """A linear map's or convolution's bias as the offset of an output shaped ``shape``."""
     if bias_node is None:
-        return out, []
+        return []
     bias = real[bias_node] if isinstance(bias_node, fx.Node) else bias_node
-    shape = (1, -1) + (1,) * (components.dim() - 3) if node.target is not F.linear else (-1,)
-    offset = bias.reshape(shape).expand(out.shape[1:])
-    return out, [Offset(offset, parameter_name(bias_node) or f"{module_path(node)}.bias")]
+    broadcast = (1, -1) + (1,) * (len(shape) - 2) if node.target is not F.linear else (-1,)
+    return [Offset(bias.reshape(broadcast).expand(shape), parameter_name(bias_node) or f"{module_path(node)}.bias")]
+
+
+def affine_offsets(gm: fx.GraphModule, node: fx.Node, kind: OpKind, real: dict, carrier: fx.Node) -> list[Offset]:
+    """The offsets ``apply_affine`` gives at ``node`` (they never depend on the components) where no
+    components reach it; ``real[node]`` must be known."""
+    if has_bias_argument(node, carrier):
+        return _bias_offsets(node, bias_free_call(node)[1], real, real[node].shape)
+    if kind == OpKind.NORM:
+        return norm_offsets(node, real)
+    if kind in (OpKind.AFFINE, OpKind.PRODUCT) and not _pads_with_a_constant(node):
+        return []
+    zero = tree_map(lambda leaf: torch.zeros_like(leaf).unsqueeze(0) if _is_floating(leaf) else leaf, real[carrier])
+    return apply_affine(gm, node, kind, real, carrier, zero)[1]
 
 
 def blockwise_linear(components: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
@@ -308,7 +325,7 @@ def norm_argument(node: fx.Node, real: dict, name: str):
 def frozen_row_scale(node: fx.Node, real: dict) -> torch.Tensor | None:
     """The data-dependent factor of a norm that scales each row by one number (layer / RMS norm,
     ``F.normalize``): ``[*input shape, normalized axes of size 1]``; None for other ops."""
-    if node.target not in _ROW_SCALED:
+    if node.target not in ROW_SCALED_NORMS:
         return None
     x = norm_argument(node, real, "input")
     if node.target is F.normalize:
@@ -330,7 +347,7 @@ def _layer_norm(node: fx.Node, real: dict, components: torch.Tensor):
     weight = norm_argument(node, real, "weight")
     if weight is not None:
         out.mul_(weight)
-    return out, _norm_bias(node, real, "bias", x, lambda b: b)
+    return out, norm_offsets(node, real)
 
 
 def _rms_norm(node: fx.Node, real: dict, components: torch.Tensor):
@@ -350,7 +367,7 @@ def _group_norm(node: fx.Node, real: dict, components: torch.Tensor):
     weight = norm_argument(node, real, "weight")
     if weight is not None:
         out = out * weight.reshape(channel)
-    return out, _norm_bias(node, real, "bias", x, lambda b: b.reshape(channel))
+    return out, norm_offsets(node, real)
 
 
 def _batch_norm(node: fx.Node, real: dict, components: torch.Tensor):
@@ -358,14 +375,25 @@ def _batch_norm(node: fx.Node, real: dict, components: torch.Tensor):
     if norm_argument(node, real, "training"):
         raise ValueError(f"batch_norm in training mode at {node.name}: call model.eval()")
     channel = (-1,) + (1,) * (x.dim() - 2)
-    scale = batch_norm_scale(node, real)
-    bias = norm_argument(node, real, "bias")
-    shift = -norm_argument(node, real, "running_mean") * scale
-    if bias is not None:
-        shift = shift + bias
-    out = components * scale.reshape(channel)
-    name = parameter_name(_arg(node, "bias")) or f"{module_path(node)}.shift"
-    return out, [Offset(shift.reshape(channel).expand(x.shape), name)]
+    return components * batch_norm_scale(node, real).reshape(channel), norm_offsets(node, real)
+
+
+def norm_offsets(node: fx.Node, real: dict) -> list[Offset]:
+    """The constant a norm rule adds (its bias; an eval batch norm's shift): from its real input's shape."""
+    x = norm_argument(node, real, "input")
+    channel = (-1,) + (1,) * (x.dim() - 2)
+    if node.target is F.layer_norm:
+        return _norm_bias(node, real, "bias", x, lambda b: b)
+    if node.target is F.group_norm:
+        return _norm_bias(node, real, "bias", x, lambda b: b.reshape(channel))
+    if node.target is F.batch_norm:
+        bias = norm_argument(node, real, "bias")
+        shift = -norm_argument(node, real, "running_mean") * batch_norm_scale(node, real)
+        if bias is not None:
+            shift = shift + bias
+        name = parameter_name(_arg(node, "bias")) or f"{module_path(node)}.shift"
+        return [Offset(shift.reshape(channel).expand(x.shape), name)]
+    return []
 
 
 def batch_norm_scale(node: fx.Node, real: dict) -> torch.Tensor:
@@ -381,7 +409,7 @@ def _normalize(node: fx.Node, real: dict, components: torch.Tensor):
 
 _NORM_RULES = {F.layer_norm: _layer_norm, F.rms_norm: _rms_norm, F.group_norm: _group_norm,
                F.batch_norm: _batch_norm, F.normalize: _normalize}
-_ROW_SCALED = {F.layer_norm, F.rms_norm, F.normalize}
+ROW_SCALED_NORMS = {F.layer_norm, F.rms_norm, F.normalize}
 
 
 def _frozen_attention(gm: fx.GraphModule, node: fx.Node, real: dict, carrier: fx.Node, components):

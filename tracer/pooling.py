@@ -46,6 +46,7 @@ from .linear_rules import (
     is_binary_additive,
     norm_argument,
 )
+from .norm_scales import NormScales, fit_norm_scales
 from .ops import OpKind, op_kind
 from .probe import ReplacedCall, ValueOverlay
 from .roles import Role, TrunkPlan
@@ -346,6 +347,7 @@ class EarlyPooling:
     branches: dict[fx.Node, PooledBranch] = dataclasses.field(default_factory=dict)  # by birth
     static: dict[fx.Node, torch.Tensor] = dataclasses.field(default_factory=dict)
     reference: fx.Node | None = None
+    norm_scales: NormScales | None = None   # γ without a backward pass, where the trunk allows
     cache: dict = dataclasses.field(default_factory=dict, repr=False)  # products of the weights (``cached``)
 
     def cached(self, key, compute):
@@ -414,6 +416,11 @@ class EarlyPooling:
                 f"multiple of the unit tail found on the probe image (relative residual "
                 f"{float(residual / sample.norm().clamp_min(1e-30)):.1e}); decompose with prune=False")
         return gamma
+
+    def tokens(self, node: fx.Node, values: torch.Tensor) -> torch.Tensor:
+        """``values`` [B, *value shape[1:]] at ``node`` -> [B, T, F] (the token-major layout of γ)."""
+        pooled = self.nodes[node]
+        return _token_major(values, pooled.token_axes, pooled.feature_axes, leading=0)
 
     def weights_key(self, node: fx.Node, adjoint: torch.Tensor) -> tuple:
         """Equal for two nodes exactly when ``weights`` gives the same for them: the same slots and unit
@@ -549,7 +556,8 @@ def _by_token(adjoints: torch.Tensor, token_axes: tuple[int, ...], feature_axes:
 def plan_early_pooling(gm: fx.GraphModule, plan: TrunkPlan, data_nodes: set[fx.Node], starts: list[fx.Node],
                        candidates: list[fx.Node], adjoints: dict[fx.Node, torch.Tensor],
                        cotangents: torch.Tensor, other_image: dict[fx.Node, torch.Tensor],
-                       dtype: torch.dtype) -> EarlyPooling | None:
+                       dtype: torch.dtype, probes: dict[fx.Node, torch.Tensor] | None = None,
+                       scales: dict[fx.Node, torch.Tensor] | None = None) -> EarlyPooling | None:
     """Find a unit tail and the candidate nodes it pools, from real adjoints on the probe image.
 
     starts:      trunk nodes to try as the unit tail's start, in order
@@ -557,6 +565,8 @@ def plan_early_pooling(gm: fx.GraphModule, plan: TrunkPlan, data_nodes: set[fx.N
     adjoints:    node -> [G, *value shape[1:]] real adjoints for the G ``cotangents`` [G, *output[1:]]
     other_image: node -> [1, *value shape[1:]] the adjoint for ``cotangents[0]`` on another image
     dtype:       the dtype of the plan's tensors (the batches' dtype)
+    probes, scales: the probe's values (graph kept) and the trunk norms' per-row scales on the images
+                 of the adjoints, to find ``norm_scales`` (``tracer.norm_scales``); None: not tried
     """
     for start in starts:
         if start not in adjoints:
@@ -581,11 +591,15 @@ def plan_early_pooling(gm: fx.GraphModule, plan: TrunkPlan, data_nodes: set[fx.N
             if pooled:
                 pooling = EarlyPooling(tail, tuple(start_shape), pooled, cotangents[0])
                 _find_static(pooling, adjoints, other_image)
+                if probes is not None:
+                    pooling.norm_scales = _fit_norm_scales(pooling, adjoints, other_image, probes, scales or {})
                 pooling.cotangent = pooling.cotangent.to(dtype)
                 for node in pooled.values():
                     node.adjoint = node.adjoint.to(dtype)
                 _shared_layouts(pooled.values())
                 pooling.static = {node: shape.to(dtype) for node, shape in pooling.static.items()}
+                if pooling.norm_scales is not None:
+                    pooling.norm_scales = pooling.norm_scales.to(dtype)
                 return pooling
     return None
 
@@ -603,6 +617,16 @@ def _shared_layouts(nodes) -> None:
 
     for node in nodes:
         node.slots, node.adjoint = shared(node.slots), shared(node.adjoint)
+
+
+def _fit_norm_scales(pooling: EarlyPooling, adjoints: dict, other_image: dict, probes: dict, scales: dict
+                     ) -> NormScales | None:
+    order = {node: i for i, node in enumerate(pooling.tail.gm.graph.nodes)}
+
+    def gamma(node: fx.Node, image: int) -> torch.Tensor:
+        return pooling.weights(node, (adjoints[node][:1] if image == 0 else other_image[node]))[0]
+
+    return fit_norm_scales(list(pooling.nodes), order, probes, scales, gamma, pooling.tokens, MATCH_TOLERANCE)
 
 
 def _find_static(pooling: EarlyPooling, adjoints: dict, other_image: dict) -> None:
