@@ -26,7 +26,7 @@ from tracer.linear_rules import (
     is_binary_additive,
     parameter_name,
 )
-from tracer.ops import OpKind, op_kind
+from tracer.ops import OpKind, is_in_place, op_kind
 from tracer.probe import ValueOverlay, node_arguments
 from tracer.relevance import CompactPlan, Slice, compact_arguments
 from tracer.roles import Role, TrunkPlan
@@ -153,15 +153,15 @@ def _propagate(gm, plan, images, level, registry, compact, on_carried, positions
     for node in gm.graph.nodes:
         if node.op == "output":
             break
-        role, empty = plan.roles.get(node), None
+        role, later = plan.roles.get(node), None
         if role is Role.BIRTH:  # births read their own real value
             with torch.no_grad():  # real values are constants (grad mode is on for a Parking's probe)
                 real[node] = _real_value(gm, node, real, images, placeholder)
         if role is not None and parking is not None and parking.computes(node):
             carried[node] = parking.step(gm, plan, node, real, registry, level, positions.get(node),
                                          images.shape[0])
-        elif role is not None and (empty := _empty_input(gm, plan, node, role, carried, compact)) is not None:
-            carried[node] = Carried([])  # no components: only its offsets, once its real value is known
+        elif role is not None and (later := _follows_real(gm, plan, node, role, carried, real, compact)) is not None:
+            pass  # its components follow from its real value and offsets (``_from_real``)
         elif role is not None:  # components first: an in-place op may overwrite its input's value
             carried[node] = _compacted_components(gm, plan, node, role, real, carried, level, registry,
                                                   images, compact, positions)
@@ -171,9 +171,9 @@ def _propagate(gm, plan, images, level, registry, compact, on_carried, positions
         if role is not Role.BIRTH:
             with torch.no_grad():
                 real[node] = _real_value(gm, node, real, images, placeholder)
-        if empty is not None:
-            offsets = affine_offsets(gm, node, op_kind(node, gm), real, empty)
-            carried[node] = _with_offsets(carried[node], offsets, plan.layer(node), node, registry)
+        if later is not None:
+            carried[node] = _from_real(gm, plan, node, later, real, carried, level, registry, images, compact,
+                                       positions)
             if on_carried is not None:
                 carried[node] = on_carried(node, carried[node])
         if role is not None and parking is not None:
@@ -306,18 +306,55 @@ def _carried_inputs(node: fx.Node, kind: OpKind, carried: dict) -> list[fx.Node]
     return inputs
 
 
-def _empty_input(gm, plan, node: fx.Node, role, carried: dict, compact: CompactPlan | None) -> fx.Node | None:
-    """The one carried input of a single-input op when it holds no components (between the nodes where
-    an ``early_pooling.Parking`` without a probe sets them aside), else None."""
-    if role is Role.BIRTH or node in plan.passthrough or (compact is not None and node in compact.nodes):
+def _follows_real(gm, plan, node: fx.Node, role, carried: dict, real: dict, compact: CompactPlan | None
+                  ) -> fx.Node | None:
+    """The one carried input of a single-input op (not in place) when its components follow from the
+    op's real value: the input holds none (between the nodes where an ``early_pooling.Parking``
+    without a probe sets them aside), or one component that is the input's whole real value (the
+    image, a branch born whole): then the op's linear part of it is its real value less its offsets,
+    with no second evaluation. Else None."""
+    if role is Role.BIRTH or node in plan.passthrough or is_in_place(node):
+        return None
+    if compact is not None and (node in compact.nodes or any(n in compact.slices for n in node.all_input_nodes)):
         return None
     kind = op_kind(node, gm)
     if kind == OpKind.ADDITIVE:
         return None
     inputs = _carried_inputs(node, kind, carried)
-    if len(inputs) != 1 or carried[inputs[0]].chunks:
+    if len(inputs) != 1:
         return None
-    return inputs[0]
+    chunks = carried[inputs[0]].chunks
+    if not chunks:
+        return inputs[0]
+    if len(chunks) == 1 and len(chunks[0].ids) == 1 and chunks[0].ids != [PROBE] and \
+            _is_whole(chunks[0].values, real.get(inputs[0])):
+        return inputs[0]
+    return None
+
+
+def _is_whole(values: Any, value: Any) -> bool:
+    """Whether ``values`` [1, *shape] is ``value`` itself (a view of the same elements)."""
+    return isinstance(values, torch.Tensor) and isinstance(value, torch.Tensor) and \
+        values.shape[1:] == value.shape and values.dtype == value.dtype and \
+        values.data_ptr() == value.data_ptr() and values.stride()[1:] == value.stride()
+
+
+def _from_real(gm, plan, node: fx.Node, carrier: fx.Node, real: dict, carried: dict, level, registry, images,
+               compact, positions) -> Carried:
+    """Components of a node ``_follows_real`` chose, once ``real[node]`` is known."""
+    offsets = affine_offsets(gm, node, op_kind(node, gm), real, carrier)
+    source = carried[carrier]
+    if not source.chunks:
+        return _with_offsets(Carried([]), offsets, plan.layer(node), node, registry)
+    if not isinstance(real[node], torch.Tensor) or not all(isinstance(o.value, torch.Tensor) for o in offsets):
+        return _consolidated(_compacted_components(gm, plan, node, plan.roles[node], real, carried, level,
+                                                   registry, images, compact, positions))
+    whole = real[node]
+    for offset in offsets:
+        whole = whole - offset.value
+    if whole is real[node] and any(is_in_place(user) and user.args and user.args[0] is node for user in node.users):
+        whole = whole.clone()  # an in-place op writes into the real value later
+    return _with_offsets(Carried.single(source.ids, whole.unsqueeze(0)), offsets, plan.layer(node), node, registry)
 
 
 def _birth_labels(plan: TrunkPlan, node: fx.Node, level: str, born, key_positions: list | None) -> list:

@@ -36,3 +36,37 @@ def test_class_token_model_prunes_to_the_class_row():
     assert attention_births
     for birth in attention_births:  # [B, heads, tokens, d]: only the class-token query row
         assert plan.compact.slices[birth].index == (0,)
+
+
+@pytest.mark.parametrize("name", ["maxvit_tiny_tf_224", "vit_tiny_patch16_224"])
+def test_a_whole_real_input_gives_its_op_result_without_a_second_evaluation(name, monkeypatch):
+    """The image, or a branch born whole, is one component equal to its node's real value: the next op's
+    linear part of it is that op's real value less its offsets (``propagate._follows_real``); the same
+    as evaluating the op on it."""
+    from decompose import propagate
+
+    torch.manual_seed(0)
+    kwargs = TIMM_MODELS[name]
+    model = timm.create_model(name, pretrained=False, **kwargs).eval().double()
+    images = torch.randn(2, *input_size(model, kwargs), dtype=torch.float64)
+    followed = []
+    original = propagate._follows_real
+
+    def spy(gm, plan, node, role, carried, real, compact):
+        found = original(gm, plan, node, role, carried, real, compact)
+        if found is not None and carried[found].chunks:
+            followed.append(node)
+        return found
+
+    monkeypatch.setattr(propagate, "_follows_real", spy)
+    fast = trace_and_decompose(model)(images, level="branch")
+    assert followed
+    def without_whole(gm, plan, node, role, carried, real, compact):  # inputs without components still follow
+        found = original(gm, plan, node, role, carried, real, compact)
+        return found if found is not None and not carried[found].chunks else None
+
+    monkeypatch.setattr(propagate, "_follows_real", without_whole)
+    evaluated = trace_and_decompose(model)(images, level="branch")
+    assert fast.keys == evaluated.keys
+    torch.testing.assert_close(fast.components, evaluated.components, rtol=1e-9, atol=1e-12)
+    assert fast.relative_error() <= 1e-10
