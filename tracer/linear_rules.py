@@ -262,7 +262,8 @@ def blockwise_linear(components: torch.Tensor, weight: torch.Tensor) -> torch.Te
     if components.dim() < 2 or components.shape[0] < 2 or weight.dim() != 2:
         return None
     features = components.shape[-1]
-    nonzero = components.reshape(components.shape[0], -1, features).ne(0).any(1)          # [K, Din]
+    flat = components.reshape(components.shape[0], -1, features)
+    nonzero = (flat.amax(1) != 0) | (flat.amin(1) != 0)                                   # [K, Din] (2x ne().any())
     count = nonzero.sum(1)
     start = nonzero.float().argmax(1)
     stop = features - nonzero.flip(1).float().argmax(1)
@@ -343,11 +344,11 @@ def frozen_row_scale(node: fx.Node, real: dict) -> torch.Tensor | None:
 def _layer_norm(node: fx.Node, real: dict, components: torch.Tensor):
     x = norm_argument(node, real, "input")
     dims = tuple(range(-len(tuple(norm_argument(node, real, "normalized_shape"))), 0))
-    out = (components - components.mean(dims, keepdim=True)).mul_(frozen_row_scale(node, real))  # new, then in place
+    scale = frozen_row_scale(node, real)
     weight = norm_argument(node, real, "weight")
-    if weight is not None:
-        out.mul_(weight)
-    return out, norm_offsets(node, real)
+    if weight is not None:  # one small product, then one pass over the components
+        scale = scale * weight
+    return (components - components.mean(dims, keepdim=True)).mul_(scale), norm_offsets(node, real)
 
 
 def _rms_norm(node: fx.Node, real: dict, components: torch.Tensor):
