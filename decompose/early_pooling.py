@@ -34,7 +34,16 @@ from tracer.linear_rules import (
 )
 from tracer.norm_scales import NormScales
 from tracer.ops import is_in_place, op_kind
-from tracer.pooling import MAP, SCALE, EarlyPooling, PooledBranch, row_scale, source_row_code, unit_norm
+from tracer.pooling import (
+    MAP,
+    SCALE,
+    EarlyPooling,
+    PooledBranch,
+    row_scale,
+    source_row_code,
+    unit_norm,
+    weighted_segment_sum,
+)
 from tracer.roles import TrunkPlan
 
 from .births import attention_groups, attention_parts
@@ -407,8 +416,7 @@ def _branch_components(gm: fx.GraphModule, pooling: EarlyPooling, run: _BranchRu
     if run.split == "head":  # the real value where heads are whole columns, pooled, then the row maps
         values = run.value.reshape(-1, run.value.shape[-1])
         values = values if join.rows is None else values[join.rows]
-        pooled = values.new_zeros(gamma.shape[0] * (count + 1), values.shape[-1])
-        pooled.index_add_(0, join.target, values * join.weight.unsqueeze(1))
+        pooled = weighted_segment_sum(values, join.target, join.weight, gamma.shape[0] * (count + 1))
         pooled = pooled.reshape(gamma.shape[0], count + 1, -1)[:, :count]       # [B, K, F]
         groups = run.groups.to(pooled.device)
         components = _mapped(gm, run, torch.stack([pooled * (groups == g).to(dtype) for g in range(len(run.ids))]))

