@@ -21,6 +21,7 @@ from functools import partial
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx
 
 from tracer.attention import AttentionParts
@@ -418,15 +419,40 @@ def _branch_components(gm: fx.GraphModule, pooling: EarlyPooling, run: _BranchRu
         values = values if join.rows is None else values[join.rows]
         pooled = weighted_segment_sum(values, join.target, join.weight, gamma.shape[0] * (count + 1))
         pooled = pooled.reshape(gamma.shape[0], count + 1, -1)[:, :count]       # [B, K, F]
-        groups = run.groups.to(pooled.device)
-        components = _mapped(gm, run, torch.stack([pooled * (groups == g).to(dtype) for g in range(len(run.ids))]))
-        components = components * join.sign
+        components = _head_rows_mapped(gm, run, pooled) * join.sign
     else:  # one component: the real operand pooled, less the constants it holds
         components = pooling.pooled(run.spec.join, run.value.unsqueeze(0), gamma) * join.sign
         if constants is not None:
             components = components - constants.sum(0, keepdim=True)
     parts = [components] if constants is None else [components, constants]
     return run.ids + constant_ids, torch.cat(parts)
+
+
+def _head_rows_mapped(gm: fx.GraphModule, run: _BranchRun, pooled: torch.Tensor) -> torch.Tensor:
+    """The pooled value ``[B, K, F]`` split by head and through the row maps: ``[H, B, K, F']``.
+
+    A first map that is a linear layer over heads laid out as equal consecutive column blocks
+    (``x.transpose(1, 2).reshape(B, N, C)`` before ``proj``) takes each head's block of its weight: one
+    batched product, H times smaller than the linear layer on H masked copies."""
+    groups = run.groups.to(pooled.device)
+    heads = len(run.ids)
+    if run.maps and pooled.shape[-1] % heads == 0:
+        node, carrier, inputs, kind = run.maps[0]
+        width = pooled.shape[-1] // heads
+        weight = inputs.get(node.args[1]) if kind == MAP and node.target is F.linear and \
+            has_bias_argument(node, carrier) and isinstance(node.args[1], fx.Node) else None
+        blocks = torch.arange(heads, device=groups.device).repeat_interleave(width)
+        if weight is not None and weight.shape[-1] == pooled.shape[-1] and torch.equal(groups, blocks):
+            per_head = torch.einsum("bkhd,ohd->hbko", pooled.unflatten(-1, (heads, width)),
+                                    weight.to(pooled.dtype).unflatten(-1, (heads, width)))
+            return _mapped(gm, run, per_head, first=1)
+    return _masked_head_rows_mapped(gm, run, pooled)
+
+
+def _masked_head_rows_mapped(gm: fx.GraphModule, run: _BranchRun, pooled: torch.Tensor) -> torch.Tensor:
+    """``_head_rows_mapped`` for any layout: the row maps on one masked copy of ``pooled`` per head."""
+    groups = run.groups.to(pooled.device)
+    return _mapped(gm, run, torch.stack([pooled * (groups == g).to(pooled.dtype) for g in range(len(run.ids))]))
 
 
 def token_matrices(gm: fx.GraphModule, pooling: EarlyPooling, runs: list[_BranchRun], dtype: torch.dtype,

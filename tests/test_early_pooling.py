@@ -197,3 +197,18 @@ def test_norm_scales_find_the_row_each_token_feeds_and_check_another_image():
     before, after = _merge_pairs_then_norm()
     assert fit_norm_scales(["pooled"], order, {"pooled": before, "norm": after}, scales, gamma(False), tokens,
                            1e-9) is None
+
+
+@pytest.mark.parametrize("name", ["swin_tiny_patch4_window7_224", "maxvit_tiny_tf_224"])
+def test_heads_in_column_blocks_take_their_block_of_the_projection(name, monkeypatch):
+    """A pooled head split whose first row map is a linear layer over equal head blocks uses each head's
+    block of the weight; any layout falls back to one masked copy per head: the same components."""
+    torch.manual_seed(0)
+    model, size = _double(name)
+    images = torch.randn(2, *size, dtype=torch.float64)
+    blocks = trace_and_decompose(model)(images, level="head")
+    monkeypatch.setattr(early_pooling, "_head_rows_mapped", early_pooling._masked_head_rows_mapped)
+    masked = trace_and_decompose(model)(images, level="head")
+    assert blocks.keys == masked.keys
+    torch.testing.assert_close(blocks.components, masked.components, rtol=1e-9, atol=1e-12)
+    assert blocks.relative_error() <= 1e-10
