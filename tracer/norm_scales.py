@@ -37,7 +37,8 @@ class NormScales:
         """γ [B, T] at ``node`` from a batch's ``scales`` (norm -> ``frozen_row_scale`` value, [B, ...])."""
         gamma = self.factors[node].expand(batch, -1)
         for norm, rows in self.rows[node]:
-            gamma = gamma * scales[norm].reshape(batch, -1)[:, rows]              # the row each token feeds
+            per_row = scales[norm].reshape(batch, -1)
+            gamma = gamma.to(per_row.device) * per_row[:, rows.to(per_row.device)]  # the row each token feeds
         return gamma
 
     def to(self, dtype: torch.dtype) -> NormScales:
