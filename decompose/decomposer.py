@@ -89,12 +89,8 @@ class Decomposer(nn.Module):
                                             compact=plan.compact, positions=positions, parking=parking)
         if parking is not None:
             carried = pooled_components(self.graph_module, plan.pooling, parking, carried)
-        ids = carried.ids
-        order = sorted(range(len(ids)), key=ids.__getitem__)
-        components = carried.drain()
-        if order != list(range(len(ids))):  # creation order: stable labels
-            components = components[order]
-        labels = [registry.labels[ids[i]] for i in order]
+        ids, components = carried.drain()  # in creation order: stable labels
+        labels = [registry.labels[i] for i in ids]
         return Decomposition(components, labels, representation, level, plan.target.name,
                              plan.describe_stop())
 

@@ -68,19 +68,25 @@ class Carried:
         return values[0] if len(values) == 1 else torch.cat([v.expand(len(c.ids), *values[0].shape[1:])
                                                              for v, c in zip(values, self.chunks)])
 
-    def drain(self) -> torch.Tensor:
-        """``stacked()``, releasing each chunk once copied (peak: result + one chunk); empties self."""
-        if len(self.chunks) == 1:
-            return self.chunks.pop().values
-        shape = self.chunks[0].values.shape[1:]
+    def drain(self) -> tuple[list[int], torch.Tensor]:
+        """(ids in increasing order, ``stacked()`` rows in that order), releasing each chunk once
+        copied (peak: result + one chunk, no reordering copy); empties self."""
+        ids = self.ids
+        ordered = sorted(ids)
+        if len(self.chunks) == 1 and ids == ordered:
+            return ids, self.chunks.pop().values
+        rank = {i: k for k, i in enumerate(ordered)}
         first = self.chunks[0].values
-        out = first.new_empty((len(self.ids),) + tuple(shape))
-        row = 0
+        out = first.new_empty((len(ids),) + tuple(first.shape[1:]))
         while self.chunks:
             chunk = self.chunks.pop(0)
-            out[row: row + len(chunk.ids)] = chunk.values
-            row += len(chunk.ids)
-        return out
+            rows = [rank[i] for i in chunk.ids]
+            values = chunk.values.expand(len(rows), *out.shape[1:])
+            if rows == list(range(rows[0], rows[0] + len(rows))):  # consecutive ids: one slice
+                out[rows[0]: rows[0] + len(rows)] = values
+            else:
+                out[torch.tensor(rows, device=out.device)] = values
+        return ordered, out
 
 
 PROBE = -1  # id of the probe chunk of an ``early_pooling.Parking`` (never a component)

@@ -70,3 +70,14 @@ def test_a_whole_real_input_gives_its_op_result_without_a_second_evaluation(name
     assert fast.keys == evaluated.keys
     torch.testing.assert_close(fast.components, evaluated.components, rtol=1e-9, atol=1e-12)
     assert fast.relative_error() <= 1e-10
+
+
+def test_drain_puts_rows_in_id_order_as_it_copies():
+    from decompose.propagate import Carried, Chunk
+
+    carried = Carried([Chunk([3, 4, 5], torch.arange(6.0).reshape(3, 2)), Chunk([0], torch.tensor([[10.0, 11.0]])),
+                       Chunk([2, 1], torch.tensor([[20.0, 21.0], [30.0, 31.0]]))])
+    ids, rows = carried.drain()
+    assert ids == [0, 1, 2, 3, 4, 5]
+    assert rows.tolist() == [[10, 11], [30, 31], [20, 21], [0, 1], [2, 3], [4, 5]]
+    assert not carried.chunks
