@@ -34,7 +34,7 @@ from tracer.linear_rules import (
     has_bias_argument,
 )
 from tracer.norm_scales import NormScales
-from tracer.ops import is_in_place, op_kind
+from tracer.ops import op_kind, overwritten_later
 from tracer.pooling import (
     MAP,
     SCALE,
@@ -254,7 +254,7 @@ class Parking:
                 run.code = (torch.arange(rows.numel(), dtype=torch.float64, device=real[node].device) + 1).reshape(
                     *rows, 1)
         if run.split != "token" and node is (spec.node if run.split == "head" else spec.operand):
-            run.value = real[node].clone() if _overwritten_later(node) else real[node]
+            run.value = real[node].clone() if overwritten_later(node) else real[node]
 
     def _label_birth(self, plan, run: _BranchRun, real: dict, registry, positions: list | None,
                      batch_size: int | None) -> None:
@@ -309,11 +309,6 @@ class Parking:
         for offset in offsets:
             component = registry.new(offset_label(offset, plan.layer(node), node))
             run.offsets.append((len(run.maps) - 1, component, offset.value.reshape(-1, offset.value.shape[-1])[0]))
-
-
-def _overwritten_later(node: fx.Node) -> bool:
-    """Whether an in-place op (``x.add_(y)``, ``x += y``) writes into ``node``'s value."""
-    return any(user.args and user.args[0] is node and is_in_place(user) for user in node.users)
 
 
 def _chain_input(spec: PooledBranch, node: fx.Node) -> fx.Node:

@@ -26,7 +26,7 @@ from tracer.linear_rules import (
     is_binary_additive,
     parameter_name,
 )
-from tracer.ops import OpKind, is_in_place, op_kind
+from tracer.ops import OpKind, is_in_place, op_kind, overwritten_later
 from tracer.probe import ValueOverlay, node_arguments
 from tracer.relevance import CompactPlan, Slice, compact_arguments
 from tracer.roles import Role, TrunkPlan
@@ -358,7 +358,7 @@ def _from_real(gm, plan, node: fx.Node, carrier: fx.Node, real: dict, carried: d
     whole = real[node]
     for offset in offsets:
         whole = whole - offset.value
-    if whole is real[node] and any(is_in_place(user) and user.args and user.args[0] is node for user in node.users):
+    if whole is real[node] and overwritten_later(node):
         whole = whole.clone()  # an in-place op writes into the real value later
     return _with_offsets(Carried.single(source.ids, whole.unsqueeze(0)), offsets, plan.layer(node), node, registry)
 

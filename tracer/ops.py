@@ -27,6 +27,11 @@ def is_in_place(node: fx.Node) -> bool:
             or (node.op == "call_function" and node.target in IN_PLACE_FUNCTIONS))
 
 
+def overwritten_later(node: fx.Node) -> bool:
+    """Whether an in-place op (``x.add_(y)``, ``x += y``) writes into ``node``'s value."""
+    return any(user.args and user.args[0] is node and is_in_place(user) for user in node.users)
+
+
 class OpKind(enum.Enum):
     ADDITIVE = "additive"      # linear in every data input jointly: add, sub, cat, stack
     AFFINE = "affine"          # affine in its first input, other inputs are not data

@@ -400,7 +400,7 @@ class EarlyPooling:
         rest must vanish (a batch that broke the structure found on the probe image raises).
         """
         pooled = self.nodes[node]
-        real = _token_major(adjoint, pooled.token_axes, pooled.feature_axes, leading=0)     # [B, T, F]
+        real = self.tokens(node, adjoint)                                                   # [B, T, F]
         unit = pooled.adjoint.to(real.dtype)                                                # [K, F]
         squared = (unit * unit).sum(-1, keepdim=True)
         dual = unit / torch.where(squared > 0, squared, torch.ones_like(squared))          # [K, F]
@@ -426,8 +426,7 @@ class EarlyPooling:
     def weights_key(self, node: fx.Node, adjoint: torch.Tensor) -> tuple:
         """Equal for two nodes exactly when ``weights`` gives the same for them: the same slots and unit
         adjoints (shared by ``_shared_layouts``) and the adjoint read token-major from the same memory."""
-        pooled = self.nodes[node]
-        tokens = _token_major(adjoint, pooled.token_axes, pooled.feature_axes, leading=0)
+        pooled, tokens = self.nodes[node], self.tokens(node, adjoint)
         return id(pooled.slots), id(pooled.adjoint), tokens.data_ptr(), tuple(tokens.shape), tokens.stride()
 
     def pool(self, node: fx.Node, values: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
