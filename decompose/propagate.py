@@ -69,20 +69,27 @@ class Carried:
                                                              for v, c in zip(values, self.chunks)])
 
     def drain(self) -> tuple[list[int], torch.Tensor]:
-        """(ids in increasing order, ``stacked()`` rows in that order), releasing each chunk once
-        copied (peak: result + one chunk, no reordering copy); empties self."""
+        """(each id once, in increasing order; its rows summed over all chunks, ``[C, *shape]``),
+        releasing each chunk once copied (peak: result + one chunk, no reordering copy); empties self.
+
+        One component may sit in several chunks (early pooling takes a component that reached several
+        pooled nodes to the output from each of them): its rows add up, as everywhere in ``Carried``."""
         ids = self.ids
-        ordered = sorted(ids)
+        ordered = sorted(set(ids))
         if len(self.chunks) == 1 and ids == ordered:
             return ids, self.chunks.pop().values
+        repeated = len(ordered) != len(ids)
         rank = {i: k for k, i in enumerate(ordered)}
         first = self.chunks[0].values
-        out = first.new_empty((len(ids),) + tuple(first.shape[1:]))
+        shape = (len(ordered),) + tuple(first.shape[1:])
+        out = first.new_zeros(shape) if repeated else first.new_empty(shape)  # every row written once
         while self.chunks:
             chunk = self.chunks.pop(0)
             rows = [rank[i] for i in chunk.ids]
             values = chunk.values.expand(len(rows), *out.shape[1:])
-            if rows == list(range(rows[0], rows[0] + len(rows))):  # consecutive ids: one slice
+            if repeated:
+                out.index_add_(0, torch.tensor(rows, device=out.device), values)
+            elif rows == list(range(rows[0], rows[0] + len(rows))):  # consecutive ids: one slice
                 out[rows[0]: rows[0] + len(rows)] = values
             else:
                 out[torch.tensor(rows, device=out.device)] = values

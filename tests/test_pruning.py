@@ -81,3 +81,16 @@ def test_drain_puts_rows_in_id_order_as_it_copies():
     assert ids == [0, 1, 2, 3, 4, 5]
     assert rows.tolist() == [[10, 11], [30, 31], [20, 21], [0, 1], [2, 3], [4, 5]]
     assert not carried.chunks
+
+
+def test_drain_sums_a_component_held_by_several_chunks():
+    """Early pooling takes a component that reached several pooled nodes (a value split into three
+    convolutions, then concatenated) to the output from each: one row per id, the parts summed, and
+    no row left unwritten."""
+    from decompose.propagate import Carried, Chunk
+
+    carried = Carried([Chunk([1, 0], torch.tensor([[1.0, 2.0], [3.0, 4.0]])), Chunk([0], torch.tensor([[10.0, 20.0]])),
+                       Chunk([2, 0], torch.tensor([[5.0, 6.0], [100.0, 200.0]]))])
+    ids, rows = carried.drain()
+    assert ids == [0, 1, 2]
+    assert rows.tolist() == [[113, 224], [1, 2], [5, 6]]
