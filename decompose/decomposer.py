@@ -15,30 +15,48 @@ from tracer.positions import attention_key_positions, fork_of, support_positions
 from tracer.probe import ModelRunError, run_probe
 from tracer.relevance import CompactPlan, plan_compaction
 from tracer.roles import Role, TrunkPlan, plan_trunk
-from tracer.tracing import frozen_eval_copy, trace_representation
+from tracer.tracing import describe, frozen_eval_copy, trace_representation
 
 from .births import LEVELS
 from .decomposition import Decomposition
 from .early_pooling import Parking, branches_for_level, pooled_components
 from .propagate import Carried, Chunk, ComponentRegistry, propagate
+from .sum_check import (
+    FirstInexactNode,
+    InexactSum,
+    check_sum,
+    describe_first_inexact,
+    image_errors,
+    tolerance_for,
+)
 
 
 class Decomposer(nn.Module):
     """Callable module: ``decomposer(images, level="head") -> Decomposition``.
 
     Holds an eval-mode copy of the model traced with torch.fx; the user's model is
-    never modified. Graph roles are analysed once per input shape and dtype.
+    never modified. Graph roles are analysed once per input shape and dtype. Every call checks that
+    the components sum to the representation (``decompose.sum_check``).
     """
 
     def __init__(self, model: nn.Module, output: str = "pre_logits", prune: bool = True,
-                 cut_nonlinear_trunk: bool = False):
+                 cut_nonlinear_trunk: bool = False, sum_tolerance: float | None = None,
+                 on_inexact_sum: InexactSum | str = InexactSum.RAISE):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"trace_and_decompose expects a torch.nn.Module, got {type(model).__name__}")
+        if on_inexact_sum not in {mode.value for mode in InexactSum}:
+            raise ValueError(f"on_inexact_sum must be one of {[mode.value for mode in InexactSum]}, "
+                             f"got {on_inexact_sum!r}")
+        if sum_tolerance is not None and not sum_tolerance >= 0:
+            raise ValueError(f"sum_tolerance must be a number >= 0 (or None for the dtype's default), "
+                             f"got {sum_tolerance!r}")
         started = time.perf_counter()
         self.output = output
         self.prune = prune
         self.cut_nonlinear_trunk = cut_nonlinear_trunk
+        self.sum_tolerance = sum_tolerance
+        self.on_inexact_sum = InexactSum(on_inexact_sum)
         self.graph_module, self.opaque_modules = trace_representation(frozen_eval_copy(model), output)
         self.trace_seconds = time.perf_counter() - started
         self._plans: dict[tuple, TrunkPlan] = {}
@@ -91,12 +109,32 @@ class Decomposer(nn.Module):
             carried = pooled_components(self.graph_module, plan.pooling, parking, carried)
         ids, components = carried.drain()  # in creation order: stable labels
         labels = [registry.labels[i] for i in ids]
+        error = check_sum(components.sum(0), representation, what=f"{self.output} output, {describe(plan.target)}",
+                          tolerance=tolerance_for(representation.dtype, self.sum_tolerance),
+                          on_inexact=self.on_inexact_sum,
+                          diagnose=lambda image: self._first_inexact_node(plan, images[image: image + 1], level))
         return Decomposition(components, labels, representation, level, plan.target.name,
-                             plan.describe_stop())
+                             plan.describe_stop(), sum_error=error)
+
+    def _first_inexact_node(self, plan: TrunkPlan, image: torch.Tensor, level: str) -> str:
+        """Where a sum breaks: ``image`` [1, C, H, W] decomposed again in float64 without early pooling,
+        each node's components compared with its real value."""
+        hook = FirstInexactNode(plan.compact.slices if plan.compact is not None else {})
+        try:
+            with in_float64(self.graph_module):
+                representation, carried = propagate(
+                    self.graph_module, plan, image.double(), level, ComponentRegistry(), compact=plan.compact,
+                    positions=plan.key_positions if level == "token" else None, on_value=hook)
+                total = carried.drain()[1].sum(0)
+            error = float(image_errors(total, representation)[0])
+        except Exception as failure:  # the diagnosis must not hide the error it explains
+            return f"(Looking for the node where it breaks failed: {type(failure).__name__}: {failure}.)"
+        return describe_first_inexact(hook.found, error, pooled=plan.pooling is not None)
 
 
 def trace_and_decompose(model: nn.Module, output: str = "pre_logits", prune: bool = True,
-                        cut_nonlinear_trunk: bool = False) -> Decomposer:
+                        cut_nonlinear_trunk: bool = False, sum_tolerance: float | None = None,
+                        on_inexact_sum: InexactSum | str = InexactSum.RAISE) -> Decomposer:
     """Trace ``model`` once and return a ``Decomposer``.
 
     output: ``"pre_logits"`` (timm's ``num_classes=0`` features; open_clip image towers
@@ -106,8 +144,14 @@ def trace_and_decompose(model: nn.Module, output: str = "pre_logits", prune: boo
     cut_nonlinear_trunk: for models with a nonlinear op between residual blocks (hybrid CNN
             stems, nonlinear downsampling): everything up to the last such op becomes one
             ``embedding`` component named after its module, instead of an error.
+    sum_tolerance: largest relative error ‖Σ components − representation‖ / ‖representation‖ of any
+            image that a call accepts (None: 1e-4 in float32, 1e-10 in float64, 1e-2 in half precision).
+    on_inexact_sum: ``"raise"`` (default) an ``InexactSumError`` naming the error and the first node
+            where the components stop summing to its value; ``"warn"``: the same as a warning, and the
+            inexact result.
     """
-    return Decomposer(model, output=output, prune=prune, cut_nonlinear_trunk=cut_nonlinear_trunk)
+    return Decomposer(model, output=output, prune=prune, cut_nonlinear_trunk=cut_nonlinear_trunk,
+                      sum_tolerance=sum_tolerance, on_inexact_sum=on_inexact_sum)
 
 
 def relevance_masks(gm, plan: TrunkPlan, image: torch.Tensor) -> dict:

@@ -20,6 +20,8 @@ class Decomposition:
     target:         fx node that was decomposed
     stopped_before: the nonlinear op after it, e.g. a ``tanh`` pre-logits head (None if the
                     representation is the model's output itself)
+    sum_error:      the largest per-image relative error of the sum, checked when the decomposer made
+                    it (None: not made by a decomposer)
     """
 
     components: torch.Tensor
@@ -28,6 +30,7 @@ class Decomposition:
     level: str
     target: str = ""
     stopped_before: str | None = None
+    sum_error: float | None = None
 
     def sum(self) -> torch.Tensor:
         """[B, *D] sum of all components."""

@@ -18,6 +18,9 @@ class ComponentLabel:
     head:  attention head index (level ``head`` and ``token``)
     token: source token (level ``token``)
     node:  fx node where the component is born
+    position: level ``token``: the source token's ``(row, col)`` or the parameter that made it
+    note:  what the component holds when its name does not say it (an ``embedding`` that holds
+           everything before a nonlinear op cut by ``cut_nonlinear_trunk``)
     """
 
     name: str
@@ -27,6 +30,7 @@ class ComponentLabel:
     token: int | None = None
     node: str = ""
     position: tuple[int, int] | str | None = None
+    note: str | None = None
 
     @cached_property
     def key(self) -> str:

@@ -145,20 +145,24 @@ def _last_uses(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
 def propagate(gm: fx.GraphModule, plan: TrunkPlan, images: torch.Tensor, level: str,
               registry: ComponentRegistry, compact: CompactPlan | None = None,
               on_carried: Callable[[fx.Node, Carried], Carried] | None = None,
-              positions: dict | None = None, parking: Any = None) -> tuple[torch.Tensor, Carried]:
+              positions: dict | None = None, parking: Any = None,
+              on_value: Callable[[fx.Node, Any, Carried], None] | None = None) -> tuple[torch.Tensor, Carried]:
     """Real value of ``plan.target`` and its components.
 
     compact:    slices of the carried values (only what reaches the output is computed)
     on_carried: hook applied to every node's components (used to measure relevance)
+    on_value:   called with (node, real value, components) once both are known (used to find where a
+                sum breaks)
     positions:  attention birth -> source position of each key (labels at level token)
     parking:    an ``early_pooling.Parking``: trunk nodes where components leave the trunk (the
                 result then holds its probe chunk instead of them) and branches it computes itself
     """
     with torch.enable_grad() if parking is not None and parking.needs_grad else contextlib.nullcontext():
-        return _propagate(gm, plan, images, level, registry, compact, on_carried, positions or {}, parking)
+        return _propagate(gm, plan, images, level, registry, compact, on_carried, positions or {}, parking,
+                          on_value)
 
 
-def _propagate(gm, plan, images, level, registry, compact, on_carried, positions, parking):
+def _propagate(gm, plan, images, level, registry, compact, on_carried, positions, parking, on_value):
     real: dict[fx.Node, Any] = {}
     carried: dict[fx.Node, Carried] = {}
     frees = _last_uses(gm.graph)
@@ -189,6 +193,8 @@ def _propagate(gm, plan, images, level, registry, compact, on_carried, positions
                                        positions)
             if on_carried is not None:
                 carried[node] = on_carried(node, carried[node])
+        if role is not None and on_value is not None:
+            on_value(node, real[node], carried[node])
         if role is not None and parking is not None:
             parking.after_real(node, real)
             carried[node] = parking.park(node, carried[node], real)
@@ -384,7 +390,7 @@ def born_label(birth, node: fx.Node, head: int | None, token: int | None,
                key_positions: list | None = None) -> ComponentLabel:
     """Label of the component a birth (``roles.Birth``) gives for ``head`` and source ``token``."""
     position = key_positions[token] if key_positions and token is not None else None
-    return ComponentLabel(birth.name, birth.kind, birth.layer, head, token, node.name, position)
+    return ComponentLabel(birth.name, birth.kind, birth.layer, head, token, node.name, position, birth.note)
 
 
 def offset_label(offset: Offset, layer: int | None, node: fx.Node) -> ComponentLabel:

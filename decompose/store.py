@@ -57,14 +57,15 @@ def write_shard(root: Path, index: int, components: torch.Tensor, representation
 def label_records(labels: list[ComponentLabel]) -> list[dict]:
     """JSON-able labels (a token's grid position becomes a [row, col] list)."""
     return [dict(key=l.key, name=l.name, kind=l.kind, layer=l.layer, head=l.head, token=l.token, node=l.node,
-                 position=list(l.position) if isinstance(l.position, tuple) else l.position)
+                 position=list(l.position) if isinstance(l.position, tuple) else l.position, note=l.note)
             for l in labels]
 
 
 def label_from_record(record: dict) -> ComponentLabel:
     position = record.get("position")
     return ComponentLabel(record["name"], record["kind"], record["layer"], record["head"], record["token"],
-                          record["node"], tuple(position) if isinstance(position, list) else position)
+                          record["node"], tuple(position) if isinstance(position, list) else position,
+                          record.get("note"))
 
 
 def check_compatible(existing: dict, wanted: dict) -> None:

@@ -149,3 +149,47 @@ def test_model_is_not_modified(vit):
     assert [(p.requires_grad, p.grad) for p in vit.parameters()] == flags
     assert [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in vit.modules()] == hooks
     assert not vit.training
+
+
+class _MaxPooledShortcut(nn.Module):
+    """A Hiera-style downsampling block: shortcut ``max-pool(proj(norm(x)))``, branch a gated MLP of
+    ``norm(x)`` pooled alike; neither operand of its add reaches ``x`` affinely."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.proj, self.fc1, self.gate, self.fc2 = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x):
+        x_norm = self.norm(x)
+        shortcut = self.proj(x_norm).view(x.shape[0], 2, -1, x.shape[-1]).amax(dim=1)  # max-pool over token pairs
+        hidden = torch.relu(self.fc1(x_norm)) * torch.sigmoid(self.gate(x_norm))
+        branch = self.fc2(hidden).view(x.shape[0], 2, -1, x.shape[-1]).mean(dim=1)
+        return shortcut + branch
+
+
+class _HieraLike(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 4, 4)
+        self.block1, self.down, self.block2 = _Residual(8), _MaxPooledShortcut(8), _Residual(8)
+
+    def forward(self, images):
+        x = self.embed(images).flatten(2).transpose(1, 2)
+        return self.block2(self.down(self.block1(x))).mean(1)
+
+
+def test_a_max_pooled_shortcut_is_an_error_naming_it():
+    with pytest.raises(NonlinearTrunkError, match=r"residual add.*amax.*cut_nonlinear_trunk=True"):
+        trace_and_decompose(_HieraLike().eval())(torch.randn(1, 3, 16, 16))
+
+
+def test_cut_at_a_max_pooled_shortcut_gives_an_explicit_component():
+    model = _HieraLike().eval()
+    dec = trace_and_decompose(model, cut_nonlinear_trunk=True)(torch.randn(2, 3, 16, 16), level="head")
+    assert dec.relative_error() < 1e-5
+    embedding = [label for label in dec.labels if label.kind == "embedding"]
+    assert len(embedding) == 1 and embedding[0].node.startswith("amax")
+    assert "everything before" in embedding[0].note and "amax" in embedding[0].note
+    assert sorted(label.name.split("@")[0] for label in dec.labels if label.kind == "branch") == ["block2", "down"]
+    assert not any(label.name.startswith(("block1", "embed")) for label in dec.labels)

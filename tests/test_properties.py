@@ -216,9 +216,11 @@ def test_components_sum_to_the_real_representation(configs, data):
         dec = decomposer(images, level=level)
         assert dec.level == level
         assert dec.stopped_before is None, f"{level}: representation moved before {dec.stopped_before}"
-        assert torch.equal(dec.representation, expected), \
-            f"{level}: representation differs from the model's pre-logits output " \
-            f"by {float((dec.representation - expected).abs().max()):.3e}"
+        # to float64 rounding: torch's attention kernels round differently by batch size and memory layout
+        # (a MAP-pooled ViT's own output for image 0 differs by 3e-18 between batch 1 and batch 2)
+        torch.testing.assert_close(dec.representation, expected, rtol=1e-12, atol=1e-15,
+                                   msg=lambda m: f"{level}: representation differs from the model's pre-logits "
+                                                 f"output: {m}")
         assert dec.components.shape == (len(dec.labels),) + tuple(expected.shape)
         assert dec.components.dtype == torch.float64
         assert dec.relative_error() <= REL64, f"{level}: relative error {dec.relative_error():.3e}"

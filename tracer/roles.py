@@ -53,6 +53,7 @@ class Birth:
     join: fx.Node | None         # residual add where the branch enters the trunk
     name: str = ""               # module path naming the component
     layer: int | None = None     # index of the residual block it joins
+    note: str | None = None      # what it holds when that is not what its name says (a cut trunk)
 
 
 @dataclass
@@ -286,7 +287,7 @@ def _walk(analysis: GraphAnalysis, target: fx.Node) -> TrunkPlan:
         if pushed is None:  # the node is a birth
             kind = _birth_kind(analysis, node) if role is Role.CARRY else "embedding"
             roles[node] = Role.BIRTH
-            births[node] = Birth(node, kind, join)
+            births[node] = Birth(node, kind, join, note=_cut_note(analysis, node) if role is Role.TRUNK else None)
             continue
         roles[node] = role
         if role is Role.CARRY:
@@ -309,6 +310,10 @@ def _trunk_step(analysis: GraphAnalysis, node: fx.Node, join, below_residual: bo
         affine = [fork is not None and analysis.affine_path(fork, i) for i in inputs]
         if all(affine):
             return [(i, Role.TRUNK, join, below_residual) for i in inputs]
+        if not any(affine) and fork is not None and analysis.has_residual_upstream(fork):
+            streams = [_sums_residual_blocks(analysis, i, {}) for i in inputs]
+            affine = streams if any(streams) else [i is _nonlinear_shortcut(analysis, node, fork, inputs)
+                                                   for i in inputs]
         joins.append(node)
         return [(i, Role.TRUNK, join, True) if a else (i, Role.CARRY, node, True)
                 for i, a in zip(inputs, affine)]
@@ -345,6 +350,90 @@ def _trunk_step(analysis: GraphAnalysis, node: fx.Node, join, below_residual: bo
             "trace_and_decompose(model, cut_nonlinear_trunk=True) to decompose only what follows it "
             "(everything before becomes one 'embedding' component named after its module).")
     return None
+
+
+def _cut_note(analysis: GraphAnalysis, node: fx.Node) -> str | None:
+    """What an embedding born at a nonlinear op after residual blocks holds (``cut_nonlinear_trunk``)."""
+    if node.op == "placeholder" or not analysis.has_residual_upstream(node):
+        return None
+    return (f"everything before {describe(node)}, a nonlinear op on the residual trunk: the blocks before it "
+            "are not decomposed (cut_nonlinear_trunk=True)")
+
+
+def _nonlinear_shortcut(analysis: GraphAnalysis, add: fx.Node, fork: fx.Node, inputs: list[fx.Node]) -> fx.Node:
+    """The shortcut of a residual add none of whose operands reaches the fork affinely (Hiera's
+    ``max-pool(proj(norm(x))) + attn(norm(x))``), with residual blocks before the fork.
+
+    Read as a new trunk, the add would make everything before the fork one silent "branch". Like any
+    nonlinear op between residual blocks this is an error, unless ``cut_nonlinear_trunk``: then the
+    operand with the fewest nonlinear ops after the fork is the shortcut, and its nonlinear op becomes
+    the cut (an ``embedding`` component holding everything before it). Operands equally far from
+    affine are refused: which one is the shortcut would be a guess.
+    """
+    depths = [_nonlinear_depth(analysis, fork, i, {}) for i in inputs]
+    fewest = min(depths)
+    shortcut = inputs[depths.index(fewest)] if depths.count(fewest) == 1 else None
+    ops = ", ".join(describe(_last_nonlinear(analysis, fork, i)) for i in inputs)
+    if not analysis.cut_nonlinear_trunk:
+        raise NonlinearTrunkError(
+            f"{describe(add)} is a residual add none of whose operands reaches {describe(fork)} through affine "
+            f"ops (they end in {ops}): a nonlinear op sits on the shortcut between residual blocks, so the "
+            "representation is not a sum of block contributions. Pass trace_and_decompose(model, "
+            "cut_nonlinear_trunk=True) to decompose only what follows it (everything before becomes one "
+            "'embedding' component).")
+    if shortcut is None:
+        raise NonlinearTrunkError(
+            f"{describe(add)}: none of its operands reaches {describe(fork)} through affine ops, and they are "
+            f"equally far from it (they end in {ops}), so which one is the residual shortcut cannot be told; "
+            "decompose an earlier output or make the shortcut affine.")
+    return shortcut
+
+
+def _sums_residual_blocks(analysis: GraphAnalysis, node: fx.Node, memo: dict) -> bool:
+    """Whether ``node`` is a residual stream: linear steps back from it reach a residual add (TNT's patch
+    stream, to which the pixel stream is added, reaches the fork through its blocks' branches only)."""
+    if node not in memo:
+        memo[node] = False
+        if _is_linear_step(analysis, node):
+            inputs = analysis.data_inputs(node)
+            if analysis.kind(node) == OpKind.ADDITIVE and len(inputs) >= 2:
+                fork = analysis.fork(inputs)
+                if fork is None or not all(analysis.affine_path(fork, i) for i in inputs):
+                    memo[node] = True
+                    return True
+            memo[node] = any(_sums_residual_blocks(analysis, i, memo) for i in inputs)
+    return memo[node]
+
+
+def _nonlinear_depth(analysis: GraphAnalysis, fork: fx.Node, node: fx.Node, memo: dict) -> int:
+    """Most nonlinear ops on any path from ``fork`` to ``node`` (affine ops and frozen norms count 0)."""
+    if node is fork or analysis.affine_path(fork, node):
+        return 0
+    if node not in memo:
+        upstream = [n for n in analysis.data_inputs(node) if analysis.depends_on(n, fork)]
+        deepest = max((_nonlinear_depth(analysis, fork, n, memo) for n in upstream), default=0)
+        memo[node] = deepest + (0 if _is_linear_step(analysis, node) else 1)
+    return memo[node]
+
+
+def _is_linear_step(analysis: GraphAnalysis, node: fx.Node) -> bool:
+    """Linear in its data inputs (weights frozen): additive, affine, a norm, a linear map or convolution."""
+    kind = analysis.kind(node)
+    if kind == OpKind.PRODUCT:
+        inputs = analysis.data_inputs(node)
+        return len(inputs) == 1 and analysis._is_linear_position(node, inputs[0], product_positions(node))
+    return kind in (OpKind.ADDITIVE, OpKind.AFFINE, OpKind.NORM)
+
+
+def _last_nonlinear(analysis: GraphAnalysis, fork: fx.Node, node: fx.Node) -> fx.Node:
+    """The nonlinear op nearest to ``node`` on its way back to ``fork`` (for error messages)."""
+    while _is_linear_step(analysis, node):
+        upstream = [n for n in analysis.data_inputs(node)
+                    if analysis.depends_on(n, fork) and not analysis.affine_path(fork, n)]
+        if not upstream:
+            break
+        node = upstream[0]
+    return node
 
 
 def _frozen_product_carrier(analysis: GraphAnalysis, node: fx.Node, inputs: list[fx.Node]) -> fx.Node | None:
