@@ -15,12 +15,17 @@ from align.debias import LabelledSplit, remove_spurious, spurious_order
 from align.drawing import line_plot
 from align.parent_maps import map_components_by_parent
 from align.scoring import PropertyScorer, property_basis
-from align.text_bank import encode_descriptions
 from decompose import DecompositionStore
 
 from .keyed_files import APPLICATIONS_HELP, read_table
-from .options import add_store_options, aligner_for_store, clip_for_aligner, device_of, templates, text_cache
-from .text_queries import chosen_properties, class_embeddings, property_bases_of, property_order
+from .options import add_store_options, clip_for_aligner, device_of, open_store_and_aligner, text_cache
+from .text_queries import chosen_properties, class_embeddings, encode_texts, property_bases_of, property_order
+
+
+def _class_names(args, table: dict, ids: list[str]) -> list[str]:
+    """The ``--classes`` file's labels, else every label of the images ``ids`` in ``table``, sorted."""
+    classes = [str(c) for c in json.loads(Path(args.classes).read_text())] if args.classes else None
+    return classes or sorted({str(table[i]["label"]) for i in ids})
 
 
 def _class_targets(values: list, classes: list[str], source: str) -> torch.Tensor:
@@ -50,15 +55,13 @@ def _classifier_and_space(args, store, aligner, device, train_rows: list[int], t
 @torch.no_grad()
 def _command_ablate(args) -> int:
     device = device_of(args.device)
-    store = DecompositionStore(args.store)
-    aligner = aligner_for_store(args, store, device)
+    store, aligner = open_store_and_aligner(args, device, same_level=False)
     table = read_table(args.labels)
     ids = [i for i in store.image_ids() if i in table]
     if not ids:
         raise ValueError(f"no image of the store is in {args.labels}")
     splits = [table[i].get("split", "") for i in ids]
-    classes = json.loads(Path(args.classes).read_text()).keys() if args.classes else None
-    classes = [str(c) for c in classes] if classes else sorted({str(table[i]["label"]) for i in ids})
+    classes = _class_names(args, table, ids)
     targets = _class_targets([table[i]["label"] for i in ids], classes, args.labels)
     train = [k for k, s in enumerate(splits) if s == "train"]
     evaluate = [k for k, s in enumerate(splits) if s != "train"] or list(range(len(ids)))
@@ -85,7 +88,7 @@ def _command_ablate(args) -> int:
     return 0
 
 
-def _ablation_steps(args, store: DecompositionStore, aligner: CompAlign | None, device: str) -> list:
+def _ablation_steps(args, store: DecompositionStore, aligner: CompAlign | None, device: torch.device) -> list:
     if args.order in ("layer", "layer-last-first"):
         return layer_steps(store.labels, last_first=args.order == "layer-last-first")
     if not args.property:
@@ -97,16 +100,14 @@ def _ablation_steps(args, store: DecompositionStore, aligner: CompAlign | None, 
 @torch.no_grad()
 def _command_debias(args) -> int:
     device = device_of(args.device)
-    store = DecompositionStore(args.store)
-    aligner = aligner_for_store(args, store, device)
+    store, aligner = open_store_and_aligner(args, device, same_level=False)
     table = read_table(args.groups)
     ids = [i for i in store.image_ids() if i in table]
     missing = [f for f in ("label", "group", "split") if ids and f not in table[ids[0]]]
     if not ids or missing:
         raise ValueError(f"{args.groups} needs label, group and split (train / val / test) for the store's images"
                          + (f"; missing {missing}" if missing else ""))
-    classes = [str(c) for c in json.loads(Path(args.classes).read_text())] if args.classes else \
-        sorted({str(table[i]["label"]) for i in ids})
+    classes = _class_names(args, table, ids)
     by_split = {s: [i for i in ids if table[i]["split"] == s] for s in ("train", "val", "test")}
     if not by_split["val"] or not by_split["test"]:
         raise ValueError(f"{args.groups}: k is chosen on the 'val' split and reported on 'test'; both are needed")
@@ -122,7 +123,7 @@ def _command_debias(args) -> int:
     # component scores for the spurious and the core texts, on validation images (no labels used)
     clip = clip_for_aligner(args, aligner, device)
     cache = text_cache(args)
-    scorer = PropertyScorer({name: property_basis(encode_descriptions(clip, texts, templates(args.templates), cache))
+    scorer = PropertyScorer({name: property_basis(encode_texts(args, clip, texts, cache))
                              for name, texts in (("spurious", args.spurious), ("core", args.core))})
     validation_raw = store.load_rows(positions["val"])[0]
     scorer.update(map_components_by_parent(aligner, validation_raw.to(device), store.labels))

@@ -19,14 +19,8 @@ from decompose import ComponentLabel, DecompositionStore, trace_and_decompose
 from decompose.attention_maps import AttentionMapCapture
 
 from .keyed_files import APPLICATIONS_HELP, read_table
-from .options import add_model_options, add_store_options, aligner_for_store, device_of, model_from_arguments
+from .options import add_model_options, add_store_options, device_of, model_from_arguments, open_store_and_aligner
 from .text_queries import text_direction
-
-
-def _open_any_level(args, device: torch.device):
-    """A store and an aligner of the same model, the aligner possibly coarser (head maps for token components)."""
-    store = DecompositionStore(args.store)
-    return store, aligner_for_store(args, store, device)
 
 
 def labels_with_positions(store: DecompositionStore, args) -> tuple[list[ComponentLabel], Any]:
@@ -66,8 +60,10 @@ def _safe_name(image_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", image_id)
 
 
-def _heatmaps_for(store, aligner, labels, direction, rows: list[int], keep, device, batch_size: int) -> torch.Tensor:
-    size = store.image_size
+def _text_heatmaps(args, store: DecompositionStore, aligner, labels, ids: list[str], device) -> torch.Tensor:
+    """[N, H, W] token heatmaps of the images ``ids`` along the ``--text`` direction (``--head`` heads only)."""
+    direction = text_direction(args, aligner, device)
+    rows, keep, size, batch_size = store.positions_of(ids), head_selector(args.head), store.image_size, args.batch_size
     maps = []
     for start in tqdm(range(0, len(rows), batch_size), desc="heatmaps", unit="batch"):
         components, _ = store.load_rows(rows[start:start + batch_size])
@@ -79,13 +75,10 @@ def _heatmaps_for(store, aligner, labels, direction, rows: list[int], keep, devi
 @torch.no_grad()
 def _command_heatmap(args) -> int:
     device = device_of(args.device)
-    store, aligner = _open_any_level(args, device)
+    store, aligner = open_store_and_aligner(args, device, same_level=False)
     labels, _ = labels_with_positions(store, args)
-    direction = text_direction(args, aligner, device)
     ids = args.image or store.image_ids()[:args.max_images]
-    rows = store.positions_of(ids)
-    heatmaps = _heatmaps_for(store, aligner, labels, direction, rows, head_selector(args.head), device,
-                             args.batch_size)
+    heatmaps = _text_heatmaps(args, store, aligner, labels, ids, device)
     pictures = (_read_images(Path(args.images), ids, store.transform(normalise=False))
                 if args.images else [None] * len(ids))
     out = Path(args.out)
@@ -128,13 +121,10 @@ def _read_masks(args, store: DecompositionStore) -> tuple[list[str], torch.Tenso
 @torch.no_grad()
 def _command_segment(args) -> int:
     device = device_of(args.device)
-    store, aligner = _open_any_level(args, device)
+    store, aligner = open_store_and_aligner(args, device, same_level=False)
     labels, decomposer = labels_with_positions(store, args)
-    direction = text_direction(args, aligner, device)
     ids, masks = _read_masks(args, store)
-    rows = store.positions_of(ids)
-    heatmaps = _heatmaps_for(store, aligner, labels, direction, rows, head_selector(args.head), device,
-                             args.batch_size)
+    heatmaps = _text_heatmaps(args, store, aligner, labels, ids, device)
     results = {"decomposition": segmentation_scores(heatmaps, masks).as_dict()}
     if args.baseline:
         results["attention (last layer)"] = _baseline_scores(args, store, ids, masks, decomposer).as_dict()

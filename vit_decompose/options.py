@@ -124,9 +124,13 @@ def add_store_options(command: argparse.ArgumentParser, aligner_required: bool =
     add_clip_options(command, required=False)
 
 
-def open_store_and_aligner(args, device: torch.device) -> tuple[DecompositionStore, CompAlign]:
-    """The store and an aligner of its model, level and components."""
+def open_store_and_aligner(args, device: torch.device, same_level: bool = True
+                           ) -> tuple[DecompositionStore, CompAlign | None]:
+    """The store and ``--aligner``: of the store's model, level and components (``same_level``), else of its
+    model and possibly coarser (head maps for token components; None without ``--aligner``)."""
     store = DecompositionStore(args.store)
+    if not same_level:
+        return store, aligner_for_store(args, store, device)
     aligner = CompAlign.load(args.aligner, model=store.manifest.get("model", ""), level=store.level,
                              labels=store.labels, device=device)
     return store, aligner

@@ -7,21 +7,30 @@ from pathlib import Path
 
 import torch
 
+from align.clip_models import ClipModel
 from align.compalign import CompAlign
 from align.properties import property_descriptions
 from align.scoring import rank_components
 from align.store_analysis import property_bases, score_store
-from align.text_bank import encode_descriptions
+from align.text_bank import TextEmbeddingCache, encode_descriptions
 from decompose import DecompositionStore
 
 from .options import clip_for_aligner, templates, text_cache
 
 
+def encode_texts(args, clip: ClipModel, texts: list[str], cache: TextEmbeddingCache) -> torch.Tensor:
+    """[T, d_clip] embeddings of ``texts`` with the ``--templates``."""
+    return encode_descriptions(clip, texts, templates(args.templates), cache)
+
+
+def mean_direction(args, clip: ClipModel, texts: list[str], cache: TextEmbeddingCache) -> torch.Tensor:
+    """Unit CLIP direction [d_clip]: the normalised mean of the embeddings of ``texts``."""
+    return torch.nn.functional.normalize(encode_texts(args, clip, texts, cache).mean(0), dim=0)
+
+
 def text_direction(args, aligner: CompAlign, device: torch.device) -> torch.Tensor:
-    """Unit CLIP direction [d_clip]: the normalised mean of the ``--text`` embeddings."""
-    clip = clip_for_aligner(args, aligner, device)
-    embeddings = encode_descriptions(clip, args.text, templates(args.templates), text_cache(args))     # [T, d_clip]
-    return torch.nn.functional.normalize(embeddings.mean(0), dim=0)
+    """Unit CLIP direction [d_clip] of the ``--text`` texts."""
+    return mean_direction(args, clip_for_aligner(args, aligner, device), args.text, text_cache(args))
 
 
 def class_embeddings(args, aligner: CompAlign, device: torch.device) -> tuple[list[str], torch.Tensor]:
@@ -31,11 +40,8 @@ def class_embeddings(args, aligner: CompAlign, device: torch.device) -> tuple[li
         raise ValueError(f'{args.classes}: expected {{"label": ["text", ...]}}')
     clip = clip_for_aligner(args, aligner, device)
     cache = text_cache(args)
-    rows = []
-    for texts in classes.values():
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        rows.append(torch.nn.functional.normalize(
-            encode_descriptions(clip, texts, templates(args.templates), cache).mean(0), dim=0))
+    rows = [mean_direction(args, clip, [texts] if isinstance(texts, str) else list(texts), cache)
+            for texts in classes.values()]
     return [str(name) for name in classes], torch.stack(rows)
 
 
