@@ -17,7 +17,7 @@ process. ``--allocator fixed`` (default) pins the threshold in the memory childr
 resident peak is the live peak of every call alike; ``--allocator default`` keeps glibc's
 behaviour (then the forward runs once before it is measured, as the decomposer plans once).
 
-Targets (DESIGN §4 / the cost issue): head ≤ 1.3× time and ≤ 1.5× memory of a plain forward;
+Targets (docs/design.md §4, Cost): head ≤ 1.3× time and ≤ 1.5× memory of a plain forward;
 token ≤ 3× time.
 """
 from __future__ import annotations

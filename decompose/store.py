@@ -148,6 +148,64 @@ class DecompositionStore:
                 yield (handle.get_tensor("components"), handle.get_tensor("representation"),
                        json.loads(handle.metadata()["image_ids"]))
 
+    def positions_of(self, ids) -> list[int]:
+        """Positions in the store of image ids (refuses ids the store does not hold)."""
+        where = {image_id: i for i, image_id in enumerate(self.image_ids())}
+        missing = [i for i in ids if i not in where]
+        if missing:
+            raise ValueError(f"{len(missing)} ids are not in the store (first: {missing[0]!r}); ids are image paths "
+                             f"relative to the decomposed folder, e.g. {next(iter(where), '?')!r}")
+        return [where[i] for i in ids]
+
+    @torch.no_grad()
+    def load_rows(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(components [C, n, D], representation [n, D]) in float32 of the images at positions ``rows``, in that
+        order (``*D`` flattened)."""
+        wanted = {row: k for k, row in enumerate(rows)}
+        components = representation = None
+        offset = 0
+        for shard_components, shard_representation, ids in self.iter_shards():
+            local = [(k, r - offset) for r, k in wanted.items() if offset <= r < offset + len(ids)]
+            offset += len(ids)
+            if not local:
+                continue
+            if components is None:
+                components = shard_components.new_zeros((shard_components.shape[0], len(rows))
+                                                        + tuple(shard_components.shape[2:])).float()
+                representation = shard_representation.new_zeros((len(rows),) + tuple(shard_representation.shape[1:]))
+                representation = representation.float()
+            targets = torch.tensor([k for k, _ in local])
+            sources = torch.tensor([r for _, r in local])
+            components[:, targets] = shard_components[:, sources].float()
+            representation[targets] = shard_representation[sources].float()
+        if components is None:
+            raise ValueError("no images selected")
+        return components.flatten(2), representation.flatten(1)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(H, W) of the images the model saw."""
+        size = self.manifest.get("preprocessing", {}).get("input_size")
+        if not size:
+            raise ValueError("the store records no input size; it was not written by decompose_dataset")
+        return int(size[-2]), int(size[-1])
+
+    def transform(self, normalise: bool = True, nearest: bool = False):
+        """The store's preprocessing rebuilt (timm's eval transform): PIL -> [3, H, W]. ``normalise=False``
+        keeps the resize / crop only (values in [0, 1]); ``nearest`` resizes without mixing pixels (masks)."""
+        from timm.data import create_transform
+
+        preprocessing = self.manifest.get("preprocessing", {})
+        if not normalise and not preprocessing.get("input_size"):
+            raise ValueError("the store records no preprocessing (input_size); it was not written by decompose_dataset")
+        fields = ("input_size", "interpolation", "crop_pct", "crop_mode") + (("mean", "std") if normalise else ())
+        settings = {k: preprocessing[k] for k in fields if k in preprocessing}
+        if nearest:
+            settings["interpolation"] = "nearest"
+        if not normalise:
+            settings.update(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+        return create_transform(**settings, is_training=False)
+
 
 def read_manifest(root: Path) -> dict[str, Any] | None:
     path = root / MANIFEST

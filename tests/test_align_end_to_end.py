@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from align import CompAlign, StreamingAlignmentData, TrainingOptions, load_clip, train_compalign
-from align.cli import main
+from vit_decompose.cli import main
 from decompose import decompose_dataset, trace_and_decompose
 from decompose.dataset import evaluation_transform
 

@@ -24,11 +24,12 @@ from align import (
     text_contributions,
     token_heatmaps,
 )
-from align.application_cli import labels_with_positions, load_store_rows, read_table
-from align.cli import main
 from decompose import decompose_dataset, trace_and_decompose
 from decompose.dataset import evaluation_transform
 from decompose.models import load_model
+from vit_decompose.cli import main
+from vit_decompose.heatmap_commands import labels_with_positions
+from vit_decompose.keyed_files import read_table
 
 MODEL = "vit_tiny_patch16_224"
 KWARGS = {"depth": 1, "img_size": 32, "patch_size": 8}
@@ -98,7 +99,7 @@ def test_retrieve_by_text_matches_the_python_api_and_reports_precision(world, ca
     result = json.loads(out.read_text())
     assert len(result["ranking"]) == 5 and result["components"] == ["blocks.0.attn.h1", "blocks.0.mlp"]
     rows = [store.labels.index(next(l for l in store.labels if l.key == k)) for k in result["components"]]
-    components, _ = load_store_rows(store, list(range(len(store))))
+    components, _ = store.load_rows(list(range(len(store))))
     text = torch.nn.functional.normalize(encode_descriptions(world["clip"], ["a red square"], "raw")[0], dim=0)
     expected = text_contributions(world["aligner"], components[rows], [store.labels[r] for r in rows], text).sum(0)
     ids = store.image_ids()
@@ -124,7 +125,7 @@ def test_retrieve_within_a_property_matches_the_python_api(world, capsys):
     assert main(["retrieve", *common(world), "--query", query, "--property", "colour", "--components", "99",
                  "--within-property", "--top", "7", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    components, _ = load_store_rows(store, list(range(len(store))))
+    components, _ = store.load_rows(list(range(len(store))))
     features = map_components_by_parent(world["aligner"], components, store.labels)
     texts = property_descriptions(None)["colour"]
     basis = property_basis(encode_descriptions(world["clip"], texts, "raw"))
@@ -154,7 +155,7 @@ def test_heatmap_writes_overlays_equal_to_the_python_heatmaps(world, capsys):
         written = handle.get_tensor("heatmaps")
     options = argparse.Namespace(model=MODEL, model_kwargs=json.dumps(KWARGS), pretrained=False, checkpoint=None)
     labels, _ = labels_with_positions(store, options)
-    components, _ = load_store_rows(store, [store.image_ids().index(i) for i in picked])
+    components, _ = store.load_rows([store.image_ids().index(i) for i in picked])
     text = torch.nn.functional.normalize(encode_descriptions(world["clip"], ["a dog"], "raw")[0], dim=0)
     contributions = text_contributions(world["aligner"], components, labels, text)
     expected = token_heatmaps(contributions, labels, (32, 32), head_selector(["blocks.0.attn.h2"]))

@@ -3,7 +3,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from decompose.cli import main
+from vit_decompose.cli import main
 from decompose.models import load_model
 
 

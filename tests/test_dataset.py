@@ -113,10 +113,10 @@ def test_torchrun_two_ranks_write_one_store(model, image_folder, tmp_path):
               json.dumps(KWARGS), "--images", str(image_folder), "--level", "head", "--batch-size", "2"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     single, double = tmp_path / "single", tmp_path / "double"
-    subprocess.run([sys.executable, "-m", "decompose.cli", "decompose", "--out", str(single), *common],
+    subprocess.run([sys.executable, "-m", "vit_decompose", "decompose", "--out", str(single), *common],
                    check=True, env=env, cwd=ROOT, capture_output=True)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29631",
-                    "-m", "decompose.cli", "decompose", "--out", str(double), *common],
+                    "-m", "vit_decompose", "decompose", "--out", str(double), *common],
                    check=True, env=env, cwd=ROOT, capture_output=True)
     one, two = DecompositionStore(single), DecompositionStore(double)
     assert len(one) == len(two) == 13 and one.image_ids() == two.image_ids()

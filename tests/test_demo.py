@@ -4,7 +4,7 @@ import json
 import pytest
 from browser import find_browser, render_page
 
-from decompose.cli import main
+from vit_decompose.cli import main
 
 SECTIONS = {"overview", "additivity", "alignment", "rankings", "textspan", "property-probe", "retrieval",
             "heatmaps", "segmentation", "spurious", "ablation"}

@@ -114,7 +114,7 @@ def test_shipped_clip_reads_the_recorded_vocabulary():
 
 
 def test_train_command_writes_loadable_models(tmp_path):
-    from decompose.cli import main
+    from vit_decompose.cli import main
 
     assert main(["toyworld", "train", "--out", str(tmp_path), "--only", "deit", "--only", "clip", "--steps", "2",
                  "--eval-images", "64"]) == 0
@@ -126,7 +126,7 @@ def test_train_command_writes_loadable_models(tmp_path):
 def test_spurious_model_keeps_the_frozen_deit_backbone(tmp_path):
     from safetensors.torch import load_file
 
-    from decompose.cli import main
+    from vit_decompose.cli import main
 
     assert RECIPES["spurious"].init_lr_scale == 0.0
     assert main(["toyworld", "train", "--out", str(tmp_path), "--only", "deit", "--only", "spurious", "--steps", "3",

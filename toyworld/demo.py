@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +26,14 @@ from align import (
     text_span,
     train_compalign,
 )
-from align.ablation import AblationCurve
 from align.classifiers import fit_linear_probe
 from align.clip_models import ClipModel
 from decompose import trace_and_decompose
 from decompose.store import atomic_write_text
 
+from .demo_records import DemoSettings, TargetResult
+from .demo_report import build_report
 from .experiments import (
-    RetrievalResult,
-    SegmentationResult,
-    SpuriousResult,
     decompose_batches,
     layer_ablation,
     object_directions,
@@ -46,49 +43,11 @@ from .experiments import (
     spurious_removal,
 )
 from .generator import FACTORS
-from .models import TARGET_CONFIGS, TARGET_NAMES, load_target, load_toy_clip, toy_clip_preprocess
+from .models import TARGET_CONFIGS, load_target, load_toy_clip, toy_clip_preprocess
 from .sample import FACTOR_TEXTS, ToySample, toy_sample
 from .validation import selection_probe
 
 TEXT_TEMPLATES = ("{}", "a photo of {}")
-
-
-@dataclass
-class DemoSettings:
-    """Sizes of the demo run (the defaults fit in ~3 minutes on 2 CPU cores)."""
-
-    fit_images: int = 2048     # CompAlign fit + scoring
-    test_images: int = 1024    # probes and retrieval (never used for fitting)
-    token_images: int = 48     # level token: heatmaps and segmentation (from the test images)
-    spurious_images: int = 1024  # per balanced split (validation, test) of the spurious-split model
-    k: int = 3                 # components per probe selection (and the fixed top-k retrieval column)
-    seed: int = 9001           # toy-world seed of the demo images (training used worlds 1-103)
-    batch_size: int = 64
-    models: tuple[str, ...] = TARGET_NAMES
-    spurious_models: tuple[str, ...] = ("spurious",)   # trained on the toy Waterbirds split
-    threads: int | None = None
-    weights: str | None = None  # folder of `vit-decompose toyworld train` output (default: the shipped weights)
-
-
-@dataclass
-class TargetResult:
-    """What the demo found for one target model (the report and metrics.json are built from it)."""
-
-    name: str
-    labels: list
-    level_errors: dict[str, float]
-    alignment: dict[str, Any]
-    scores: dict[str, torch.Tensor]
-    constant: torch.Tensor
-    rankings: dict[str, list]
-    descriptions: dict[str, list[tuple[str, float]]]
-    probe: dict[str, dict[str, float]]
-    retrieval: RetrievalResult
-    segmentation: SegmentationResult
-    spurious: SpuriousResult | None = None
-    ablation: AblationCurve | None = None   # accuracy on the model's task as blocks are mean-ablated
-    ablation_classifier: str = ""
-    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def factor_embeddings(clip: ClipModel) -> dict[str, torch.Tensor]:
@@ -191,8 +150,6 @@ def metrics_of(results: list[TargetResult]) -> dict[str, Any]:
 
 
 def run_demo(out: str | Path, settings: DemoSettings | None = None, log=print) -> dict[str, Any]:
-    from .demo_report import build_report
-
     settings = settings or DemoSettings()
     if settings.threads:
         torch.set_num_threads(settings.threads)

@@ -7,7 +7,7 @@ import torch
 
 from align.drawing import heatmap_overlay
 
-from .demo import DemoSettings, TargetResult
+from .demo_records import DemoSettings, TargetResult
 from .generator import FACTORS
 from .models import shipped_metrics
 from .report import Report

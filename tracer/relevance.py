@@ -1,4 +1,4 @@
-"""Which elements of each carried value can reach the output (DESIGN §4).
+"""Which elements of each carried value can reach the output (docs/design.md §4, Cost).
 
 A class-token model reads one row of the last stream, so every component is
 needed at that row only; the whole chain of linear trunk and branch ops can run

@@ -1,0 +1,6 @@
+"""``python -m vit_decompose``: the ``vit-decompose`` command line."""
+import sys
+
+from .cli import main
+
+sys.exit(main())
