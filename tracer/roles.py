@@ -53,6 +53,7 @@ class Birth:
     join: fx.Node | None         # residual add where the branch enters the trunk
     name: str = ""               # module path naming the component
     layer: int | None = None     # index of the residual block it joins
+    axes: Any = None             # an attention birth's head_axes.AttentionAxes (set when planning)
 
 
 @dataclass
