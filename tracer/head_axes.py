@@ -40,6 +40,9 @@ from .roles import Role, TrunkPlan
 _LINEAR = {F.linear}
 _CONVOLUTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 ROWS = 0  # the rows axis in ``AttentionAxes.unproven``
+# random directions per code (float64): an element whose gradient cancels in every one reads as feeding
+# nothing, which neither verdict needs (a head is all channels that feed an index, not each one)
+DIRECTIONS = 2
 
 
 @dataclass(frozen=True)
@@ -151,11 +154,11 @@ def attention_axes(gm: fx.GraphModule, plan: TrunkPlan, values: dict, data_nodes
         x = values[mixer].detach().clone().requires_grad_(True)
         with torch.enable_grad():
             y = subgraph_function(gm, values, mixer, birth)(x)
-            found = [_verdict(codes_from_graph(x, y, axis_codes(out.shape, axis, out.device)),
+            found = [_verdict(codes_from_graph(x, y, axis_codes(out.shape, axis, out.device), DIRECTIONS),
                               channel_axis % x.dim(), out.shape[axis]) for axis in middle]
             layout = None
             if rows > 1:
-                layout = _row_layout(codes_from_graph(x, y, axis_codes(out.shape, 0, out.device)),
+                layout = _row_layout(codes_from_graph(x, y, axis_codes(out.shape, 0, out.device), DIRECTIONS),
                                      channel_axis % x.dim(), rows)
         for axis, verdict in zip(middle, found):
             verdicts[axis].add(verdict)
