@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from tracer.attention import mha_arguments, mha_parts, sdpa_arguments, sdpa_weights
+from tracer.head_axes import AttentionAxes, RowLayout
 from tracer.ops import OpKind, is_multihead_attention, op_kind
 from tracer.probe import node_arguments, run_probe
 from tracer.roles import TrunkPlan
@@ -101,7 +102,8 @@ class AttentionMapCapture:
         positions = self.key_positions(plan)
         batch = images.shape[0]
         reduced_maps = _read_attention(self.graph_module, plan, images, relevant,
-                                       lambda weights, mask: _mean_over_relevant(weights, mask, batch))
+                                       lambda node, weights, mask: _mean_over_relevant(
+                                           weights, mask, batch, _axes_of(plan, node, weights, batch)))
         maps = []
         for node, (reduced, queries) in reduced_maps.items():
             birth = plan.births[node]
@@ -145,8 +147,9 @@ def _attention_weights(gm: fx.GraphModule, node: fx.Node, real: dict) -> torch.T
 
 
 def _read_attention(gm: fx.GraphModule, plan: TrunkPlan, images: torch.Tensor, wanted: dict[fx.Node, torch.Tensor],
-                    reduce: Callable[[torch.Tensor, torch.Tensor], Any]) -> dict[fx.Node, Any]:
-    """One real forward pass up to the decomposed node: ``reduce(weights, wanted[node])`` at each wanted birth."""
+                    reduce: Callable[[fx.Node, torch.Tensor, torch.Tensor], Any]) -> dict[fx.Node, Any]:
+    """One real forward pass up to the decomposed node: ``reduce(node, weights, wanted[node])`` at each wanted
+    birth."""
     last_use: dict[fx.Node, fx.Node] = {}
     for node in gm.graph.nodes:
         for parent in node.all_input_nodes:
@@ -158,7 +161,7 @@ def _read_attention(gm: fx.GraphModule, plan: TrunkPlan, images: torch.Tensor, w
         if node.op == "output" or len(found) == len(wanted):
             break
         if node in wanted:
-            found[node] = reduce(_attention_weights(gm, node, real), wanted[node])
+            found[node] = reduce(node, _attention_weights(gm, node, real), wanted[node])
         real[node] = _real_value(gm, node, real, images, placeholder)
         if node is plan.target:
             break
@@ -180,21 +183,38 @@ def _real_value(gm: fx.GraphModule, node: fx.Node, real: dict, images: torch.Ten
     return call_target(node, gm, args, kwargs)
 
 
-def _mean_over_relevant(weights: torch.Tensor, relevant: torch.Tensor, batch: int) -> tuple[torch.Tensor, int]:
-    """weights [rows, *heads, Nq, Nk] and relevant [rows1, *heads, Nq] (probe image) -> ([B, H, W*Nk], count).
+def _axes_of(plan: TrunkPlan, node: fx.Node, weights: torch.Tensor, batch: int) -> AttentionAxes:
+    """The birth's planned heads and windows; ``nn.MultiheadAttention`` (weights [N, H, L, S]): its heads."""
+    axes = plan.births[node].axes
+    if axes is not None:
+        return axes
+    return AttentionAxes(weights.dim(), tuple(range(1, weights.dim() - 2)), (),
+                         RowLayout.all_windows(weights.shape[0] // batch))
 
-    ``rows = batch * windows``: windowed attention lays window ``w`` of image ``b`` on row
-    ``b * windows + w``; source ``w * Nk + k`` is key ``k`` of window ``w``.
+
+def _mean_over_relevant(weights: torch.Tensor, relevant: torch.Tensor, batch: int, axes: AttentionAxes
+                        ) -> tuple[torch.Tensor, int]:
+    """weights [rows, *middle, Nq, Nk] and relevant [rows1, *middle, Nq] (probe image) -> ([B, H, W*Nk], count).
+
+    Heads and windows as ``axes`` plan them (``tracer.head_axes``): source ``w * Nk + k`` is key ``k``
+    of window ``w``; each head's map is the mean over its relevant queries of all its windows.
     """
     rows, keys = weights.shape[0], weights.shape[-1]
-    windows = rows // batch
+    per_image = rows // batch
     mask = relevant.to(weights.device).expand(relevant.shape[0], *weights.shape[1:-1])
-    mask = mask.repeat(batch, *[1] * (mask.dim() - 1)) if mask.shape[0] == windows else mask
+    mask = mask.repeat(batch, *[1] * (mask.dim() - 1)) if mask.shape[0] == per_image else mask
     if mask.shape != weights.shape[:-1]:
         raise RuntimeError(f"internal: relevance mask {tuple(mask.shape)} does not fit attention weights "
                            f"{tuple(weights.shape)}")
-    kept = (weights * mask.unsqueeze(-1).to(weights.dtype)).sum(-2)     # [rows, *heads, Nk]
-    kept = kept.reshape(batch, windows, -1, keys)                       # [B, W, H, Nk]
-    per_source = kept.permute(0, 2, 1, 3).reshape(batch, kept.shape[2], windows * keys)  # [B, H, W*Nk]
-    count = mask.reshape(batch, windows, -1, mask.shape[-1]).sum((1, 3))                  # [B, H]
-    return per_source / count.clamp_min(1).unsqueeze(-1).to(weights.dtype), int(count.max())
+    heads, windows = axes.head_count(weights.shape), axes.window_count(weights.shape)
+    image = torch.arange(rows, device=weights.device).div(per_image, rounding_mode="floor")
+    image = image.view(-1, *[1] * (weights.dim() - 1))
+    group = (image * heads + axes.head_index(weights.shape, weights.device)) * windows \
+        + axes.window_index(weights.shape, weights.device)                # [rows, *middle, 1, 1]
+    group = group.squeeze(-1).expand(*weights.shape[:-2], 1).squeeze(-1).flatten()  # one per attention
+    kept = (weights * mask.unsqueeze(-1).to(weights.dtype)).sum(-2).reshape(-1, keys)  # [attentions, Nk]
+    summed = kept.new_zeros(batch * heads * windows, keys).index_add_(0, group, kept)
+    per_source = summed.reshape(batch, heads, windows * keys)                          # [B, H, W*Nk]
+    counted = mask.sum(-1).reshape(-1).to(weights.dtype)
+    count = counted.new_zeros(batch * heads * windows).index_add_(0, group, counted).reshape(batch, heads, -1).sum(-1)
+    return per_source / count.clamp_min(1).unsqueeze(-1), int(count.max())

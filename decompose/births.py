@@ -2,13 +2,12 @@
 
 A birth is where a branch's contribution becomes linear all the way to the
 output (see ``tracer.roles``). At level ``branch`` it is one component; an
-attention birth splits along its head axes (level ``head``: the non-batch,
-non-query, non-key axes of the attention weights) and further along the key
-axis of ``weights @ values`` (level ``token``).
+attention birth splits by head (level ``head``: the axes that split a projection's
+channels, ``tracer.head_axes``; windows of the same head are summed) and further by
+source, the key axis of ``weights @ values`` per window (level ``token``).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +24,7 @@ from tracer.attention import (
     sdpa_values,
     sdpa_weights,
 )
+from tracer.head_axes import AttentionAxes
 from tracer.linear_rules import Offset
 from tracer.ops import is_multihead_attention
 from tracer.probe import node_arguments
@@ -48,8 +48,8 @@ def split_birth(gm: fx.GraphModule, birth: Birth, real: dict, level: str,
                 spec: Slice | None = None, batch_size: int | None = None) -> BornComponents:
     """Components born at ``birth.node``; ``spec``: only these positions of its value are needed.
 
-    batch_size: images in the batch; an attention whose batch axis holds more rows than that
-    attends within windows (level ``token`` splits its keys per window).
+    batch_size: images in the batch; the attention's rows per image hold its windows and heads
+    as ``birth.axes`` (``tracer.head_axes``) planned them.
     """
     node = birth.node
     if not isinstance(real[node], torch.Tensor) and not is_multihead_attention(node, gm):
@@ -61,17 +61,55 @@ def split_birth(gm: fx.GraphModule, birth: Birth, real: dict, level: str,
         return BornComponents(value.unsqueeze(0), [None], [None], [])
     if is_multihead_attention(node, gm):
         return _split_multihead(gm, node, real, level, spec)
-    head_dims = list(range(1, value.dim() - 2))
-    if level == "branch":
-        return BornComponents(value.unsqueeze(0), [None], [None], [])
+    axes = _planned_axes(birth, real[node].shape, batch_size)
+    full = real[node].shape
+    heads = Grouping(_sliced(axes.head_index(full, value.device), spec), axes.head_count(full),
+                     axes.splits_heads(full))
     if level == "head":
-        return _split_heads(value, head_dims)
+        return _split_heads(value, heads)
     parts = attention_parts(node, real)
     if parts is None:
-        return _split_heads(value, head_dims)
+        return _split_heads(value, heads)
     if spec is not None:
         parts = _slice_parts(parts, spec, real[node].dim())
-    return _split_tokens(parts, value, head_dims, attention_groups(value.shape[0], batch_size))
+    windows = Grouping(_sliced(axes.window_index(full, value.device), spec), axes.window_count(full), True)
+    return _split_tokens(parts, value, heads, windows)
+
+
+@dataclass
+class Grouping:
+    """Which group (head, or window) each attention of a birth value belongs to.
+
+    index: long, broadcastable to the value [rows, *middle, Nq, d]; count: groups; named: whether the
+    groups are named in labels (a birth without a head axis has ``head=None``).
+    """
+
+    index: torch.Tensor
+    count: int
+    named: bool
+
+    def one_hot(self, dtype: torch.dtype) -> torch.Tensor:
+        """[count, *index.shape]: 1 where the attention belongs to the group."""
+        groups = torch.arange(self.count, device=self.index.device).view(-1, *[1] * self.index.dim())
+        return (self.index.unsqueeze(0) == groups).to(dtype)
+
+
+def _planned_axes(birth: Birth, shape: torch.Size, batch_size: int | None) -> AttentionAxes:
+    axes = birth.axes
+    if axes is None:
+        raise RuntimeError(f"internal: attention birth {birth.node.name} ({birth.name}) has no planned head axes")
+    rows = len(axes.rows.heads)
+    if batch_size is not None and shape[0] != batch_size * rows:
+        raise ValueError(f"attention {birth.name} (node {birth.node.name}) has {shape[0]} rows for {batch_size} "
+                         f"images, the plan found {rows} per image; its heads and windows cannot be told apart")
+    return axes
+
+
+def _sliced(index: torch.Tensor, spec: Slice | None) -> torch.Tensor:
+    """``index`` (broadcastable to the full value) restricted to the positions ``spec`` keeps."""
+    if spec is None or index.shape[spec.axis] == 1:
+        return index
+    return spec.take(index)
 
 
 def attention_groups(rows: int, batch_size: int | None) -> int:
@@ -108,50 +146,33 @@ def _slice_parts(parts: AttentionParts, spec: Slice, ndim: int) -> AttentionPart
     return AttentionParts(weights, values)
 
 
-def _head_mask(shape: torch.Size, head_dims: list[int], like: torch.Tensor) -> torch.Tensor:
-    """[H, *broadcast shape] one-hot over the (flattened) head axes."""
-    count = math.prod(shape[d] for d in head_dims)
-    view = [shape[d] if d in head_dims else 1 for d in range(len(shape))]
-    return torch.eye(count, dtype=like.dtype, device=like.device).reshape(count, *view)
-
-
-def _split_heads(value: torch.Tensor, head_dims: list[int]) -> BornComponents:
-    if not head_dims:
+def _split_heads(value: torch.Tensor, heads: Grouping) -> BornComponents:
+    if not heads.named:
         return BornComponents(value.unsqueeze(0), [None], [None], [])
-    mask = _head_mask(value.shape, head_dims, value)
-    heads = list(range(mask.shape[0]))
-    return BornComponents(value.unsqueeze(0) * mask, heads, [None] * len(heads), [])
+    components = value.unsqueeze(0) * heads.one_hot(value.dtype)
+    return BornComponents(components, list(range(heads.count)), [None] * heads.count, [])
 
 
-def _split_tokens(parts: AttentionParts, value: torch.Tensor, head_dims: list[int],
-                  windows: int = 1) -> BornComponents:
-    """[H*S, *out]: component (h, s) = weights[..., h, :, j] ⊗ values[..., h, j, :] for source s.
+def _split_tokens(parts: AttentionParts, value: torch.Tensor, heads: Grouping, windows: Grouping
+                  ) -> BornComponents:
+    """[H*S, *out]: component (h, s) = weights[..., :, j] ⊗ values[..., j, :] on the attentions of head h
+    and window w, for source ``s = w * Nk + j``.
 
-    Without windows the sources are the keys j. With ``windows`` attention groups per image
-    on the batch axis (rows ``b * windows + w``, as window partitions lay them out), source
-    ``s = w * Nk + j`` is key j of window w: it lives in the rows of window w only. Dense (memory
-    ~ sources x value size): branches that early pooling plans are pooled straight from the weights
-    and values instead (``early_pooling._token_components``).
+    Windows (rows of one image, or a middle axis such as outlook attention's positions) are batches
+    of attentions: source s lives in the attentions of its window only. Dense (memory ~ sources x
+    value size): branches that early pooling plans are pooled straight from the weights and values
+    instead (``early_pooling._token_components``).
     """
     weights, values = parts.weights, parts.values
     keys = weights.shape[-1]
     # [Nk, ..., Nq, d]: contribution of each key token through all heads
-    per_token = torch.einsum("...qk,...kd->k...qd", weights, values)
-    per_token = per_token.expand(keys, *value.shape)
-    if windows > 1:  # [nW * Nk, B * nW, ...]: key j of window w, zero outside window w's rows
-        rows = per_token.unflatten(1, (-1, windows))                                # [Nk, B, nW, ...]
-        own_window = torch.eye(windows, dtype=value.dtype, device=value.device)
-        own_window = own_window.view(windows, 1, 1, windows, *([1] * (rows.dim() - 3)))
-        per_token = (rows.unsqueeze(0) * own_window).flatten(2, 3).flatten(0, 1)
-        keys = keys * windows
-    if head_dims:
-        mask = _head_mask(value.shape, head_dims, value)            # [H, *view]
-        components = (per_token.unsqueeze(0) * mask.unsqueeze(1)).flatten(0, 1)
-        heads = [h for h in range(mask.shape[0]) for _ in range(keys)]
-    else:
-        components, heads = per_token, [None] * keys
-    tokens = [j for _ in range(len(heads) // keys) for j in range(keys)]
-    return BornComponents(components, heads, tokens, [])
+    per_token = torch.einsum("...qk,...kd->k...qd", weights, values).expand(keys, *value.shape)
+    groups = Grouping(heads.index * windows.count + windows.index, heads.count * windows.count, True)
+    components = (groups.one_hot(value.dtype).unsqueeze(1) * per_token.unsqueeze(0)).flatten(0, 1)
+    sources = windows.count * keys
+    head_of = [h if heads.named else None for h in range(heads.count) for _ in range(sources)]
+    tokens = [s for _ in range(heads.count) for s in range(sources)]
+    return BornComponents(components, head_of, tokens, [])
 
 
 def _split_multihead(gm: fx.GraphModule, node: fx.Node, real: dict, level: str,

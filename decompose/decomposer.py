@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tracer.head_axes import plan_attention_axes
 from tracer.linear_rules import ROW_SCALED_NORMS
 from tracer.ops import OpKind, op_kind
 from tracer.pooling import EarlyPooling, plan_early_pooling, plan_pooled_branch
@@ -75,6 +76,7 @@ class Decomposer(nn.Module):
                         " (models created with another img_size expect that size)." if self._expected_input else "")
                 raise ValueError(f"{error}.{hint}") from error
             plan = plan_trunk(self.graph_module, probe, self.cut_nonlinear_trunk)
+            attention_axes_for(self.graph_module, plan, probe)
             plan.probe_image = images[:1].detach().clone()  # the probe's values are not kept
             if self.prune:
                 plan.compact = compaction_for(self.graph_module, plan, probe, images[:1])
@@ -175,6 +177,14 @@ def relevance_masks(gm, plan: TrunkPlan, image: torch.Tensor) -> dict:
     return {node: (delta.grad != 0) if delta.grad is not None
             else torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
             for node, delta in perturbations.items()}
+
+
+def attention_axes_for(gm, plan: TrunkPlan, probe) -> None:
+    """Set the head and window axes of every attention birth (``tracer.head_axes``), found in float64."""
+    with torch.enable_grad(), in_float64(gm):
+        found = plan_attention_axes(gm, plan, _Float64Values(probe.values), probe.data_nodes)
+    for node, axes in found.items():
+        plan.births[node].axes = axes
 
 
 def key_positions_for(gm, plan: TrunkPlan, probe, image: torch.Tensor) -> dict:

@@ -37,6 +37,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .head_axes import AttentionAxes
 from .linear_rules import (
     Evaluator,
     additive_sign,
@@ -831,8 +832,9 @@ def plan_pooled_branch(gm: fx.GraphModule, plan: TrunkPlan, pooling: EarlyPoolin
     if not _without_offsets(gm, prefix, values):
         return None  # a constant added before ``node`` would be a component of its own
     kind = plan.births[birth].kind
-    heads = _head_features(gm, prefix, values) if kind == "attention" else None
-    within = _head_columns(gm, prefix, values, heads) if heads is not None else None
+    axes = plan.births[birth].axes
+    heads = _head_features(gm, prefix, values, axes) if kind == "attention" and axes is not None else None
+    within = _head_columns(gm, prefix, values, heads) if heads is not None and axes.plain else None
     return PooledBranch(birth, kind, node, join, heads, steps, set(chain), within=within, prefix=prefix)
 
 
@@ -848,18 +850,15 @@ def _without_offsets(gm: fx.GraphModule, chain: list[fx.Node], values: dict) -> 
     return True
 
 
-def _head_features(gm: fx.GraphModule, chain: list[fx.Node], values: dict) -> torch.Tensor | None:
-    """[F] head of each feature of the last node of ``chain``, if the ops from the birth (first)
-    only rearrange elements and every head ends up in whole feature columns."""
+def _head_features(gm: fx.GraphModule, chain: list[fx.Node], values: dict, axes: AttentionAxes
+                   ) -> torch.Tensor | None:
+    """[F] head of each feature of the last node of ``chain``, if the birth (first) has heads, the ops
+    from it only rearrange elements and every head ends up in whole feature columns."""
     birth = chain[0]
     value = values[birth]
-    head_dims = list(range(1, value.dim() - 2))  # as births.py splits heads
-    if not head_dims:
-        head_code = torch.ones_like(value)
-    else:
-        count = math.prod(value.shape[d] for d in head_dims)
-        view = [value.shape[d] if d in head_dims else 1 for d in range(value.dim())]
-        head_code = (torch.arange(count, dtype=value.dtype, device=value.device) + 1).reshape(view).expand(value.shape)
+    if not axes.splits_heads(value.shape):  # one unnamed component, as ``births.split_birth`` makes it
+        return None
+    head_code = (axes.head_index(value.shape, value.device) + 1).to(value.dtype).expand(value.shape)
     code, real = head_code, value
     for previous, op in itertools.pairwise(chain):
         evaluate = Evaluator(gm, op, values)

@@ -16,8 +16,8 @@ ratio ``code`` at every input element that feeds position ``code``. No names, no
 
 Positions are ``(row, col)`` in the grid of key centroids, the constant's name, or
 ``"padding"`` for keys no input feeds (a partial window padded inside the branch). Windowed
-attention (more attention rows than images on the batch axis) numbers its sources
-``window * Nk + key``.
+attention numbers its sources ``window * Nk + key``, windows as ``tracer.head_axes`` found them
+(rows of one image, or a middle axis such as outlook attention's positions).
 """
 from __future__ import annotations
 
@@ -212,11 +212,14 @@ def attention_key_positions(gm: fx.GraphModule, plan: TrunkPlan, values: dict, d
         value = values.get(value_node)
         if fork is None or not isinstance(value, torch.Tensor) or fork not in fork_components:
             continue
-        batch_axis = 1 if axis % value.dim() == 0 else 0
-        windows = value.shape[batch_axis]  # the probe has one image: more rows are windows
-        keys = value.shape[axis] * windows
-        element_keys = code_of_inputs(subgraph_function(gm, values, fork, value_node), values[fork],
-                                      source_codes(value.shape, axis, batch_axis, value.device))
+        if birth.axes is not None:  # windows as head_axes planned them (rows, or middle axes)
+            codes, keys = birth.axes.source_codes(values[birth_node].shape, value.shape, axis, value.device)
+        else:
+            batch_axis = 1 if axis % value.dim() == 0 else 0
+            keys = value.shape[axis] * value.shape[batch_axis]  # the probe has one image: more rows are windows
+            codes = source_codes(value.shape, axis, batch_axis, value.device)
+        element_keys = None if codes is None else code_of_inputs(
+            subgraph_function(gm, values, fork, value_node), values[fork], codes)
         if element_keys is None:
             positions[birth_node] = [None] * keys
             continue

@@ -54,6 +54,7 @@ class Birth:
     name: str = ""               # module path naming the component
     layer: int | None = None     # index of the residual block it joins
     note: str | None = None      # what it holds when that is not what its name says (a cut trunk)
+    axes: Any = None             # an attention birth's head_axes.AttentionAxes (set when planning)
 
 
 @dataclass
