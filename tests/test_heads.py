@@ -12,7 +12,7 @@ from torch import nn
 
 from decompose import trace_and_decompose
 from tests.models import TIMM_MODELS, input_size, tiny_open_clip_vision
-from tests.test_architectures import FAMILIES, _image_size
+from tests.test_architectures import FAMILIES, IMAGE_SIZES, OPTIONS, _image_size
 from tracer.tracing import module_path
 
 MODELS = {name: (lambda name=name: timm.create_model(name, **TIMM_MODELS[name])) for name in TIMM_MODELS}
@@ -21,10 +21,11 @@ MODELS["tiny_open_clip_vision"] = tiny_open_clip_vision
 
 
 def _declared_heads(model: nn.Module, path: str) -> int:
-    """``num_heads`` of the nearest module on ``path`` (a birth node's module) that has one."""
+    """``num_heads`` (or ``heads``) of the nearest module on ``path`` (a birth node's module) that has one."""
     parts = path.split(".")
     for end in range(len(parts), 0, -1):
-        heads = getattr(model.get_submodule(".".join(parts[:end])), "num_heads", None)
+        module = model.get_submodule(".".join(parts[:end]))
+        heads = getattr(module, "num_heads", getattr(module, "heads", None))  # Hiera calls it heads
         if isinstance(heads, int):
             return heads
     raise AssertionError(f"no module on the path {path} has num_heads")
@@ -33,7 +34,7 @@ def _declared_heads(model: nn.Module, path: str) -> int:
 def _size(name: str, model: nn.Module) -> tuple[int, int]:
     if name in TIMM_MODELS:
         return tuple(input_size(model, TIMM_MODELS[name])[1:])
-    size = 64 if name == "tiny_open_clip_vision" else _image_size(model)
+    size = 64 if name == "tiny_open_clip_vision" else IMAGE_SIZES.get(name) or _image_size(model)
     return size, size
 
 
@@ -41,7 +42,7 @@ def _size(name: str, model: nn.Module) -> tuple[int, int]:
 def test_every_attention_has_its_modules_number_of_heads(name):
     torch.manual_seed(0)
     model = MODELS[name]().eval()
-    decomposer = trace_and_decompose(model)
+    decomposer = trace_and_decompose(model, **OPTIONS.get(name, {}))
     dec = decomposer(torch.randn(1, 3, *_size(name, model)), level="head")
     assert dec.relative_error() <= 1e-5
     module_of = {node.name: module_path(node) for node in decomposer.graph_module.graph.nodes}

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from .positions import codes_from_graph, subgraph_function
 from .probe import node_arguments
-from .roles import Role, TrunkPlan
+from .roles import TrunkPlan
 
 # channel-mixing ops; a convolution's channel axis is 1 when its input is batched (rank N + 2)
 _LINEAR = {F.linear}
@@ -178,9 +178,11 @@ def attention_axes(gm: fx.GraphModule, plan: TrunkPlan, values: dict, data_nodes
 
 
 def _nearest_mixers(plan: TrunkPlan, data_nodes: set[fx.Node], birth: fx.Node, values: dict, read) -> None:
-    """Call ``read(node, channel axis of its output)`` on the channel-mixing ops of the branch before
-    ``birth``, nearest first, looking behind one only when ``read`` returns False; never past the
-    stream the branch forked from or another branch's birth or join."""
+    """Call ``read(node, channel axis of its output)`` on the channel-mixing ops before ``birth``,
+    nearest first, looking behind one only when ``read`` returns False; never past a residual add
+    (a join) or another branch's birth. Trunk ops are looked through: a stream may feed the attention
+    (MViTv2 adds its pooled query back to the attention's output, so the query projection is on the
+    trunk)."""
     order = {node: i for i, node in enumerate(birth.graph.nodes)}
     stops = set(plan.joins) | set(plan.births)
     heap = [(-order[n], id(n), n) for n in birth.all_input_nodes]
@@ -188,7 +190,7 @@ def _nearest_mixers(plan: TrunkPlan, data_nodes: set[fx.Node], birth: fx.Node, v
     seen: set[fx.Node] = set()
     while heap:
         node = heapq.heappop(heap)[2]
-        if node in seen or node not in data_nodes or node in stops or plan.roles.get(node) is Role.TRUNK:
+        if node in seen or node not in data_nodes or node in stops:
             continue
         seen.add(node)
         axis = _channel_axis(node, values)
