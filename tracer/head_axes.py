@@ -32,7 +32,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .positions import codes_from_graph, subgraph_function
+from .positions import codes_from_graph, subgraph_function, value_input
 from .probe import node_arguments
 from .roles import TrunkPlan
 
@@ -142,8 +142,27 @@ def plan_attention_axes(gm: fx.GraphModule, plan: TrunkPlan, values: dict, data_
 
 def attention_axes(gm: fx.GraphModule, plan: TrunkPlan, values: dict, data_nodes: set[fx.Node],
                    birth: fx.Node) -> AttentionAxes:
-    """Head and window axes of the attention birth ``birth`` (see the module doc)."""
+    """Head and window axes of the attention birth ``birth`` (see the module doc).
+
+    The codes are pushed back from the attention's values operand where it has the output's leading
+    axes (no backward pass through the attention itself, the costly part), and from the output where
+    the values leave an axis unsettled."""
     out = values[birth]
+    found = value_input(gm, birth)
+    value = found[0] if found is not None else None
+    if isinstance(values.get(value), torch.Tensor) and values[value].shape[:-2] == out.shape[:-2]:
+        from_values = _attention_axes(gm, plan, values, data_nodes, birth, value)
+        if not from_values.unproven:
+            return from_values
+    return _attention_axes(gm, plan, values, data_nodes, birth, birth)
+
+
+def _attention_axes(gm: fx.GraphModule, plan: TrunkPlan, values: dict, data_nodes: set[fx.Node],
+                    birth: fx.Node, target: fx.Node) -> AttentionAxes:
+    """``attention_axes`` from codes pushed back from ``target`` (the birth, or its values operand,
+    whose axes before the last two are the output's)."""
+    out = values[birth]
+    shape = values[target].shape
     middle = [axis for axis in range(1, out.dim() - 2) if out.shape[axis] > 1]
     rows = out.shape[0]
     verdicts: dict[int, set] = {axis: set() for axis in middle}
@@ -153,19 +172,19 @@ def attention_axes(gm: fx.GraphModule, plan: TrunkPlan, values: dict, data_nodes
         """Collect what ``mixer`` says; True if it settles every axis (no need to look behind it)."""
         x = values[mixer].detach().clone().requires_grad_(True)
         with torch.enable_grad():
-            y = subgraph_function(gm, values, mixer, birth)(x)
-            found = [_verdict(codes_from_graph(x, y, axis_codes(out.shape, axis, out.device), DIRECTIONS),
+            y = subgraph_function(gm, values, mixer, target)(x)
+            found = [_verdict(codes_from_graph(x, y, axis_codes(shape, axis, out.device), DIRECTIONS),
                               channel_axis % x.dim(), out.shape[axis]) for axis in middle]
             layout = None
             if rows > 1:
-                layout = _row_layout(codes_from_graph(x, y, axis_codes(out.shape, 0, out.device), DIRECTIONS),
+                layout = _row_layout(codes_from_graph(x, y, axis_codes(shape, 0, out.device), DIRECTIONS),
                                      channel_axis % x.dim(), rows)
         for axis, verdict in zip(middle, found):
             verdicts[axis].add(verdict)
         layouts.extend([layout] if layout is not None else [])
         return None not in found and (rows == 1 or layout is not None)
 
-    _nearest_mixers(plan, data_nodes, birth, values, read)
+    _nearest_mixers(plan, data_nodes, birth.all_input_nodes if target is birth else [target], values, read)
     heads = tuple(a for a in range(1, out.dim() - 2)
                   if a not in middle or ("channels" in verdicts[a] and "positions" not in verdicts[a]))
     windows = tuple(a for a in middle if a not in heads)
@@ -177,15 +196,15 @@ def attention_axes(gm: fx.GraphModule, plan: TrunkPlan, values: dict, data_nodes
     return AttentionAxes(out.dim(), heads, windows, layout, unproven)
 
 
-def _nearest_mixers(plan: TrunkPlan, data_nodes: set[fx.Node], birth: fx.Node, values: dict, read) -> None:
-    """Call ``read(node, channel axis of its output)`` on the channel-mixing ops before ``birth``,
+def _nearest_mixers(plan: TrunkPlan, data_nodes: set[fx.Node], first: list[fx.Node], values: dict, read) -> None:
+    """Call ``read(node, channel axis of its output)`` on the channel-mixing ops from ``first`` back,
     nearest first, looking behind one only when ``read`` returns False; never past a residual add
     (a join) or another branch's birth. Trunk ops are looked through: a stream may feed the attention
     (MViTv2 adds its pooled query back to the attention's output, so the query projection is on the
     trunk)."""
-    order = {node: i for i, node in enumerate(birth.graph.nodes)}
+    order = {node: i for i, node in enumerate(plan.target.graph.nodes)}
     stops = set(plan.joins) | set(plan.births)
-    heap = [(-order[n], id(n), n) for n in birth.all_input_nodes]
+    heap = [(-order[n], id(n), n) for n in first]
     heapq.heapify(heap)
     seen: set[fx.Node] = set()
     while heap:
