@@ -26,11 +26,12 @@ import torch.nn.functional as F
 from torch import fx
 
 from tracer.attention import mha_arguments, mha_parts, sdpa_arguments, sdpa_weights
+from tracer.graph_runner import GraphRunner
 from tracer.head_axes import AttentionAxes, RowLayout
+from tracer.node_calls import node_arguments
 from tracer.ops import OpKind, is_multihead_attention, op_kind
-from tracer.probe import node_arguments, run_probe
+from tracer.probe import run_probe
 from tracer.roles import TrunkPlan
-from tracer.tracing import call_target
 
 from .decomposer import Decomposer, key_positions_for, relevance_masks
 
@@ -146,41 +147,32 @@ def _attention_weights(gm: fx.GraphModule, node: fx.Node, real: dict) -> torch.T
     return args[0]  # weights @ values
 
 
+class _AttentionReading(GraphRunner):
+    """A real forward pass that stops once every wanted attention birth was read."""
+
+    def __init__(self, gm: fx.GraphModule, images: torch.Tensor, wanted: dict[fx.Node, torch.Tensor],
+                 reduce: Callable[[fx.Node, torch.Tensor, torch.Tensor], Any]):
+        super().__init__(gm, images)
+        self.wanted, self.reduce = wanted, reduce
+        self.found: dict[fx.Node, Any] = {}
+
+    def step(self, node: fx.Node) -> None:
+        if node in self.wanted:
+            self.found[node] = self.reduce(node, _attention_weights(self.gm, node, self.values), self.wanted[node])
+        super().step(node)
+
+    def finished(self) -> bool:
+        return len(self.found) == len(self.wanted)
+
+
 def _read_attention(gm: fx.GraphModule, plan: TrunkPlan, images: torch.Tensor, wanted: dict[fx.Node, torch.Tensor],
                     reduce: Callable[[fx.Node, torch.Tensor, torch.Tensor], Any]) -> dict[fx.Node, Any]:
     """One real forward pass up to the decomposed node: ``reduce(node, weights, wanted[node])`` at each wanted
     birth."""
-    last_use: dict[fx.Node, fx.Node] = {}
-    for node in gm.graph.nodes:
-        for parent in node.all_input_nodes:
-            last_use[parent] = node
-    placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
-    real: dict[fx.Node, Any] = {}
-    found: dict[fx.Node, Any] = {}
-    for node in gm.graph.nodes:
-        if node.op == "output" or len(found) == len(wanted):
-            break
-        if node in wanted:
-            found[node] = reduce(node, _attention_weights(gm, node, real), wanted[node])
-        real[node] = _real_value(gm, node, real, images, placeholder)
-        if node is plan.target:
-            break
-        for parent in node.all_input_nodes:
-            if last_use.get(parent) is node:
-                real.pop(parent, None)
-    return found
-
-
-def _real_value(gm: fx.GraphModule, node: fx.Node, real: dict, images: torch.Tensor, placeholder: fx.Node) -> Any:
-    if node.op == "placeholder":
-        return images if node is placeholder else (node.args[0] if node.args else None)
-    if node.op == "get_attr":
-        value: Any = gm
-        for part in node.target.split("."):
-            value = getattr(value, part)
-        return value
-    args, kwargs = node_arguments(node, real)
-    return call_target(node, gm, args, kwargs)
+    reading = _AttentionReading(gm, images, wanted, reduce)
+    if wanted:
+        reading.run(until=plan.target)
+    return reading.found
 
 
 def _axes_of(plan: TrunkPlan, node: fx.Node, weights: torch.Tensor, batch: int) -> AttentionAxes:

@@ -27,7 +27,7 @@ from tracer.attention import (
 from tracer.head_axes import AttentionAxes
 from tracer.linear_rules import Offset
 from tracer.ops import is_multihead_attention
-from tracer.probe import node_arguments
+from tracer.node_calls import node_arguments
 from tracer.relevance import Slice, index_tensor
 from tracer.roles import Birth
 

@@ -21,7 +21,8 @@ from tracer.tracing import describe, frozen_eval_copy, trace_representation
 from .births import LEVELS
 from .decomposition import Decomposition
 from .early_pooling import Parking, branches_for_level, pooled_components
-from .propagate import Carried, Chunk, ComponentRegistry, propagate
+from .carried import Carried, Chunk, ComponentRegistry
+from .propagate import propagate
 from .sum_check import (
     FirstInexactNode,
     InexactSum,

@@ -48,7 +48,8 @@ from tracer.pooling import (
 from tracer.roles import TrunkPlan
 
 from .births import attention_groups, attention_parts
-from .propagate import PROBE, Carried, Chunk, ComponentRegistry, born_label, offset_label, split_probe
+from .carried import PROBE, Carried, Chunk, ComponentRegistry, split_probe
+from .propagate import born_label, offset_label
 
 
 def branches_for_level(branches: dict[fx.Node, PooledBranch], level: str) -> dict[fx.Node, tuple[PooledBranch, str]]:

@@ -73,7 +73,7 @@ def test_a_whole_real_input_gives_its_op_result_without_a_second_evaluation(name
 
 
 def test_drain_puts_rows_in_id_order_as_it_copies():
-    from decompose.propagate import Carried, Chunk
+    from decompose.carried import Carried, Chunk
 
     carried = Carried([Chunk([3, 4, 5], torch.arange(6.0).reshape(3, 2)), Chunk([0], torch.tensor([[10.0, 11.0]])),
                        Chunk([2, 1], torch.tensor([[20.0, 21.0], [30.0, 31.0]]))])
@@ -87,7 +87,7 @@ def test_drain_sums_a_component_held_by_several_chunks():
     """Early pooling takes a component that reached several pooled nodes (a value split into three
     convolutions, then concatenated) to the output from each: one row per id, the parts summed, and
     no row left unwritten."""
-    from decompose.propagate import Carried, Chunk
+    from decompose.carried import Carried, Chunk
 
     carried = Carried([Chunk([1, 0], torch.tensor([[1.0, 2.0], [3.0, 4.0]])), Chunk([0], torch.tensor([[10.0, 20.0]])),
                        Chunk([2, 0], torch.tensor([[5.0, 6.0], [100.0, 200.0]]))])

@@ -9,7 +9,8 @@ import torch.fx as fx
 
 from .affinity import is_affine_in
 from .ops import OpKind, op_kind, product_positions
-from .probe import Probe, ValueOverlay, node_arguments
+from .node_calls import ValueOverlay, node_arguments
+from .probe import Probe
 from .tracing import call_target
 
 

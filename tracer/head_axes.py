@@ -33,7 +33,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .positions import codes_from_graph, subgraph_function, value_input
-from .probe import node_arguments
+from .node_calls import node_arguments
 from .roles import TrunkPlan
 
 # channel-mixing ops; a convolution's channel axis is 1 when its input is batched (rank N + 2)

@@ -36,7 +36,7 @@ from .attention import (
 )
 from .component_axis import with_component_axis
 from .ops import IN_PLACE_FUNCTIONS, META_FUNCTIONS, META_METHODS, OpKind, is_in_place, is_subtraction
-from .probe import ReplacedCall, ValueOverlay, node_arguments
+from .node_calls import ReplacedCall, ValueOverlay, node_arguments
 from .tracing import MODEL_PREFIX, call_target, module_path
 
 

@@ -50,7 +50,7 @@ from .linear_rules import (
 )
 from .norm_scales import NormScales, fit_norm_scales
 from .ops import OpKind, op_kind
-from .probe import ReplacedCall, ValueOverlay
+from .node_calls import ReplacedCall, ValueOverlay
 from .roles import Role, TrunkPlan
 from .tracing import call_target, describe
 

@@ -29,7 +29,7 @@ import torch
 import torch.fx as fx
 
 from .ops import OpKind, attention_value_input, is_multihead_attention, op_kind
-from .probe import ValueOverlay, node_arguments
+from .node_calls import ValueOverlay, node_arguments
 from .roles import Role, TrunkPlan
 from .tracing import call_target
 

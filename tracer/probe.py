@@ -13,8 +13,9 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_map
 
+from .graph_runner import GraphRunner
 from .ops import META_FUNCTIONS, META_METHODS, is_in_place
-from .tracing import call_target, describe
+from .tracing import describe
 
 
 class ModelRunError(RuntimeError):
@@ -24,37 +25,6 @@ class ModelRunError(RuntimeError):
 def _snapshot(value: Any) -> Any:
     """A copy that later in-place operations cannot change."""
     return tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, value)
-
-
-class ValueOverlay(dict):
-    """Read-through mapping: the overlay's values first, then ``base`` (node values)."""
-
-    def __init__(self, base: dict, overlay: dict):
-        super().__init__(overlay)
-        self.base = base
-
-    def __missing__(self, key):
-        return self.base[key]
-
-    def get(self, key, default=None):
-        return self[key] if key in self or key in self.base else default
-
-
-class ReplacedCall:
-    """A stand-in for ``node`` with other arguments (and optionally another target): the same op
-    called differently, e.g. without its bias or with a size replaced."""
-
-    def __init__(self, node: fx.Node, args: tuple, kwargs: dict, target: Any = None):
-        self.op, self.name, self.meta = node.op, node.name, node.meta
-        self.target = node.target if target is None else target
-        self.args, self.kwargs = tuple(args), kwargs
-        self.all_input_nodes = node.all_input_nodes
-
-
-def node_arguments(node: fx.Node, values: dict[fx.Node, Any]) -> tuple[tuple, dict]:
-    args = fx.node.map_arg(node.args, lambda n: values[n])
-    kwargs = fx.node.map_arg(node.kwargs, lambda n: values[n])
-    return args, kwargs
 
 
 @dataclass
@@ -96,47 +66,35 @@ def _passes_through(node: fx.Node, live: dict, values: dict) -> bool:
             and isinstance(values.get(source), torch.Tensor) and torch.equal(out, values[source]))
 
 
+class _ProbeRun(GraphRunner):
+    """The probe's walk: every value computed as in ``gm(images)`` (the live values, freed after their
+    last use) and a snapshot of each kept (later in-place ops cannot change it)."""
+
+    def __init__(self, gm: fx.GraphModule, images: torch.Tensor):
+        super().__init__(gm, images)
+        self.snapshots: dict[fx.Node, Any] = {}
+        self.data_nodes: set[fx.Node] = set()
+        self.passthrough: set[fx.Node] = set()
+
+    def step(self, node: fx.Node) -> None:
+        try:
+            super().step(node)
+        except Exception as error:
+            raise ModelRunError(
+                f"the model failed on input of shape {tuple(self.images.shape)} at "
+                f"{describe(node)}: {type(error).__name__}: {error}") from error
+        if _passes_through(node, self.values, self.snapshots):
+            self.passthrough.add(node)
+        self.snapshots[node] = _snapshot(self.values[node])
+        if _carries_image_data(node, self.values[node], self.data_nodes):
+            self.data_nodes.add(node)
+
+
 def run_probe(gm: fx.GraphModule, images: torch.Tensor) -> Probe:
     """Run ``gm`` on ``images`` node by node, keeping a snapshot of every value."""
-    values: dict[fx.Node, Any] = {}
-    live: dict[fx.Node, Any] = {}
-    data_nodes: set[fx.Node] = set()
-    passthrough: set[fx.Node] = set()
+    run = _ProbeRun(gm, images)
     with torch.no_grad():
-        for node in gm.graph.nodes:
-            if node.op == "placeholder":
-                live[node] = images if node is _first_placeholder(gm) else _default_argument(node)
-            elif node.op == "get_attr":
-                live[node] = _fetch_attr(gm, node.target)
-            elif node.op == "output":
-                values[node] = live[node.args[0]] if isinstance(node.args[0], fx.Node) else None
-                continue
-            else:
-                args, kwargs = node_arguments(node, live)
-                try:
-                    live[node] = call_target(node, gm, args, kwargs)
-                except Exception as error:
-                    raise ModelRunError(
-                        f"the model failed on input of shape {tuple(images.shape)} at "
-                        f"{describe(node)}: {type(error).__name__}: {error}") from error
-                if _passes_through(node, live, values):
-                    passthrough.add(node)
-            values[node] = _snapshot(live[node])
-            if _carries_image_data(node, live[node], data_nodes):
-                data_nodes.add(node)
-    return Probe(gm, values, data_nodes, passthrough)
-
-
-def _first_placeholder(gm: fx.GraphModule) -> fx.Node:
-    return next(n for n in gm.graph.nodes if n.op == "placeholder")
-
-
-def _default_argument(node: fx.Node) -> Any:
-    return node.args[0] if node.args else None
-
-
-def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
+        output = run.run()
+    node = next(n for n in gm.graph.nodes if n.op == "output")
+    run.snapshots[node] = output if isinstance(node.args[0], fx.Node) else None
+    return Probe(gm, run.snapshots, run.data_nodes, run.passthrough)

@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .probe import ReplacedCall, ValueOverlay, node_arguments
+from .node_calls import ReplacedCall, ValueOverlay, node_arguments
 from .tracing import call_target
 
 # compact a node only when at most this fraction of its axis is relevant
