@@ -32,6 +32,7 @@ from tracer.node_calls import node_arguments
 from tracer.ops import OpKind, is_multihead_attention, op_kind
 from tracer.probe import run_probe
 from tracer.roles import TrunkPlan
+from tracer.vocabulary import ComponentKind
 
 from .decomposer import Decomposer, key_positions_for, relevance_masks
 
@@ -81,7 +82,7 @@ class AttentionMapCapture:
         masks = relevance_masks(gm, plan, plan.probe_image)
         relevant = {}
         for node, birth in plan.births.items():
-            if birth.kind != "attention":
+            if birth.kind is not ComponentKind.ATTENTION:
                 continue
             found = _query_relevance(gm, node, masks)
             if found is not None and bool(found.any()):

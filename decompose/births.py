@@ -30,8 +30,9 @@ from tracer.ops import is_multihead_attention
 from tracer.node_calls import node_arguments
 from tracer.relevance import Slice, index_tensor
 from tracer.roles import Birth
+from tracer.vocabulary import ComponentKind, Level
 
-LEVELS = ("branch", "head", "token")
+LEVELS = tuple(Level)
 
 
 @dataclass
@@ -44,20 +45,20 @@ class BornComponents:
     offsets: list[Offset]
 
 
-def split_birth(gm: fx.GraphModule, birth: Birth, real: dict, level: str,
+def split_birth(gm: fx.GraphModule, birth: Birth, real: dict, level: Level | str,
                 spec: Slice | None = None, batch_size: int | None = None) -> BornComponents:
     """Components born at ``birth.node``; ``spec``: only these positions of its value are needed.
 
     batch_size: images in the batch; the attention's rows per image hold its windows and heads
     as ``birth.axes`` (``tracer.head_axes``) planned them.
     """
-    node = birth.node
+    node, level = birth.node, Level(level)
     if not isinstance(real[node], torch.Tensor) and not is_multihead_attention(node, gm):
         # an opaque op with several outputs, e.g. an LSTM's (out, (h, c)): one component
         return BornComponents(tree_map(lambda v: v.unsqueeze(0) if torch.is_tensor(v) and v.is_floating_point()
                                        else v, real[node]), [None], [None], [])
     value = real[node] if spec is None else spec.take(real[node])
-    if birth.kind != "attention" or (level == "branch" and not is_multihead_attention(node, gm)):
+    if birth.kind is not ComponentKind.ATTENTION or (level is Level.BRANCH and not is_multihead_attention(node, gm)):
         return BornComponents(value.unsqueeze(0), [None], [None], [])
     if is_multihead_attention(node, gm):
         return _split_multihead(gm, node, real, level, spec)
@@ -65,7 +66,7 @@ def split_birth(gm: fx.GraphModule, birth: Birth, real: dict, level: str,
     full = real[node].shape
     heads = Grouping(_sliced(axes.head_index(full, value.device), spec), axes.head_count(full),
                      axes.splits_heads(full))
-    if level == "head":
+    if level is Level.HEAD:
         return _split_heads(value, heads)
     parts = attention_parts(node, real)
     if parts is None:
@@ -190,12 +191,12 @@ def _split_multihead(gm: fx.GraphModule, node: fx.Node, real: dict, level: str,
         spec = None
     heads_out = torch.matmul(parts.weights, parts.values)                     # [N, H, L, d]
     count = mha.num_heads
-    if level == "branch":
+    if level is Level.BRANCH:
         values = mha_output_projection(mha, heads_out).unsqueeze(0)
         heads, tokens = [None], [None]
     else:
         mask = torch.eye(count, dtype=heads_out.dtype, device=heads_out.device).view(count, 1, count, 1, 1)
-        if level == "head":
+        if level is Level.HEAD:
             values = mha_output_projection(mha, heads_out.unsqueeze(0) * mask)  # [H, ...]
             heads, tokens = list(range(count)), [None] * count
         else:

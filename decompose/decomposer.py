@@ -17,6 +17,7 @@ from tracer.probe import ModelRunError, run_probe
 from tracer.relevance import CompactPlan, plan_compaction
 from tracer.roles import Role, TrunkPlan, plan_trunk
 from tracer.tracing import describe, frozen_eval_copy, trace_representation
+from tracer.vocabulary import ComponentKind, Level
 
 from .births import LEVELS
 from .decomposition import Decomposition
@@ -93,14 +94,15 @@ class Decomposer(nn.Module):
         return plan.key_positions
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, level: str = "head") -> Decomposition:
+    def forward(self, images: torch.Tensor, level: Level | str = Level.HEAD) -> Decomposition:
         """Decompose a batch ``images`` [B, C, H, W] into ``Decomposition.components`` [C, B, *D]."""
         _check_images(images, self.graph_module, self._expected_input)
         if level not in LEVELS:
-            raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+            raise ValueError(f"level must be one of {[str(known) for known in LEVELS]}, got {level!r}")
+        level = Level(level)
         plan = self.plan(images)
         registry = ComponentRegistry()
-        positions = self._key_positions(plan, images) if level == "token" else None
+        positions = self._key_positions(plan, images) if level is Level.TOKEN else None
         parking = None
         if plan.pooling is not None:
             parking = Parking(plan.pooling.nodes, branches=branches_for_level(plan.pooling.branches, level),
@@ -119,7 +121,7 @@ class Decomposer(nn.Module):
         return Decomposition(components, labels, representation, level, plan.target.name,
                              plan.describe_stop(), sum_error=error)
 
-    def _first_inexact_node(self, plan: TrunkPlan, image: torch.Tensor, level: str) -> str:
+    def _first_inexact_node(self, plan: TrunkPlan, image: torch.Tensor, level: Level) -> str:
         """Where a sum breaks: ``image`` [1, C, H, W] decomposed again in float64 without early pooling,
         each node's components compared with its real value."""
         hook = FirstInexactNode(plan.compact.slices if plan.compact is not None else {})
@@ -127,7 +129,7 @@ class Decomposer(nn.Module):
             with in_float64(self.graph_module):
                 representation, carried = propagate(
                     self.graph_module, plan, image.double(), level, ComponentRegistry(), compact=plan.compact,
-                    positions=plan.key_positions if level == "token" else None, on_value=hook)
+                    positions=plan.key_positions if level is Level.TOKEN else None, on_value=hook)
                 total = carried.drain()[1].sum(0)
             error = float(image_errors(total, representation)[0])
         except Exception as failure:  # the diagnosis must not hide the error it explains
@@ -171,7 +173,7 @@ def relevance_masks(gm, plan: TrunkPlan, image: torch.Tensor) -> dict:
         return carried
 
     with torch.enable_grad():
-        target, out = propagate(gm, plan, image, "branch", ComponentRegistry(), on_carried=perturb)
+        target, out = propagate(gm, plan, image, Level.BRANCH, ComponentRegistry(), on_carried=perturb)
         generator = torch.Generator().manual_seed(0)
         direction = torch.randn(target.shape, generator=generator, dtype=torch.float64, device="cpu").to(target)
         (out.stacked().sum(0) * direction).sum().backward()
@@ -190,7 +192,7 @@ def attention_axes_for(gm, plan: TrunkPlan, probe) -> None:
 
 def key_positions_for(gm, plan: TrunkPlan, probe, image: torch.Tensor) -> dict:
     """Attention birth -> position of each key, from one linear pass on ``image`` [1, C, H, W]."""
-    births = [n for n, b in plan.births.items() if b.kind == "attention"]
+    births = [n for n, b in plan.births.items() if b.kind is ComponentKind.ATTENTION]
     forks = set()
     for birth in births:
         found = value_input(gm, birth)
@@ -221,7 +223,7 @@ def _fork_components(gm, plan: TrunkPlan, image: torch.Tensor, forks: set) -> tu
     """One linear pass (grad enabled): the embedding's grid leaf (None: the image is the grid) and
     fork -> {"embedding": the image's component there, "constants": {name: component}}."""
     captured: dict = {}
-    embedding_birth = next((n for n, b in plan.births.items() if b.kind == "embedding"), None)
+    embedding_birth = next((n for n, b in plan.births.items() if b.kind is ComponentKind.EMBEDDING), None)
     leaves: dict = {}
 
     def capture(node, carried: Carried) -> Carried:
@@ -235,7 +237,7 @@ def _fork_components(gm, plan: TrunkPlan, image: torch.Tensor, forks: set) -> tu
         return carried
 
     registry = ComponentRegistry()
-    propagate(gm, plan, image, "branch", registry, on_carried=capture)
+    propagate(gm, plan, image, Level.BRANCH, registry, on_carried=capture)
     grid = leaves.get("grid")
     fork_components = {}
     for fork, carried in captured.items():
@@ -245,9 +247,9 @@ def _fork_components(gm, plan: TrunkPlan, image: torch.Tensor, forks: set) -> tu
                 continue
             for row, component in enumerate(chunk.ids):
                 label = registry.labels[component]
-                if label.kind == "embedding" and grid is not None and grid.dim() == 5:  # [1, B, C, H, W]
+                if label.kind is ComponentKind.EMBEDDING and grid is not None and grid.dim() == 5:  # [1, B, C, H, W]
                     parts["embedding"] = chunk.values[row]
-                elif label.kind == "constant":
+                elif label.kind is ComponentKind.CONSTANT:
                     parts["constants"][label.name] = chunk.values[row].detach()
         fork_components[fork] = parts
     return grid, fork_components
@@ -324,7 +326,7 @@ def early_pooling_for(gm, plan: TrunkPlan, probe, image: torch.Tensor) -> EarlyP
     # the probe image once per cotangent, then another image (mirrored) with the first cotangent
     images = torch.cat([image.double().expand(POOLING_COTANGENTS, *image.shape[1:]), image.double().flip(-1)])
     with in_float64(gm):
-        _, out = propagate(gm, plan, images, "branch", ComponentRegistry(), parking=parking)
+        _, out = propagate(gm, plan, images, Level.BRANCH, ComponentRegistry(), parking=parking)
         _, adjoints = parking.adjoints(out, torch.cat([cotangents, cotangents[:1]]), retain_graph=True)
         pooling = plan_early_pooling(gm, plan, probe.data_nodes, starts, candidates,
                                      {n: a[:POOLING_COTANGENTS] for n, a in adjoints.items()}, cotangents,

@@ -46,25 +46,27 @@ from tracer.pooling import (
     weighted_segment_sum,
 )
 from tracer.roles import TrunkPlan
+from tracer.vocabulary import ComponentKind, Level
 
 from .births import attention_groups, attention_parts
 from .carried import PROBE, Carried, Chunk, ComponentRegistry, split_probe
 from .propagate import born_label, offset_label
 
 
-def branches_for_level(branches: dict[fx.Node, PooledBranch], level: str) -> dict[fx.Node, tuple[PooledBranch, str]]:
+def branches_for_level(branches: dict[fx.Node, PooledBranch], level: Level | str
+                       ) -> dict[fx.Node, tuple[PooledBranch, Level]]:
     """birth -> (branch, how it is split: ``branch``, ``head`` or ``token``) for the branches pooled at
     ``level``: every branch with one component, attention whose heads are whole feature columns where
     it is pooled, and at level ``token`` only where every row there is one query row of the birth."""
-    chosen = {}
+    chosen, level = {}, Level(level)
     for birth, spec in branches.items():
-        attention = spec.kind == "attention"
-        if level == "branch" or not attention:
-            chosen[birth] = (spec, "branch")
-        elif level == "head" and spec.heads is not None:
-            chosen[birth] = (spec, "head")
-        elif level == "token" and spec.heads is not None and spec.within is not None:
-            chosen[birth] = (spec, "token")
+        attention = spec.kind is ComponentKind.ATTENTION
+        if level is Level.BRANCH or not attention:
+            chosen[birth] = (spec, Level.BRANCH)
+        elif level is Level.HEAD and spec.heads is not None:
+            chosen[birth] = (spec, Level.HEAD)
+        elif level is Level.TOKEN and spec.heads is not None and spec.within is not None:
+            chosen[birth] = (spec, Level.TOKEN)
     return chosen
 
 
@@ -76,7 +78,7 @@ class _BranchRun:
     they add."""
 
     spec: PooledBranch
-    split: str                                          # "branch", "head" or "token"
+    split: Level                                        # how the branch is split
     ids: list[int] = field(default_factory=list)
     groups: torch.Tensor | None = None                  # [F] component (within ids) of each feature
     value: torch.Tensor | None = None
@@ -205,7 +207,7 @@ class Parking:
         return node in self._branch_of
 
     def step(self, gm: fx.GraphModule, plan: TrunkPlan, node: fx.Node, real: dict, registry: ComponentRegistry,
-             level: str, positions: list | None = None, batch_size: int | None = None) -> Carried:
+             level: Level, positions: list | None = None, batch_size: int | None = None) -> Carried:
         """At a node of a pooled branch: labels at the birth, the row code and row maps after the
         pooled node; no components (the join receives none from this branch).
 
@@ -254,29 +256,29 @@ class Parking:
                 rows = real[node].shape[:-1]
                 run.code = (torch.arange(rows.numel(), dtype=torch.float64, device=real[node].device) + 1).reshape(
                     *rows, 1)
-        if run.split != "token" and node is (spec.node if run.split == "head" else spec.operand):
+        if run.split is not Level.TOKEN and node is (spec.node if run.split is Level.HEAD else spec.operand):
             run.value = real[node].clone() if overwritten_later(node) else real[node]
 
     def _label_birth(self, plan, run: _BranchRun, real: dict, registry, positions: list | None,
                      batch_size: int | None) -> None:
         spec = run.spec
         birth = plan.births[spec.birth]
-        parts = attention_parts(spec.birth, real) if run.split == "token" else None
-        if run.split == "token" and parts is None:
-            run.split = "head"  # as ``births.split_birth``: no weights and values, split by head only
-        if run.split == "token":
+        parts = attention_parts(spec.birth, real) if run.split is Level.TOKEN else None
+        if run.split is Level.TOKEN and parts is None:
+            run.split = Level.HEAD  # as ``births.split_birth``: no weights and values, split by head only
+        if run.split is Level.TOKEN:
             self._start_tokens(run, real[spec.birth], parts, batch_size)
             value = real[spec.birth]
             heads = range(run.weights.shape[1]) if value.dim() > 3 else [None]
             sources = run.windows * run.weights.shape[-1]
-            key = (spec.birth, "token", len(heads), sources)
+            key = (spec.birth, Level.TOKEN, len(heads), sources)
             if key not in plan.labels:  # the same for every batch of this plan
                 plan.labels[key] = [born_label(birth, spec.birth, h, t, positions)
                                     for h in heads for t in range(sources)]
             run.ids = registry.new_many(plan.labels[key])
             return
-        heads = sorted(set(spec.heads.tolist())) if run.split == "head" else [None]
-        if run.split == "head":
+        heads = sorted(set(spec.heads.tolist())) if run.split is Level.HEAD else [None]
+        if run.split is Level.HEAD:
             run.groups = spec.heads
         run.ids = [registry.new(born_label(birth, spec.birth, h, None)) for h in heads]
 
@@ -410,7 +412,7 @@ def _branch_components(gm: fx.GraphModule, pooling: EarlyPooling, run: _BranchRu
     join = _join_rows(pooling, run, gamma, dtype)
     constant_ids, constants = _constants(gm, run, join)
     count = pooling.nodes[run.spec.join].slot_count
-    if run.split == "head":  # the real value where heads are whole columns, pooled, then the row maps
+    if run.split is Level.HEAD:  # the real value where heads are whole columns, pooled, then the row maps
         values = run.value.reshape(-1, run.value.shape[-1])
         values = values if join.rows is None else values[join.rows]
         pooled = weighted_segment_sum(values, join.target, join.weight, gamma.shape[0] * (count + 1))
@@ -531,15 +533,15 @@ def pooled_components(gm: fx.GraphModule, pooling: EarlyPooling, parking: Parkin
         for chunk in parking.parked.pop(node):
             injections.setdefault(node, []).append(pooling.pool(node, chunk.values, gammas[node]))
             ids.setdefault(node, []).extend(chunk.ids)
-    tokens = [run for run in parking.runs.values() if run.split == "token"]
+    tokens = [run for run in parking.runs.values() if run.split is Level.TOKEN]
     if tokens:
         dtype, device = tokens[0].weights.dtype, tokens[0].weights.device
-        matrices = pooling.cached(("token", dtype, str(device)),
+        matrices = pooling.cached((Level.TOKEN, dtype, str(device)),
                                   lambda: token_matrices(gm, pooling, tokens, dtype, device))
     for birth in list(parking.runs):
         run = parking.runs.pop(birth)
         join = run.spec.join
-        if run.split != "token":
+        if run.split is not Level.TOKEN:
             run_ids, values = _branch_components(gm, pooling, run, gammas[join])
             injections.setdefault(join, []).append(pooling.arrange(join, values))
             ids.setdefault(join, []).extend(run_ids)

@@ -30,6 +30,7 @@ from tracer.ops import OpKind, is_in_place, op_kind, overwritten_later
 from tracer.relevance import CompactPlan, Slice, compact_arguments
 from tracer.roles import Role, TrunkPlan
 from tracer.tracing import describe, module_path
+from tracer.vocabulary import ComponentKind, Level
 
 from .births import split_birth
 from .carried import (
@@ -46,7 +47,7 @@ from .carried import (
 from .labels import ComponentLabel
 
 
-def propagate(gm: fx.GraphModule, plan: TrunkPlan, images: torch.Tensor, level: str,
+def propagate(gm: fx.GraphModule, plan: TrunkPlan, images: torch.Tensor, level: Level | str,
               registry: ComponentRegistry, compact: CompactPlan | None = None,
               on_carried: Callable[[fx.Node, Carried], Carried] | None = None,
               positions: dict | None = None, parking: Any = None,
@@ -61,7 +62,7 @@ def propagate(gm: fx.GraphModule, plan: TrunkPlan, images: torch.Tensor, level: 
     parking:    an ``early_pooling.Parking``: trunk nodes where components leave the trunk (the
                 result then holds its probe chunk instead of them) and branches it computes itself
     """
-    run = ComponentPass(gm, plan, images, level, registry, compact, on_carried, positions or {}, parking, on_value)
+    run = ComponentPass(gm, plan, images, Level(level), registry, compact, on_carried, positions or {}, parking, on_value)
     with torch.enable_grad() if parking is not None and parking.needs_grad else contextlib.nullcontext():
         representation = run.run(until=plan.target)
     if plan.target not in run.carried:
@@ -73,7 +74,7 @@ class ComponentPass(GraphRunner):
     """One pass over a batch: ``values`` holds the real values, ``carried`` the components of every node
     with a role; both are freed after their last use. The arguments are ``propagate``'s."""
 
-    def __init__(self, gm: fx.GraphModule, plan: TrunkPlan, images: torch.Tensor, level: str,
+    def __init__(self, gm: fx.GraphModule, plan: TrunkPlan, images: torch.Tensor, level: Level,
                  registry: ComponentRegistry, compact: CompactPlan | None, on_carried, positions: dict,
                  parking: Any, on_value):
         super().__init__(gm, images)
@@ -145,7 +146,7 @@ class ComponentPass(GraphRunner):
         if role is Role.BIRTH:
             birth = plan.births[node]
             if node.op == "placeholder":
-                label = ComponentLabel(birth.name, "embedding", None, None, None, node.name)
+                label = ComponentLabel(birth.name, ComponentKind.EMBEDDING, None, None, None, node.name)
                 values = images.unsqueeze(0)
                 return Carried.single([registry.new(label)], _take(values, birth_slice) if birth_slice else values)
             born = split_birth(gm, birth, real, self.level, birth_slice, batch_size=images.shape[0])
@@ -237,7 +238,7 @@ def _is_whole(values: Any, value: Any) -> bool:
         values.data_ptr() == value.data_ptr() and values.stride()[1:] == value.stride()
 
 
-def _birth_labels(plan: TrunkPlan, node: fx.Node, level: str, born, key_positions: list | None) -> list:
+def _birth_labels(plan: TrunkPlan, node: fx.Node, level: Level, born, key_positions: list | None) -> list:
     """The labels of a birth's components (tens of thousands at level token), built once per plan and
     reused while the split gives the same (head, token) rows."""
     cached = plan.labels.get((node, level))
@@ -270,7 +271,7 @@ def _constant_operand(value: Any, operand: Any, node: fx.Node, layer, registry,
                       like: torch.Tensor | None = None) -> Carried:
     """A non-image tensor or number added on the trunk becomes a constant component."""
     name = parameter_name(operand) or f"{module_path(node) or node.name}:{node.name}.constant"
-    kind = "constant" if parameter_name(operand) else "bias"
+    kind = ComponentKind.CONSTANT if parameter_name(operand) else ComponentKind.BIAS
     label = ComponentLabel(name, kind, layer, None, None, node.name)
     tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(
         value, dtype=like.dtype if like is not None else None, device=like.device if like is not None else None)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from .positions import codes_from_graph, subgraph_function, value_input
 from .node_calls import node_arguments
 from .roles import TrunkPlan
+from .vocabulary import ComponentKind
 
 # channel-mixing ops; a convolution's channel axis is 1 when its input is batched (rank N + 2)
 _LINEAR = {F.linear}
@@ -134,7 +135,7 @@ def plan_attention_axes(gm: fx.GraphModule, plan: TrunkPlan, values: dict, data_
     axes = {}
     for node, birth in plan.births.items():
         value = values.get(node)
-        if birth.kind == "attention" and node.op != "call_module" and isinstance(value, torch.Tensor) \
+        if birth.kind is ComponentKind.ATTENTION and node.op != "call_module" and isinstance(value, torch.Tensor) \
                 and value.dim() >= 3:
             axes[node] = attention_axes(gm, plan, values, data_nodes, node)
     return axes

@@ -38,6 +38,7 @@ from .component_axis import with_component_axis
 from .ops import IN_PLACE_FUNCTIONS, META_FUNCTIONS, META_METHODS, OpKind, is_in_place, is_subtraction
 from .node_calls import ReplacedCall, ValueOverlay, node_arguments
 from .tracing import MODEL_PREFIX, call_target, module_path
+from .vocabulary import ComponentKind
 
 
 @dataclass
@@ -46,7 +47,7 @@ class Offset:
 
     value: torch.Tensor
     name: str
-    kind: str = "bias"
+    kind: ComponentKind = ComponentKind.BIAS
 
 
 def parameter_name(node: Any, carriers: dict | None = None) -> str | None:

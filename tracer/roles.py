@@ -32,6 +32,7 @@ from .graph_analysis import GraphAnalysis
 from .ops import OpKind, attention_value_input, product_positions
 from .probe import Probe
 from .tracing import describe, module_path, module_stack
+from .vocabulary import ComponentKind
 
 
 class Role(enum.Enum):
@@ -49,7 +50,7 @@ class Birth:
     """Where a component (or a group of head/token components) is born."""
 
     node: fx.Node
-    kind: str                    # "embedding" | "attention" | "branch"
+    kind: ComponentKind          # EMBEDDING, ATTENTION or BRANCH
     join: fx.Node | None         # residual add where the branch enters the trunk
     name: str = ""               # module path naming the component
     layer: int | None = None     # index of the residual block it joins
@@ -148,14 +149,14 @@ def _walk(analysis: GraphAnalysis, target: fx.Node) -> TrunkPlan:
             continue
         if node.op == "placeholder":
             roles[node] = Role.BIRTH
-            births[node] = Birth(node, "embedding", None)
+            births[node] = Birth(node, ComponentKind.EMBEDDING, None)
             continue
         if role is Role.TRUNK:
             pushed = _trunk_step(analysis, node, join, below_residual, joins)
         else:
             pushed = _carry_step(analysis, node, join)
         if pushed is None:  # the node is a birth
-            kind = _birth_kind(analysis, node) if role is Role.CARRY else "embedding"
+            kind = _birth_kind(analysis, node) if role is Role.CARRY else ComponentKind.EMBEDDING
             roles[node] = Role.BIRTH
             births[node] = Birth(node, kind, join, note=_cut_note(analysis, node) if role is Role.TRUNK else None)
             continue
@@ -350,13 +351,13 @@ def _carry_step(analysis: GraphAnalysis, node: fx.Node, join: fx.Node):
 MATRIX_PRODUCTS = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm"}
 
 
-def _birth_kind(analysis: GraphAnalysis, node: fx.Node) -> str:
+def _birth_kind(analysis: GraphAnalysis, node: fx.Node) -> ComponentKind:
     """``attention`` for fused attention or a matrix product of two data tensors (weights @ values)."""
     kind = analysis.kind(node)
     if kind == OpKind.ATTENTION or (kind == OpKind.PRODUCT and node.target in MATRIX_PRODUCTS
                                     and len(analysis.data_inputs(node)) == 2):
-        return "attention"
-    return "branch"
+        return ComponentKind.ATTENTION
+    return ComponentKind.BRANCH
 
 
 def _name_births(plan: TrunkPlan, analysis: GraphAnalysis) -> None:
