@@ -1,6 +1,7 @@
-"""A self-contained HTML report: sections of tables, inline SVG bar charts and PNG images.
+"""A self-contained HTML page: sections of tables, inline SVG bar and line charts and PNG images.
 
-Everything is embedded (PNG as data URIs, charts as SVG), so the file opens anywhere offline.
+Everything is embedded (PNG as data URIs, charts as SVG), so the file opens anywhere offline. The section
+builders of ``sections`` write into it; the toy-world demo and ``vit-decompose report`` both render one.
 """
 from __future__ import annotations
 
@@ -24,15 +25,33 @@ nav a{margin-right:1em}
 """
 
 
+def rgb_array(image: np.ndarray | torch.Tensor) -> np.ndarray:
+    """uint8 [H, W, 3] of an RGB image [H, W, 3] (uint8, or float in [0, 1])."""
+    array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if array.dtype != np.uint8:
+        array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
+    return array
+
+
+def thumbnail(image: np.ndarray | torch.Tensor, largest_side: int) -> np.ndarray:
+    """uint8 [h, w, 3]: the image shrunk (bilinear) so that its larger side is at most ``largest_side``."""
+    from PIL import Image
+
+    array = rgb_array(image)
+    height, width = array.shape[:2]
+    factor = largest_side / max(height, width)
+    if factor >= 1:
+        return array
+    size = (max(1, round(width * factor)), max(1, round(height * factor)))
+    return np.asarray(Image.fromarray(array).resize(size, Image.BILINEAR))
+
+
 def png_data_uri(image: np.ndarray | torch.Tensor) -> str:
     """``data:`` URI of an RGB image [H, W, 3] (uint8, or float in [0, 1])."""
     from PIL import Image
 
-    array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-    if array.dtype != np.uint8:
-        array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
+    Image.fromarray(rgb_array(image)).save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
@@ -125,10 +144,14 @@ class Report:
                       f"{html.escape(name)}</text>")]
         self._add("".join(parts) + "</svg>")
 
-    def figures(self, items: Sequence[tuple[np.ndarray | torch.Tensor, str]], scale: int = 2) -> None:
-        """A row of PNG images with captions (shown ``scale`` times their pixel size)."""
+    def figures(self, items: Sequence[tuple[np.ndarray | torch.Tensor, str]], scale: int = 2,
+                largest_side: int | None = None) -> None:
+        """A row of PNG images with captions (shown ``scale`` times their pixel size; ``largest_side``: images
+        are first shrunk to at most that many pixels)."""
         parts = []
         for image, caption in items:
+            if largest_side is not None:
+                image = thumbnail(image, largest_side)
             height, width = image.shape[:2]
             parts.append(f"<figure><img src='{png_data_uri(image)}' width='{width * scale}' "
                          f"height='{height * scale}' alt='{html.escape(caption)}'>"
