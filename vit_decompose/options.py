@@ -139,7 +139,7 @@ def open_store_and_aligner(args, device: torch.device, same_level: bool = True
 def aligner_for_store(args, store: DecompositionStore, device: torch.device) -> CompAlign | None:
     """``--aligner`` of the store's model, possibly coarser (head maps for token components); None without it."""
     if args.aligner is None:
-        if getattr(args, "classes", None) or getattr(args, "order", "") == "property":
+        if getattr(args, "classes", None) or getattr(args, "zero_shot", False) or getattr(args, "order", "") == "property":
             raise ValueError("zero-shot classes and property orders need CLIP space: give --aligner ALIGNER")
         return None
     aligner = CompAlign.load(args.aligner, model=store.manifest.get("model", ""), device=device)
