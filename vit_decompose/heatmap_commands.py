@@ -43,7 +43,7 @@ def labels_with_positions(store: DecompositionStore, args) -> tuple[list[Compone
     return labels, decomposer
 
 
-def _read_images(root: Path, ids: list[str], transform) -> torch.Tensor:
+def read_images(root: Path, ids: list[str], transform) -> torch.Tensor:
     from PIL import Image
 
     images = []
@@ -79,7 +79,7 @@ def _command_heatmap(args) -> int:
     labels, _ = labels_with_positions(store, args)
     ids = args.image or store.image_ids()[:args.max_images]
     heatmaps = _text_heatmaps(args, store, aligner, labels, ids, device)
-    pictures = (_read_images(Path(args.images), ids, store.transform(normalise=False))
+    pictures = (read_images(Path(args.images), ids, store.transform(normalise=False))
                 if args.images else [None] * len(ids))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -147,7 +147,7 @@ def _baseline_scores(args, store, ids, masks, decomposer):
     size = store.image_size
     maps = []
     for start in tqdm(range(0, len(ids), args.batch_size), desc="attention", unit="batch"):
-        images = _read_images(Path(args.images), ids[start:start + args.batch_size], transform)
+        images = read_images(Path(args.images), ids[start:start + args.batch_size], transform)
         maps.append(attention_heatmaps(capture(images), size))
     return segmentation_scores(torch.cat(maps), masks)
 
