@@ -113,9 +113,11 @@ def text_cache(args) -> TextEmbeddingCache:
 
 # --- the store and its aligner ----------------------------------------------------------------
 
-def add_store_options(command: argparse.ArgumentParser, aligner_required: bool = True, batch_size: bool = True) -> None:
+def add_store_options(command: argparse.ArgumentParser, aligner_required: bool = True, batch_size: bool = True,
+                      store_required: bool = True) -> None:
     """``--store``, ``--aligner``, ``--templates`` (``--batch-size``), ``--device`` and the CLIP options."""
-    command.add_argument("--store", required=True, help="decomposition store folder (vit-decompose decompose --out)")
+    command.add_argument("--store", required=store_required, help="decomposition store folder "
+                         "(vit-decompose decompose --out)")
     command.add_argument("--aligner", required=aligner_required, help="aligner folder (vit-decompose align --out)")
     command.add_argument("--templates", help="imagenet (default), raw, or a JSON list of templates with {}")
     if batch_size:
