@@ -120,11 +120,11 @@ class Report:
         self._add("".join(parts))
 
     def line_chart(self, title: str, xs: Sequence[float], series: dict[str, Sequence[float]], x_label: str,
-                   y_label: str, width: int = 520, height: int = 260) -> None:
-        """Lines (SVG) sharing one x axis; y from 0 to the largest value."""
-        left, bottom, top, right = 50, 36, 24, 110
+                   y_label: str, width: int = 520, height: int = 260, y_max: float | None = None) -> None:
+        """Lines (SVG) sharing one x axis; y from 0 to ``y_max`` (default: the largest value)."""
+        left, bottom, top, right = 50, 36, 34, 110
         x_low, x_high = min(xs), max(xs)
-        y_high = max(max(v) for v in series.values()) or 1.0
+        y_high = y_max or max(max(v) for v in series.values()) or 1.0
         px = lambda x: left + (x - x_low) / ((x_high - x_low) or 1) * (width - left - right)
         py = lambda y: height - bottom - y / y_high * (height - bottom - top)
         colours = ["#3a6ea5", "#c05746", "#4f9d69", "#8c6bb1", "#d9a21b"]
@@ -135,7 +135,7 @@ class Report:
                  f"<line x1='{left}' y1='{top}' x2='{left}' y2='{height - bottom}' stroke='#444'/>",
                  (f"<text x='{(width - right + left) / 2}' y='{height - 6}' font-size='11' text-anchor='middle'>"
                  f"{html.escape(x_label)}</text>"),
-                 f"<text x='4' y='{top - 6}' font-size='11'>{html.escape(y_label)} (max {y_high:.2f})</text>"]
+                 f"<text x='4' y='{top - 6}' font-size='11'>{html.escape(y_label)} (axis 0 to {y_high:.2f})</text>"]
         for i, (name, values) in enumerate(series.items()):
             colour = colours[i % len(colours)]
             points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xs, values))

@@ -126,8 +126,9 @@ def ablation_section(report: Report, records: Sequence[AblationRecord], explanat
     report.paragraph(explanation)
     for record in records:
         curve = record.curve
-        report.line_chart(f"{record.model}: accuracy vs {x_label.split(' (')[0]} (classifier: {record.classifier})",
-                          list(range(len(curve.accuracy))), {"accuracy": curve.accuracy}, x_label, "accuracy")
+        report.heading(f"{record.model} (classifier: {record.classifier})")
+        report.line_chart(f"{record.model}: accuracy vs {x_label.split(' (')[0]}", list(range(len(curve.accuracy))),
+                          {"accuracy": curve.accuracy}, x_label, "accuracy", y_max=1.0)
         report.table(["step", "components ablated", "accuracy"],
                      [[step, count, accuracy] for step, count, accuracy in zip(curve.steps, curve.ablated,
                                                                                curve.accuracy)])

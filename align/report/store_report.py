@@ -105,7 +105,7 @@ def build_store_report(findings: StoreFindings, title: str | None = None) -> Rep
     top_images_section(report, f.top_images)
     report.section("heatmaps", "Token heatmaps")
     report.paragraph(f.heatmap_note)
-    heatmap_rows(report, f.heatmaps, scale=1, largest_side=160)
+    heatmap_rows(report, f.heatmaps, scale=2, largest_side=112)
     if f.ablation is not None:
         ablation_section(report, [f.ablation], f.ablation_note)
     else:
