@@ -27,7 +27,7 @@ from .debias import (
     spurious_order,
     spurious_scores,
 )
-from .drawing import heatmap_overlay, line_plot
+from .drawing import heatmap_figure, heatmap_overlay, line_plot
 from .heatmaps import attention_heatmaps, branch_grids, grid_layout, head_selector, token_heatmaps
 from .image_targets import clip_image_targets
 from .parent_maps import aligner_rows, map_components_by_parent, text_contributions
@@ -45,6 +45,7 @@ from .retrieval import (
 )
 from .scoring import (
     PropertyScorer,
+    Ranking,
     property_basis,
     property_scores,
     rank_components,
@@ -58,16 +59,16 @@ from .textspan import TextSpanResult, text_span
 from .training import AlignmentReport, TrainingOptions, evaluate_alignment, train_compalign
 
 __all__ = ["AblationCurve", "AlignerMismatch", "AlignmentReport", "ClipLoadError", "ClipModel", "CompAlign",
-           "DebiasResult", "GroupAccuracy", "LabelledSplit", "PropertyScorer", "RetrievalChoice", "SegmentationScores",
-           "StoreAlignmentData", "StreamingAlignmentData", "TensorAlignmentData", "TextEmbeddingCache",
-           "TextSpanResult", "TrainingOptions", "ablate", "ablation_curve", "aligner_rows", "attention_heatmaps",
-           "average_precision", "binarize", "branch_grids", "choose_retrieval", "clip_image_targets",
-           "component_indices", "component_means", "describe_store_component", "encode_descriptions",
-           "evaluate_alignment", "fit_linear_probe", "grid_layout", "group_accuracy", "head_selector",
-           "heatmap_overlay", "image_retrieval_scores", "imagenet_templates", "layer_steps", "line_plot", "load_clip",
-           "map_components_by_parent", "ordered_steps", "precision_at_k", "predict", "property_bases",
-           "property_basis", "property_descriptions", "property_scores", "rank_components", "ranked",
-           "remove_spurious", "score_store", "segmentation_scores", "selected_sum", "shares_value",
-           "shipped_properties", "specific_scores", "spurious_order", "spurious_scores", "store_component_means",
-           "text_contributions", "text_retrieval_scores", "text_span", "token_heatmaps", "top_components",
-           "train_compalign", "variance_explained", "wrap_clip", "zero_shot_classifier"]
+           "DebiasResult", "GroupAccuracy", "LabelledSplit", "PropertyScorer", "Ranking", "RetrievalChoice",
+           "SegmentationScores", "StoreAlignmentData", "StreamingAlignmentData", "TensorAlignmentData",
+           "TextEmbeddingCache", "TextSpanResult", "TrainingOptions", "ablate", "ablation_curve", "aligner_rows",
+           "attention_heatmaps", "average_precision", "binarize", "branch_grids", "choose_retrieval",
+           "clip_image_targets", "component_indices", "component_means", "describe_store_component",
+           "encode_descriptions", "evaluate_alignment", "fit_linear_probe", "grid_layout", "group_accuracy",
+           "head_selector", "heatmap_figure", "heatmap_overlay", "image_retrieval_scores", "imagenet_templates",
+           "layer_steps", "line_plot", "load_clip", "map_components_by_parent", "ordered_steps", "precision_at_k",
+           "predict", "property_bases", "property_basis", "property_descriptions", "property_scores",
+           "rank_components", "ranked", "remove_spurious", "score_store", "segmentation_scores", "selected_sum",
+           "shares_value", "shipped_properties", "specific_scores", "spurious_order", "spurious_scores",
+           "store_component_means", "text_contributions", "text_retrieval_scores", "text_span", "token_heatmaps",
+           "top_components", "train_compalign", "variance_explained", "wrap_clip", "zero_shot_classifier"]

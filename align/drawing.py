@@ -1,5 +1,5 @@
-"""PNG output with Pillow (timm installs it with torchvision; no plotting library needed): heatmap
-overlays and line plots."""
+"""Pictures: heatmap overlays and line plots as PNG files (Pillow), and heatmap overlays as a matplotlib figure
+for notebooks (``heatmap_figure``)."""
 from __future__ import annotations
 
 import math
@@ -75,3 +75,34 @@ def line_plot(x: Sequence[float], series: Mapping[str, Sequence[float]], path: s
     path.parent.mkdir(parents=True, exist_ok=True)
     picture.save(path)
     return path
+
+
+def heatmap_figure(images: torch.Tensor | None, heatmaps: torch.Tensor, titles: Sequence[str] | None = None,
+                   alpha: float = 0.5, cmap: str = "viridis", columns: int = 4):
+    """matplotlib Figure: each heatmap [B, H, W] over its image [B, 3, H, W] in [0, 1] (None: heatmaps alone),
+    one panel per image, with a colour bar of the heatmap's own values."""
+    from matplotlib.figure import Figure
+
+    heatmaps = heatmaps.detach().float().cpu()
+    if heatmaps.dim() == 2:
+        heatmaps = heatmaps.unsqueeze(0)
+    if images is not None:
+        images = images.detach().float().cpu()
+        images = images.unsqueeze(0) if images.dim() == 3 else images
+        if images.shape[0] != heatmaps.shape[0] or images.shape[-2:] != heatmaps.shape[-2:]:
+            raise ValueError(f"images {tuple(images.shape)} and heatmaps {tuple(heatmaps.shape)} do not match "
+                             "([B, 3, H, W] and [B, H, W])")
+    count = heatmaps.shape[0]
+    columns = min(columns, count)
+    rows = math.ceil(count / columns)
+    figure = Figure(figsize=(3 * columns, 3 * rows), layout="constrained")
+    for k in range(count):
+        ax = figure.add_subplot(rows, columns, k + 1)
+        if images is not None:
+            ax.imshow(images[k].clamp(0, 1).permute(1, 2, 0).numpy())
+        shown = ax.imshow(heatmaps[k].numpy(), cmap=cmap, alpha=alpha if images is not None else 1.0)
+        figure.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
+        ax.set_axis_off()
+        if titles is not None:
+            ax.set_title(titles[k], fontsize=9)
+    return figure

@@ -146,9 +146,31 @@ class RankedComponent:
     variance_explained: float | None = None
 
 
+class Ranking(list):
+    """A list of ``RankedComponent`` for one property, shown in a notebook as a table and a bar plot."""
+
+    def __init__(self, rows=(), target: str = "", specific: bool = True):
+        super().__init__(rows)
+        self.target, self.specific = target, specific
+
+    def _repr_html_(self, top: int = 15) -> str:
+        from decompose.display import bar_figure, figure_svg, html_table
+
+        shown = self[:top]
+        rows = [[position, c.key, c.score, c.specific_score, c.rival or "",
+                 "" if c.variance_explained is None else c.variance_explained]
+                for position, c in enumerate(shown, 1)]
+        table = html_table(["#", "component", "score", "specific", "rival", "var. expl."], rows)
+        values = [c.specific_score if self.specific else c.score for c in shown]
+        figure = bar_figure([c.key for c in shown], values, f"{self.target!r}: top {len(shown)} of {len(self)}",
+                            "specific score" if self.specific else "score")
+        return (f"<div><b>Ranking</b> for {self.target!r}<div style='display:flex;gap:1em;align-items:flex-start'>"
+                f"{table}<div style='max-width:520px'>{figure_svg(figure)}</div></div></div>")
+
+
 def rank_components(scores: Mapping[str, torch.Tensor], keys: Sequence[str], target: str, specific: bool = True,
                     variance: Mapping[str, torch.Tensor] | None = None, top: int | None = None,
-                    constant: torch.Tensor | None = None) -> list[RankedComponent]:
+                    constant: torch.Tensor | None = None) -> Ranking:
     """Components sorted for ``target``: by specific score (default) or by the plain score.
 
     constant: bool [C] (``PropertyScorer.constant()``): components ranked last, whatever their score
@@ -160,8 +182,8 @@ def rank_components(scores: Mapping[str, torch.Tensor], keys: Sequence[str], tar
     if constant is not None:
         ranking = torch.where(constant, torch.tensor(-torch.inf, dtype=ranking.dtype), ranking)
     order = ranking.argsort(descending=True, stable=True).tolist()
-    return [RankedComponent(index=i, key=keys[i], score=float(scores[target][i]),
-                            specific_score=float(specific_values[i]),
-                            rival=others[int(rival_index[i])] if others else None,
-                            variance_explained=float(variance[target][i]) if variance is not None else None)
-            for i in order[:top]]
+    return Ranking((RankedComponent(index=i, key=keys[i], score=float(scores[target][i]),
+                                    specific_score=float(specific_values[i]),
+                                    rival=others[int(rival_index[i])] if others else None,
+                                    variance_explained=float(variance[target][i]) if variance is not None else None)
+                    for i in order[:top]), target, specific)

@@ -59,3 +59,26 @@ def describe_store_component(aligner: CompAlign, store: DecompositionStore, key:
     aligned = aligner.map_component(index, store_component_rows(store, index).to(device))  # [N, d_clip]
     embeddings = encode_descriptions(clip, list(texts), templates, cache)                  # [T, d_clip]
     return text_span(aligned.cpu(), embeddings, list(texts), count=count, rank=rank)
+
+
+@torch.no_grad()
+def store_sum_errors(store: DecompositionStore, progress: bool = False) -> torch.Tensor:
+    """[N] per image ‖Σ_i c_i − r‖ / ‖r‖ over the store's stored components (in their storage dtype)."""
+    errors = []
+    with tqdm(total=len(store), desc="additivity", unit="img", disable=not progress) as bar:
+        for components, representation, _ in store.iter_shards():
+            difference = (components.sum(0) - representation).flatten(1).double().norm(dim=1)
+            errors.append(difference / representation.flatten(1).double().norm(dim=1).clamp_min(1e-300))
+            bar.update(len(representation))
+    return torch.cat(errors)
+
+
+@torch.no_grad()
+def store_scores_along(aligner: CompAlign, store: DecompositionStore, key: str, direction: torch.Tensor
+                       ) -> torch.Tensor:
+    """[N] ⟨a_i(x), t⟩ of component ``key`` over the store's images, for a CLIP direction ``direction`` [d_clip]."""
+    aligner.check_matches(store.manifest.get("model", ""), store.level, store.labels)
+    index = aligner.keys.index(key)
+    device = aligner.weights.device
+    aligned = aligner.map_component(index, store_component_rows(store, index).to(device))   # [N, d_clip]
+    return (aligned @ direction.to(aligned)).cpu()

@@ -78,6 +78,20 @@ class Decomposition:
             lines.append(f"{label.key:40s} {label.kind:10s} {layer:>5s} {float(norms[i]):10.4f}")
         return "\n".join(lines)
 
+    def _repr_html_(self) -> str:
+        """Notebook display: the top components by mean norm, as a table and a bar plot."""
+        from .display import decomposition_html
+
+        return decomposition_html(self)
+
+    def plot(self, top: int = 15, image: int | None = None, direction: torch.Tensor | None = None, ax=None):
+        """matplotlib Figure: bars of the ``top`` components by norm, or by ⟨c_i, direction⟩ for a ``direction``
+        [D] (a class's classifier row: each component's share of that logit); mean over the batch, or one
+        ``image``. ``ax``: draw into that Axes."""
+        from .display import plot_components
+
+        return plot_components(self, top, image, direction, ax)
+
 
 def components_by(labels: Iterable[ComponentLabel], **fields) -> list[int]:
     """Row indices whose labels match all ``fields`` (e.g. ``layer=3, kind='attention'``)."""

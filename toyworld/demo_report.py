@@ -2,15 +2,24 @@
 holding or not, with the numbers behind it."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from align.drawing import heatmap_overlay
+from align.report import (
+    AblationRecord,
+    AdditivityRow,
+    DescribedComponent,
+    HeatmapRow,
+    Report,
+    ablation_section,
+    additivity_section,
+    heatmap_rows,
+    ranking_section,
+    textspan_section,
+)
 
 from .demo_records import DemoSettings, TargetResult
 from .generator import FACTORS
 from .models import shipped_metrics
-from .report import Report
 from .sample import ToySample
 
 UNTRAINED_FACTORS = ("colour", "scene")   # the targets were trained on shape only
@@ -35,19 +44,14 @@ def _overview(report: Report, results: list[TargetResult], settings: DemoSetting
 
 
 def _rankings(report: Report, results: list[TargetResult]) -> None:
-    report.section("rankings", "Components ranked per factor")
-    report.paragraph("Specific score: the component's score for the factor minus its best score for any other "
-                     "factor (higher = tied to this factor alone). Constant components are left out.")
+    ranking_section(report, {r.name: r.rankings for r in results}, {r.name: r.constant for r in results},
+                    title="Components ranked per factor")
+    described = []
     for r in results:
-        report.heading(r.name)
         for factor in FACTORS:
-            top = [c for c in r.rankings[factor] if not bool(r.constant[c.index])][:8]
-            report.bar_chart(f"{r.name}: {factor}", [c.key for c in top], [c.specific_score for c in top])
-    report.section("textspan", "TextSpan descriptions of each factor's top component")
-    rows = [[r.name, factor, r.rankings[factor][0].key,
-             "; ".join(f"{text} ({share:.2f})" for text, share in r.descriptions.get(r.rankings[factor][0].key, []))]
-            for r in results for factor in FACTORS]
-    report.table(["model", "factor", "top component", "TextSpan texts (share of variance)"], rows)
+            top = r.rankings[factor][0]
+            described.append(DescribedComponent(r.name, factor, top.key, r.descriptions.get(top.key, [])))
+    textspan_section(report, described, "TextSpan descriptions of each factor's top component")
 
 
 def _probe(report: Report, results: list[TargetResult], settings: DemoSettings) -> None:
@@ -103,10 +107,6 @@ def _retrieval(report: Report, results: list[TargetResult], sample: ToySample, s
             report.figures(items)
 
 
-def _overlay(image: torch.Tensor, heatmap: torch.Tensor) -> np.ndarray:
-    return np.asarray(heatmap_overlay(image, heatmap))
-
-
 def _heatmaps(report: Report, results: list[TargetResult], sample: ToySample, settings: DemoSettings) -> None:
     report.section("heatmaps", "Token heatmaps along each image's object text")
     report.paragraph("Level token, all heads: ⟨a_i,token(x), t⟩ with t = the text of the image's object "
@@ -117,12 +117,11 @@ def _heatmaps(report: Report, results: list[TargetResult], sample: ToySample, se
     rows = torch.arange(settings.fit_images, settings.fit_images + settings.token_images)
     for r in results:
         report.heading(r.name)
-        for i, row in enumerate(rows[:4].tolist()):
-            image = sample.images[row]
-            mask = sample.masks[row].float().unsqueeze(-1).expand(-1, -1, 3)
-            report.figures([(image.permute(1, 2, 0), sample.captions[row]), (mask, "object mask"),
-                            (_overlay(image, r.segmentation.heatmaps[i]), "token heatmap"),
-                            (_overlay(image, r.segmentation.baseline[i]), "attention baseline")])
+        heatmap_rows(report, [HeatmapRow(sample.images[row], sample.captions[row],
+                                         [(r.segmentation.heatmaps[i], "token heatmap"),
+                                          (r.segmentation.baseline[i], "attention baseline")],
+                                         [(sample.masks[row].float().unsqueeze(-1).expand(-1, -1, 3), "object mask")])
+                              for i, row in enumerate(rows[:4].tolist())])
     report.section("segmentation", "Zero-shot segmentation from the heatmaps")
     report.paragraph("Binarised at the mean of the clipped, max-normalised map; scored against the object masks.")
     table = []
@@ -175,30 +174,17 @@ def _spurious(report: Report, results: list[TargetResult]) -> None:
 
 
 def _ablation(report: Report, results: list[TargetResult]) -> None:
-    report.section("ablation", "Component ablation curves")
-    report.paragraph("Accuracy on the model's training task (held-out images) as whole residual blocks are "
+    ablation_section(report, [AblationRecord(r.name, r.ablation, r.ablation_classifier)
+                              for r in results if r.ablation is not None],
+                     "Accuracy on the model's training task (held-out images) as whole residual blocks are "
                      "mean-ablated cumulatively, last block first.")
-    for r in results:
-        if r.ablation is None:
-            continue
-        curve = r.ablation
-        report.line_chart(f"{r.name}: accuracy vs blocks ablated (classifier: {r.ablation_classifier})",
-                          list(range(len(curve.accuracy))), {"accuracy": curve.accuracy},
-                          "blocks ablated (last first)", "accuracy")
-        report.table(["step", "components ablated", "accuracy"],
-                     [[step, count, accuracy] for step, count, accuracy in zip(curve.steps, curve.ablated,
-                                                                               curve.accuracy)])
 
 
 def build_report(results: list[TargetResult], settings: DemoSettings, sample: ToySample) -> Report:
     report = Report("vit-decompose on the toy world")
     _overview(report, results, settings, sample)
-    report.section("additivity", "Additivity: Σ components = representation")
-    report.table(["model", "components (head)", "head: max relative error", "token: max relative error"],
-                 [[r.name, len(r.labels), r.level_errors["head"], r.level_errors["token"]] for r in results])
-    worst = max(max(r.level_errors.values()) for r in results)
-    report.verdict("the components sum to the model's representation (float32)", worst < 1e-4,
-                   f"largest relative error {worst:.1e}")
+    additivity_section(report, [AdditivityRow(r.name, len(r.labels), r.level_errors) for r in results],
+                       note="Components: at level head. Errors: the largest per-batch relative error at each level.")
     report.section("alignment", "CompAlign: held-out cosine to the tiny CLIP")
     report.table(["model", "held-out cosine", "epochs"],
                  [[r.name, r.alignment["heldout_cosine"], r.alignment["epochs"]] for r in results])

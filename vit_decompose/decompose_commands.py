@@ -44,7 +44,7 @@ def model_and_data_config(args) -> tuple[torch.nn.Module, dict]:
     model = model_from_arguments(args)
     config = dict(getattr(model, "pretrained_cfg", None) or {})
     config.setdefault("input_size", (3, 224, 224))
-    image_size = args.image_size or model_kwargs(args).get("img_size")
+    image_size = getattr(args, "image_size", None) or model_kwargs(args).get("img_size")
     if image_size:
         config["input_size"] = (config["input_size"][0], image_size, image_size)
         config.pop("test_input_size", None)

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from align.compalign import CompAlign
+from align.datasets import ImageNetSegmentation
 from align.drawing import heatmap_overlay
 from align.heatmaps import attention_heatmaps, head_selector, token_heatmaps
 from align.parent_maps import text_contributions
@@ -18,6 +20,7 @@ from align.segmentation import segmentation_scores
 from decompose import ComponentLabel, DecompositionStore, trace_and_decompose
 from decompose.attention_maps import AttentionMapCapture
 
+from .decompose_commands import model_and_data_config
 from .keyed_files import APPLICATIONS_HELP, read_table
 from .options import add_model_options, add_store_options, device_of, model_from_arguments, open_store_and_aligner
 from .text_queries import text_direction
@@ -43,7 +46,7 @@ def labels_with_positions(store: DecompositionStore, args) -> tuple[list[Compone
     return labels, decomposer
 
 
-def _read_images(root: Path, ids: list[str], transform) -> torch.Tensor:
+def read_images(root: Path, ids: list[str], transform) -> torch.Tensor:
     from PIL import Image
 
     images = []
@@ -79,7 +82,7 @@ def _command_heatmap(args) -> int:
     labels, _ = labels_with_positions(store, args)
     ids = args.image or store.image_ids()[:args.max_images]
     heatmaps = _text_heatmaps(args, store, aligner, labels, ids, device)
-    pictures = (_read_images(Path(args.images), ids, store.transform(normalise=False))
+    pictures = (read_images(Path(args.images), ids, store.transform(normalise=False))
                 if args.images else [None] * len(ids))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -121,21 +124,75 @@ def _read_masks(args, store: DecompositionStore) -> tuple[list[str], torch.Tenso
 @torch.no_grad()
 def _command_segment(args) -> int:
     device = device_of(args.device)
-    store, aligner = open_store_and_aligner(args, device, same_level=False)
-    labels, decomposer = labels_with_positions(store, args)
-    ids, masks = _read_masks(args, store)
-    heatmaps = _text_heatmaps(args, store, aligner, labels, ids, device)
-    results = {"decomposition": segmentation_scores(heatmaps, masks).as_dict()}
-    if args.baseline:
-        results["attention (last layer)"] = _baseline_scores(args, store, ids, masks, decomposer).as_dict()
-    print(f"zero-shot segmentation of {len(ids)} images for {' + '.join(map(repr, args.text))}\n")
+    if args.imagenet_seg:
+        count, results = _segment_imagenet_file(args, device)
+    else:
+        if not args.store or not args.masks:
+            raise ValueError("give a token-level --store and its --masks, or --imagenet-seg gtsegs_ijcv.mat with "
+                             "--model (its images are decomposed here)")
+        store, aligner = open_store_and_aligner(args, device, same_level=False)
+        labels, decomposer = labels_with_positions(store, args)
+        ids, masks = _read_masks(args, store)
+        heatmaps = _text_heatmaps(args, store, aligner, labels, ids, device)
+        count, results = len(ids), {"decomposition": segmentation_scores(heatmaps, masks).as_dict()}
+        if args.baseline:
+            results["attention (last layer)"] = _baseline_scores(args, store, ids, masks, decomposer).as_dict()
+    print(f"zero-shot segmentation of {count} images for {' + '.join(map(repr, args.text))}\n")
     print(f"{'method':28s} {'pixel acc':>9s} {'fg IoU':>8s} {'mIoU':>8s} {'mAP':>8s}")
     for name, scores in results.items():
         print(f"{name:28s} {scores['pixel_accuracy']:9.4f} {scores['foreground_iou']:8.4f} "
               f"{scores['mean_iou']:8.4f} {scores['mean_average_precision']:8.4f}")
     if args.out:
-        Path(args.out).write_text(json.dumps({"text": args.text, "images": len(ids), "scores": results}, indent=1))
+        Path(args.out).write_text(json.dumps({"text": args.text, "images": count, "scores": results}, indent=1))
     return 0
+
+
+def _squashed_transforms(pretrained_cfg: dict) -> tuple:
+    """(image, mask) transforms PIL -> [3, H, W]: resized to the model's input size without a crop, as the
+    reference ImageNet-Segmentation evaluation does (Resize((224, 224)); masks with nearest neighbours)."""
+    from timm.data import create_transform, resolve_data_config
+
+    config = resolve_data_config({}, pretrained_cfg=pretrained_cfg)
+    common = dict(input_size=config["input_size"], crop_pct=1.0, crop_mode="squash", is_training=False)
+    image = create_transform(**common, interpolation=config["interpolation"], mean=config["mean"], std=config["std"])
+    mask = create_transform(**common, interpolation="nearest", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    return image, mask
+
+
+@torch.no_grad()
+def _segment_imagenet_file(args, device) -> tuple[int, dict]:
+    """Token heatmaps of ``--imagenet-seg`` 's images (decomposed here by ``--model``, batch by batch) along the
+    ``--text`` direction, scored against its masks; with ``--baseline`` also the last layer's attention."""
+    from PIL import Image
+
+    if not args.model:
+        raise ValueError("--imagenet-seg decomposes its images: give --model NAME (and --checkpoint / --pretrained / "
+                         "--model-kwargs)")
+    data = ImageNetSegmentation(args.imagenet_seg)
+    model, config = model_and_data_config(args)
+    aligner = CompAlign.load(args.aligner, model=args.model, device=device)
+    decomposer = trace_and_decompose(model.to(device))
+    capture = AttentionMapCapture(decomposer) if args.baseline else None
+    image_transform, mask_transform = _squashed_transforms(config)
+    direction = text_direction(args, aligner, device)
+    count = min(len(data), args.max_images or len(data))
+    ours, theirs, masks = [], [], []
+    for start in tqdm(range(0, count, args.batch_size), desc="segment", unit="batch"):
+        pairs = [data[i] for i in range(start, min(start + args.batch_size, count))]
+        images = torch.stack([image_transform(Image.fromarray(image)) for image, _ in pairs]).to(device)
+        masks += [mask_transform(Image.fromarray(mask.astype("uint8") * 255).convert("RGB"))[0] > 0.5
+                  for _, mask in pairs]
+        dec = decomposer(images, level="token")
+        size = tuple(images.shape[-2:])
+        contributions = text_contributions(aligner, dec.components, dec.labels, direction).cpu()       # [C, b]
+        ours.append(token_heatmaps(contributions, dec.labels, size, head_selector(args.head)))
+        if capture is not None:
+            theirs.append(attention_heatmaps(capture(images), size).cpu())
+    masks = torch.stack(masks)
+    results = {"decomposition": segmentation_scores(torch.cat(ours), masks).as_dict()}
+    if capture is not None:
+        results["attention (last layer)"] = segmentation_scores(torch.cat(theirs), masks).as_dict()
+    return count, results
 
 
 def _baseline_scores(args, store, ids, masks, decomposer):
@@ -147,7 +204,7 @@ def _baseline_scores(args, store, ids, masks, decomposer):
     size = store.image_size
     maps = []
     for start in tqdm(range(0, len(ids), args.batch_size), desc="attention", unit="batch"):
-        images = _read_images(Path(args.images), ids[start:start + args.batch_size], transform)
+        images = read_images(Path(args.images), ids[start:start + args.batch_size], transform)
         maps.append(attention_heatmaps(capture(images), size))
     return segmentation_scores(torch.cat(maps), masks)
 
@@ -159,7 +216,7 @@ def add_heatmap_commands(subparsers) -> None:
                             ("segment", "zero-shot segmentation from token heatmaps, scored against masks")):
         command = subparsers.add_parser(name, help=help_text, description=APPLICATIONS_HELP,
                                         formatter_class=argparse.RawDescriptionHelpFormatter)
-        add_store_options(command)
+        add_store_options(command, store_required=name == "heatmap")
         add_model_options(command.add_argument_group("the store's model (for token positions / the attention "
                                                      "baseline)"),
                           required=False, model_help="timm name (or open_clip:ARCH) the store was decomposed with")
@@ -174,7 +231,10 @@ def add_heatmap_commands(subparsers) -> None:
             command.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity over the image")
             command.set_defaults(run=_command_heatmap)
         else:
-            command.add_argument("--masks", required=True, help="CSV id,mask or JSON {id: mask.png} (see above)")
+            command.add_argument("--masks", help="CSV id,mask or JSON {id: mask.png} (see above)")
+            command.add_argument("--imagenet-seg", metavar="FILE.mat", help="ImageNet-Segmentation's gtsegs_ijcv.mat "
+                                 "(images and masks; read with h5py) instead of --store / --masks: its images are "
+                                 "decomposed here by --model, resized to the model's input size without a crop")
             command.add_argument("--baseline", action="store_true", help="also score the last layer's raw "
                                  "attention from the output-reading queries (needs --model and --images)")
             command.add_argument("--out", help="write the scores as JSON")

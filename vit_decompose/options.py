@@ -113,9 +113,11 @@ def text_cache(args) -> TextEmbeddingCache:
 
 # --- the store and its aligner ----------------------------------------------------------------
 
-def add_store_options(command: argparse.ArgumentParser, aligner_required: bool = True, batch_size: bool = True) -> None:
+def add_store_options(command: argparse.ArgumentParser, aligner_required: bool = True, batch_size: bool = True,
+                      store_required: bool = True) -> None:
     """``--store``, ``--aligner``, ``--templates`` (``--batch-size``), ``--device`` and the CLIP options."""
-    command.add_argument("--store", required=True, help="decomposition store folder (vit-decompose decompose --out)")
+    command.add_argument("--store", required=store_required, help="decomposition store folder "
+                         "(vit-decompose decompose --out)")
     command.add_argument("--aligner", required=aligner_required, help="aligner folder (vit-decompose align --out)")
     command.add_argument("--templates", help="imagenet (default), raw, or a JSON list of templates with {}")
     if batch_size:
@@ -139,7 +141,7 @@ def open_store_and_aligner(args, device: torch.device, same_level: bool = True
 def aligner_for_store(args, store: DecompositionStore, device: torch.device) -> CompAlign | None:
     """``--aligner`` of the store's model, possibly coarser (head maps for token components); None without it."""
     if args.aligner is None:
-        if getattr(args, "classes", None) or getattr(args, "order", "") == "property":
+        if getattr(args, "classes", None) or getattr(args, "zero_shot", False) or getattr(args, "order", "") == "property":
             raise ValueError("zero-shot classes and property orders need CLIP space: give --aligner ALIGNER")
         return None
     aligner = CompAlign.load(args.aligner, model=store.manifest.get("model", ""), device=device)

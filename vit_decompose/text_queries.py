@@ -33,11 +33,14 @@ def text_direction(args, aligner: CompAlign, device: torch.device) -> torch.Tens
     return mean_direction(args, clip_for_aligner(args, aligner, device), args.text, text_cache(args))
 
 
-def class_embeddings(args, aligner: CompAlign, device: torch.device) -> tuple[list[str], torch.Tensor]:
-    """Class names and unit CLIP directions [classes, d_clip] of ``--classes`` (the mean of each class's texts)."""
-    classes = json.loads(Path(args.classes).read_text())
-    if not isinstance(classes, dict) or not classes:
-        raise ValueError(f'{args.classes}: expected {{"label": ["text", ...]}}')
+def class_embeddings(args, aligner: CompAlign, device: torch.device, classes: dict | None = None
+                     ) -> tuple[list[str], torch.Tensor]:
+    """Class names and unit CLIP directions [classes, d_clip] (the mean of each class's texts) of ``classes``
+    {label: [text, ...]}, by default of the ``--classes`` file."""
+    if classes is None:
+        classes = json.loads(Path(args.classes).read_text())
+        if not isinstance(classes, dict) or not classes:
+            raise ValueError(f'{args.classes}: expected {{"label": ["text", ...]}}')
     clip = clip_for_aligner(args, aligner, device)
     cache = text_cache(args)
     rows = [mean_direction(args, clip, [texts] if isinstance(texts, str) else list(texts), cache)

@@ -1,6 +1,7 @@
-"""A self-contained HTML report: sections of tables, inline SVG bar charts and PNG images.
+"""A self-contained HTML page: sections of tables, inline SVG bar and line charts and PNG images.
 
-Everything is embedded (PNG as data URIs, charts as SVG), so the file opens anywhere offline.
+Everything is embedded (PNG as data URIs, charts as SVG), so the file opens anywhere offline. The section
+builders of ``sections`` write into it; the toy-world demo and ``vit-decompose report`` both render one.
 """
 from __future__ import annotations
 
@@ -24,15 +25,33 @@ nav a{margin-right:1em}
 """
 
 
+def rgb_array(image: np.ndarray | torch.Tensor) -> np.ndarray:
+    """uint8 [H, W, 3] of an RGB image [H, W, 3] (uint8, or float in [0, 1])."""
+    array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if array.dtype != np.uint8:
+        array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
+    return array
+
+
+def thumbnail(image: np.ndarray | torch.Tensor, largest_side: int) -> np.ndarray:
+    """uint8 [h, w, 3]: the image shrunk (bilinear) so that its larger side is at most ``largest_side``."""
+    from PIL import Image
+
+    array = rgb_array(image)
+    height, width = array.shape[:2]
+    factor = largest_side / max(height, width)
+    if factor >= 1:
+        return array
+    size = (max(1, round(width * factor)), max(1, round(height * factor)))
+    return np.asarray(Image.fromarray(array).resize(size, Image.BILINEAR))
+
+
 def png_data_uri(image: np.ndarray | torch.Tensor) -> str:
     """``data:`` URI of an RGB image [H, W, 3] (uint8, or float in [0, 1])."""
     from PIL import Image
 
-    array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-    if array.dtype != np.uint8:
-        array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
+    Image.fromarray(rgb_array(image)).save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
@@ -101,11 +120,11 @@ class Report:
         self._add("".join(parts))
 
     def line_chart(self, title: str, xs: Sequence[float], series: dict[str, Sequence[float]], x_label: str,
-                   y_label: str, width: int = 520, height: int = 260) -> None:
-        """Lines (SVG) sharing one x axis; y from 0 to the largest value."""
-        left, bottom, top, right = 50, 36, 24, 110
+                   y_label: str, width: int = 520, height: int = 260, y_max: float | None = None) -> None:
+        """Lines (SVG) sharing one x axis; y from 0 to ``y_max`` (default: the largest value)."""
+        left, bottom, top, right = 50, 36, 34, 110
         x_low, x_high = min(xs), max(xs)
-        y_high = max(max(v) for v in series.values()) or 1.0
+        y_high = y_max or max(max(v) for v in series.values()) or 1.0
         px = lambda x: left + (x - x_low) / ((x_high - x_low) or 1) * (width - left - right)
         py = lambda y: height - bottom - y / y_high * (height - bottom - top)
         colours = ["#3a6ea5", "#c05746", "#4f9d69", "#8c6bb1", "#d9a21b"]
@@ -116,7 +135,7 @@ class Report:
                  f"<line x1='{left}' y1='{top}' x2='{left}' y2='{height - bottom}' stroke='#444'/>",
                  (f"<text x='{(width - right + left) / 2}' y='{height - 6}' font-size='11' text-anchor='middle'>"
                  f"{html.escape(x_label)}</text>"),
-                 f"<text x='4' y='{top - 6}' font-size='11'>{html.escape(y_label)} (max {y_high:.2f})</text>"]
+                 f"<text x='4' y='{top - 6}' font-size='11'>{html.escape(y_label)} (axis 0 to {y_high:.2f})</text>"]
         for i, (name, values) in enumerate(series.items()):
             colour = colours[i % len(colours)]
             points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xs, values))
@@ -125,10 +144,14 @@ class Report:
                       f"{html.escape(name)}</text>")]
         self._add("".join(parts) + "</svg>")
 
-    def figures(self, items: Sequence[tuple[np.ndarray | torch.Tensor, str]], scale: int = 2) -> None:
-        """A row of PNG images with captions (shown ``scale`` times their pixel size)."""
+    def figures(self, items: Sequence[tuple[np.ndarray | torch.Tensor, str]], scale: int = 2,
+                largest_side: int | None = None) -> None:
+        """A row of PNG images with captions (shown ``scale`` times their pixel size; ``largest_side``: images
+        are first shrunk to at most that many pixels)."""
         parts = []
         for image, caption in items:
+            if largest_side is not None:
+                image = thumbnail(image, largest_side)
             height, width = image.shape[:2]
             parts.append(f"<figure><img src='{png_data_uri(image)}' width='{width * scale}' "
                          f"height='{height * scale}' alt='{html.escape(caption)}'>"
