@@ -9,7 +9,8 @@ Stages are timed by wrapping the planning functions ``Decomposer.plan`` calls (n
 code measured): trace, probe, roles (``plan_trunk``), relevance masks and compaction, early pooling,
 and, on the first token-level call, the token key positions. ``first <level>`` is the whole first
 call at that level (the first one includes the plan); ``then`` the second call (the plan cached).
-A model that runs past ``--timeout`` shows the stage it was in as ``>N``.
+A model that runs past ``--timeout`` shows the stage it was in as ``>N``; a call that fails (out of
+memory) shows ``error`` and its message goes to stderr.
 """
 from __future__ import annotations
 
@@ -72,10 +73,16 @@ def _measure(name: str, batch: int, levels: list[str], threads: int, events) -> 
         for call in ("first", "then"):
             events.put(("start", f"{call} {level}"))
             started = time.perf_counter()
-            dec = decomposer(images, level=level)
+            try:
+                dec = decomposer(images, level=level)
+            except (RuntimeError, ValueError) as error:  # e.g. out of memory at one level: the rest still runs
+                print(f"{name} {level}: {type(error).__name__}: {str(error)[:300]}", file=sys.stderr)
+                seconds[f"{call} {level}"] = float("nan")
+                events.put(("done", f"{call} {level}", float("nan")))
+                break
             seconds[f"{call} {level}"] = time.perf_counter() - started
             events.put(("done", f"{call} {level}", seconds[f"{call} {level}"]))
-        assert dec.relative_error() < 1e-3, (name, level, dec.relative_error())
+            assert dec.relative_error() < 1e-3, (name, level, dec.relative_error())
     events.put(("result", seconds))
 
 
@@ -115,6 +122,8 @@ def measure(name: str, batch: int, levels: list[str], threads: int, timeout: flo
 def _cell(seconds: dict, key: str, unfinished: list[str]) -> str:
     if key not in seconds:
         return "-"
+    if seconds[key] != seconds[key]:
+        return "error"
     return f">{seconds[key]:.0f}" if key in unfinished else f"{seconds[key]:.1f}"
 
 

@@ -50,6 +50,7 @@ from .linear_rules import (
 from .norm_scales import NormScales, fit_norm_scales
 from .ops import OpKind, op_kind
 from .probe import ReplacedCall, ValueOverlay
+from .progress import progress
 from .roles import Role, TrunkPlan
 from .tracing import call_target, describe
 
@@ -605,7 +606,7 @@ def plan_early_pooling(gm: fx.GraphModule, plan: TrunkPlan, data_nodes: set[fx.N
     probes, scales: the probe's values (graph kept) and the trunk norms' per-row scales on the images
                  of the adjoints, to find ``norm_scales`` (``tracer.norm_scales``); None: not tried
     """
-    for start in starts:
+    for start in progress(starts, "early pooling: unit tail"):
         if start not in adjoints:
             continue
         try:
