@@ -22,7 +22,7 @@ from tracer.vocabulary import ComponentKind, Level
 from .births import LEVELS
 from .decomposition import Decomposition
 from .early_pooling import Parking, branches_for_level, pooled_components
-from .carried import Carried, Chunk, ComponentRegistry
+from .carried import PROBE, Carried, Chunk, ComponentRegistry
 from .propagate import propagate
 from .sum_check import (
     FirstInexactNode,
@@ -228,10 +228,13 @@ def _fork_components(gm, plan: TrunkPlan, image: torch.Tensor, forks: set) -> tu
 
     def capture(node, carried: Carried) -> Carried:
         if node is embedding_birth and isinstance(carried.chunks[0].values, torch.Tensor):
-            # the embedding's own value (the image, or a convolutional stem's output) is the grid
+            # the embedding's own value (the image, or a convolutional stem's output) is the grid; it
+            # travels as the probe chunk, which is never stacked with other components, so that a
+            # backward pass from a fork costs one component's ops, not every component's there
             leaf = carried.chunks[0].values.detach().clone().requires_grad_(True)
             leaves["grid"] = leaf
-            carried = Carried([Chunk(carried.chunks[0].ids, leaf)] + carried.chunks[1:])
+            ids = [PROBE] if len(carried.chunks[0].ids) == 1 else carried.chunks[0].ids
+            carried = Carried([Chunk(ids, leaf)] + carried.chunks[1:])
         if node in forks:
             captured[node] = carried
         return carried
@@ -246,10 +249,11 @@ def _fork_components(gm, plan: TrunkPlan, image: torch.Tensor, forks: set) -> tu
             if not isinstance(chunk.values, torch.Tensor):
                 continue
             for row, component in enumerate(chunk.ids):
-                label = registry.labels[component]
-                if label.kind is ComponentKind.EMBEDDING and grid is not None and grid.dim() == 5:  # [1, B, C, H, W]
+                label = registry.labels[component] if component != PROBE else None
+                if (label is None or label.kind is ComponentKind.EMBEDDING) and grid is not None and grid.dim() == 5:
+                    # [1, B, C, H, W]
                     parts["embedding"] = chunk.values[row]
-                elif label.kind is ComponentKind.CONSTANT:
+                elif label is not None and label.kind is ComponentKind.CONSTANT:
                     parts["constants"][label.name] = chunk.values[row].detach()
         fork_components[fork] = parts
     return grid, fork_components

@@ -6,7 +6,7 @@ general rule in tracer/, never at a reason to special-case the family.
 import pytest
 import timm
 import torch
-from timm.models import mlp_mixer, mvitv2, volo
+from timm.models import gcvit, mlp_mixer, mvitv2, volo
 
 FAMILIES = {
     "cait_xxs24_224": lambda: timm.create_model("cait_xxs24_224", depth=2, img_size=64),
@@ -46,6 +46,11 @@ FAMILIES = {
     # max-pooled shortcuts between stages: decomposed from the last one on (cut_nonlinear_trunk)
     "hiera_tiny_224": lambda: timm.create_model("hiera_tiny_224", stages=(1, 1, 1, 1), embed_dim=16, num_heads=1,
                                                 img_size=(64, 64)),
+    "davit_tiny": lambda: timm.create_model("davit_tiny", depths=(1, 1, 1, 1), embed_dims=(16, 32, 48, 64),
+                                            num_heads=(1, 2, 2, 2)),
+    "gcvit": lambda: gcvit.GlobalContextVit(depths=(1, 1, 1, 1), embed_dim=16, num_heads=(1, 2, 2, 2), img_size=64),
+    "efficientformer_l1": lambda: timm.create_model("efficientformer_l1", depths=(1, 1, 1, 1),
+                                                    embed_dims=(16, 32, 48, 64), num_vit=1),
 }
 # options a family needs (see the family's comment), and image sizes of models that take no img_size
 OPTIONS = {"hiera_tiny_224": dict(cut_nonlinear_trunk=True)}
@@ -57,6 +62,9 @@ def _image_size(model) -> int:
         size = getattr(module, "img_size", None)
         if isinstance(size, int) or (isinstance(size, (tuple, list)) and len(size) == 2):
             return size if isinstance(size, int) else size[0]
+    config = getattr(model, "pretrained_cfg", None) or {}
+    if config.get("fixed_input_size"):  # no module names a size, but the model accepts only this one
+        return config["input_size"][-1]
     return 64
 
 

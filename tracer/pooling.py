@@ -51,6 +51,7 @@ from .linear_rules import (
 from .norm_scales import NormScales, fit_norm_scales
 from .ops import OpKind, op_kind
 from .node_calls import ReplacedCall, ValueOverlay
+from .progress import progress
 from .roles import Role, TrunkPlan
 from .tracing import call_target, describe
 
@@ -65,6 +66,8 @@ RESIDUAL_TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-3}
 RESIDUAL_TOKENS = 256
 # an op maps every row alike when its rows agree to this precision (of the largest) however they are laid out
 SAME_ROWS_TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5}
+# tokens compared at once with the classes found so far (``token_classes``)
+CLASS_BLOCK = 512
 # pool with a matrix product up to this many small-grid tokens, by index above
 DENSE_POOLING_SLOTS = 8
 
@@ -505,20 +508,36 @@ def _token_major(values: torch.Tensor, token_axes: tuple[int, ...], feature_axes
 
 def token_classes(vectors: torch.Tensor, tolerance: float = PARALLEL_TOLERANCE) -> torch.Tensor:
     """[T] class of each row of ``vectors`` [T, V]: rows parallel to each other share a class; -1 for
-    zero rows."""
+    zero rows.
+
+    Classes are numbered in the order of their first row, and a row joins the class of the first
+    earlier representative it is parallel to. Rows are compared with the representatives in blocks
+    (one matrix product per block), so the cost is T × classes × V, not one pass per class."""
     norms = vectors.norm(dim=1)
     labels = torch.full((vectors.shape[0],), -1, dtype=torch.long, device=vectors.device)
     if not bool((norms > 0).any()):
         return labels
     unit = vectors / norms.clamp_min(torch.finfo(vectors.dtype).tiny).unsqueeze(1)
     remaining = (norms > norms.max() * 1e-12).nonzero().flatten()
-    label = 0
-    while remaining.numel():
-        cosine = (unit[remaining] @ unit[remaining[0]]).abs()
-        alike = cosine >= 1 - tolerance
-        labels[remaining[alike]] = label
-        remaining = remaining[~alike]
-        label += 1
+    representatives = unit.new_zeros((0, unit.shape[1]))                                  # [R, V]
+    for block in remaining.split(CLASS_BLOCK):
+        rows = unit[block]                                                                 # [b, V]
+        alike = (rows @ representatives.T).abs() >= 1 - tolerance                          # [b, R]
+        matched = alike.any(dim=1)
+        if bool(matched.any()):
+            labels[block[matched]] = alike[matched].int().argmax(dim=1)  # the first class it is parallel to
+            block, rows = block[~matched], rows[~matched]
+        within = ((rows @ rows.T).abs() >= 1 - tolerance).tolist()                        # [m, m]
+        found, new = [-1] * len(within), []
+        for i, row in enumerate(within):
+            if found[i] < 0:
+                found[i] = representatives.shape[0] + len(new)
+                new.append(i)
+                for j in range(i + 1, len(within)):
+                    if found[j] < 0 and row[j]:
+                        found[j] = found[i]
+        labels[block] = torch.tensor(found, dtype=torch.long, device=labels.device)
+        representatives = torch.cat([representatives, rows[new]])
     return labels
 
 
@@ -588,7 +607,7 @@ def plan_early_pooling(gm: fx.GraphModule, plan: TrunkPlan, data_nodes: set[fx.N
     probes, scales: the probe's values (graph kept) and the trunk norms' per-row scales on the images
                  of the adjoints, to find ``norm_scales`` (``tracer.norm_scales``); None: not tried
     """
-    for start in starts:
+    for start in progress(starts, "early pooling: unit tail"):
         if start not in adjoints:
             continue
         try:
@@ -699,34 +718,34 @@ def _token_axes(tail: UnitTail, shape: tuple[int, ...], dtype: torch.dtype, devi
 
 def _verified_nodes(tail: UnitTail, start_shape: tuple[int, ...], candidates: list[fx.Node],
                     adjoints: dict[fx.Node, torch.Tensor], cotangents: torch.Tensor) -> dict[fx.Node, PooledNode]:
-    """Candidates whose real adjoints match the unit tail on ``start_shape``."""
+    """Candidates whose real adjoints match the unit tail on ``start_shape``.
+
+    One backward pass: G rows (one per cotangent) run from the start, and a tap at every candidate
+    gives each row's adjoint there (injecting rows at every candidate would carry them all to the
+    output, a cost of candidates × tail length)."""
     dtype, device = cotangents.dtype, cotangents.device
-    shapes: dict = {}
-    try:
-        tail.run(start_shape, dtype=dtype, device=device, shapes=shapes)
-    except _TAIL_FAILURES:
-        return {}
-    nodes = [n for n in candidates if n in shapes and n in adjoints]
-    if not nodes:
-        return {}
     count = cotangents.shape[0]
+    taps = dict.fromkeys(n for n in candidates if n in adjoints)
+    if not taps:
+        return {}
     with torch.enable_grad():
-        leaves = {n: torch.zeros((count, *shapes[n]), dtype=dtype, device=device, requires_grad=True)
-                  for n in nodes}
+        rows = torch.zeros((count, *start_shape), dtype=dtype, device=device)
         try:
-            out = tail.run(start_shape, leaves, dtype=dtype, device=device)
+            out = tail.run(start_shape, {tail.start: rows}, dtype=dtype, device=device, taps=taps)
         except _TAIL_FAILURES:
             return {}
-        if not out:
+        taps = {n: tap for n, tap in taps.items() if tap is not None}          # the candidates on the tail
+        if not out or not taps:
             return {}
-        total = sum((rows * cotangents.reshape(rows.shape)).sum() for rows in out.values())
-        grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True)
+        out = out[tail.start]                                                  # [G, 1, *output shape[1:]]
+        total = (out * cotangents.reshape(out.shape)).sum()
+        grads = torch.autograd.grad(total, list(taps.values()), allow_unused=True)
     pooled = {}
-    for node, grad in zip(nodes, grads):
-        if grad is None or not bool(torch.isfinite(grad).all()):
+    for (node, tap), grad in zip(taps.items(), grads):  # grad [1 + G, *small shape]: row 1 + g for cotangent g
+        if grad is None or not bool(torch.isfinite(grad[1:]).all()):
             continue
         real = adjoints[node]
-        found = match_slots(real, grad[:, 0], (1, *real.shape[1:]), shapes[node])
+        found = match_slots(real, grad[1:, 0], (1, *real.shape[1:]), tuple(tap.shape[1:]))
         if found is not None:
             pooled[node] = found
     return pooled

@@ -30,6 +30,7 @@ import torch.fx as fx
 
 from .ops import OpKind, attention_value_input, is_multihead_attention, op_kind
 from .node_calls import ValueOverlay, node_arguments
+from .progress import progress
 from .roles import Role, TrunkPlan
 from .tracing import call_target
 
@@ -153,7 +154,7 @@ def support_positions(image: torch.Tensor, embedding: torch.Tensor, element_keys
     direction = (torch.rand(embedding.shape, generator=generator, dtype=torch.float64, device="cpu") + 0.5
                  ).to(embedding)
     centroids: list[tuple[float, float] | None] = []
-    for start in range(0, keys, chunk):
+    for start in progress(range(0, keys, chunk), "token key positions: receptive fields"):
         codes = torch.arange(start + 1, min(start + chunk, keys) + 1, device=element_keys.device)
         masks = (element_keys.unsqueeze(0) == codes.view(-1, *[1] * element_keys.dim())).to(embedding)
         grads, = torch.autograd.grad(embedding, image, masks * direction, retain_graph=True, is_grads_batched=True)
@@ -201,7 +202,7 @@ def attention_key_positions(gm: fx.GraphModule, plan: TrunkPlan, values: dict, d
     """
     positions: dict[fx.Node, list[Position]] = {}
     known: list[tuple[torch.Tensor, torch.Tensor, list[Position]]] = []  # embedding, element keys, result
-    for birth_node, birth in plan.births.items():
+    for birth_node, birth in progress(plan.births.items(), "token key positions", total=len(plan.births)):
         if birth.kind != "attention":
             continue
         found = value_input(gm, birth_node)

@@ -25,6 +25,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .node_calls import ReplacedCall, ValueOverlay, node_arguments
+from .progress import progress
 from .tracing import call_target
 
 # compact a node only when at most this fraction of its axis is relevant
@@ -138,7 +139,7 @@ def plan_compaction(gm: fx.GraphModule, carriers: list[fx.Node], relevance: dict
             spec = find_slice(mask)
             if spec is not None:
                 plan.slices[node] = spec
-    for node in carriers:
+    for node in progress(carriers, "compaction"):
         if node in births:
             continue
         inputs = [n for n in node.all_input_nodes if n in relevance or n in plan.slices]

@@ -1,0 +1,92 @@
+"""Planning scales with the graph: the work of a plan grows at most linearly with depth.
+
+Work is counted, never timed: the vector-Jacobian products (autograd calls) and the floating-point
+operations of matrix products and convolutions (``torch.utils.flop_counter``) that planning and
+the token key positions run. A quadratic mechanism (every component carried through every later
+check, one pass per earlier node) shows as a ratio near 4 when the depth doubles.
+"""
+import pytest
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from decompose import trace_and_decompose
+from tracer.pooling import token_classes
+
+# work at twice the depth over work at the depth (linear growth with a fixed part: below 2)
+LINEAR_RATIO = 2.2
+
+DEPTHS = {
+    "swin_tiny_patch4_window7_224": (dict(num_heads=(2, 4), embed_dim=32, img_size=112), "depths", (1, 1), (2, 2)),
+    "vit_tiny_patch16_224": (dict(img_size=64), "depth", 2, 4),
+}
+
+
+def planning_work(model, images) -> tuple[int, int]:
+    """(autograd calls, FLOPs) of planning ``model`` for ``images`` and finding its token key positions."""
+    decomposer = trace_and_decompose(model)
+    calls = [0]
+    grad, backward = torch.autograd.grad, torch.Tensor.backward
+
+    def counted_grad(*args, **kwargs):
+        calls[0] += 1
+        return grad(*args, **kwargs)
+
+    def counted_backward(*args, **kwargs):
+        calls[0] += 1
+        return backward(*args, **kwargs)
+
+    torch.autograd.grad, torch.Tensor.backward = counted_grad, counted_backward
+    try:
+        with FlopCounterMode(display=False) as flops:
+            plan = decomposer.plan(images)
+            decomposer._key_positions(plan, images)
+    finally:
+        torch.autograd.grad, torch.Tensor.backward = grad, backward
+    return calls[0], flops.get_total_flops()
+
+
+@pytest.mark.parametrize("name", list(DEPTHS))
+def test_planning_work_grows_linearly_with_depth(name):
+    kwargs, key, shallow, deep = DEPTHS[name]
+    size = kwargs["img_size"]
+    work = []
+    for depth in (shallow, deep):
+        torch.manual_seed(0)
+        model = timm.create_model(name, **{key: depth}, **kwargs).eval()
+        work.append(planning_work(model, torch.randn(1, 3, size, size)))
+    (calls, flops), (deep_calls, deep_flops) = work
+    assert deep_calls <= LINEAR_RATIO * calls, (calls, deep_calls)
+    assert deep_flops <= LINEAR_RATIO * flops, (flops, deep_flops)
+
+
+def test_token_classes_recover_planted_directions():
+    """Rows that are multiples of one of K directions: one class per direction, numbered by first row,
+    zero rows -1 (compared with the definition, pair by pair)."""
+    generator = torch.Generator().manual_seed(0)
+    for tokens, directions in ((1200, 1000), (1200, 7), (3, 3)):
+        basis = torch.randn(directions, 16, generator=generator, dtype=torch.float64)
+        which = torch.randint(0, directions, (tokens,), generator=generator)
+        scale = torch.randn(tokens, generator=generator, dtype=torch.float64)
+        scale[::11] = 0
+        labels = token_classes(basis[which] * scale.unsqueeze(1))
+        expected, first = [], {}
+        for row in range(tokens):
+            if scale[row] == 0:
+                expected.append(-1)
+                continue
+            first.setdefault(int(which[row]), len(first))
+            expected.append(first[int(which[row])])
+        assert labels.tolist() == expected
+
+
+def test_progress_bar_names_its_stage(monkeypatch, capsys):
+    import tracer.progress as progress_module
+
+    monkeypatch.setattr(progress_module, "PROGRESS_DELAY", 0.0)
+    monkeypatch.delenv("VIT_DECOMPOSE_PROGRESS", raising=False)
+    assert list(progress_module.progress(range(3), "early pooling: unit tail")) == [0, 1, 2]
+    assert "early pooling: unit tail" in capsys.readouterr().err
+    monkeypatch.setenv("VIT_DECOMPOSE_PROGRESS", "0")
+    assert list(progress_module.progress(range(3), "early pooling: unit tail")) == [0, 1, 2]
+    assert capsys.readouterr().err == ""
