@@ -54,7 +54,8 @@ FAMILIES = {
 }
 # options a family needs (see the family's comment), and image sizes of models that take no img_size
 OPTIONS = {"hiera_tiny_224": dict(cut_nonlinear_trunk=True)}
-IMAGE_SIZES = {"csatv2": 128}  # 128: its stem's output is pooled early
+# csatv2 at 128: its stem's output is pooled early; efficientformer_l1's attention biases fix its input size
+IMAGE_SIZES = {"csatv2": 128, "efficientformer_l1": 224}
 
 
 def _image_size(model) -> int:
@@ -62,9 +63,6 @@ def _image_size(model) -> int:
         size = getattr(module, "img_size", None)
         if isinstance(size, int) or (isinstance(size, (tuple, list)) and len(size) == 2):
             return size if isinstance(size, int) else size[0]
-    config = getattr(model, "pretrained_cfg", None) or {}
-    if config.get("fixed_input_size"):  # no module names a size, but the model accepts only this one
-        return config["input_size"][-1]
     return 64
 
 
