@@ -162,7 +162,7 @@ def _split_tokens(parts: AttentionParts, value: torch.Tensor, heads: Grouping, w
     Windows (rows of one image, or a middle axis such as outlook attention's positions) are batches
     of attentions: source s lives in the attentions of its window only. Dense (memory ~ sources x
     value size): branches that early pooling plans are pooled straight from the weights and values
-    instead (``early_pooling._token_components``).
+    instead (``pooling.gathering``).
     """
     weights, values = parts.weights, parts.values
     keys = weights.shape[-1]

@@ -78,7 +78,7 @@ class Carried:
         return ordered, out
 
 
-PROBE = -1  # id of the probe chunk of an ``early_pooling.Parking`` (never a component)
+PROBE = -1  # id of the probe chunk of an ``pooling.Parking`` (never a component)
 
 
 def split_probe(carried: Carried) -> tuple[list[Chunk], list[Chunk]]:
@@ -164,7 +164,7 @@ def merge_sum(a: Carried, b: Carried, sign: float) -> Carried:
     to the common shape (``x + pos_embed``), leaf by leaf for tuple-valued ops.
     """
     everything = a.chunks + b.chunks
-    if not everything:  # both operands computed elsewhere (see early_pooling.Parking)
+    if not everything:  # both operands computed elsewhere (see pooling.Parking)
         return Carried([])
     if all(isinstance(c.values, torch.Tensor) for c in everything):  # the common case, without pytrees
         shape = torch.broadcast_shapes(*{c.values.shape[1:] for c in everything})

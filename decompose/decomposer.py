@@ -1,7 +1,6 @@
 """``trace_and_decompose(model)``: trace once, decompose any batch."""
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Any
 
@@ -9,19 +8,17 @@ import torch
 from torch import nn
 
 from tracer.head_axes import plan_attention_axes
-from tracer.linear_rules import ROW_SCALED_NORMS
-from tracer.ops import OpKind, op_kind
-from tracer.pooling import EarlyPooling, plan_early_pooling, plan_pooled_branch
 from tracer.positions import attention_key_positions, fork_of, support_positions, value_input
 from tracer.probe import ModelRunError, run_probe
 from tracer.relevance import CompactPlan, plan_compaction
-from tracer.roles import Role, TrunkPlan, plan_trunk
+from tracer.roles import TrunkPlan, plan_trunk
 from tracer.tracing import describe, frozen_eval_copy, trace_representation
 from tracer.vocabulary import ComponentKind, Level
 
 from .births import LEVELS
 from .decomposition import Decomposition
-from .early_pooling import Parking, branches_for_level, pooled_components
+from .pooling import Parking, branches_for_level, early_pooling_for, pooled_components
+from .precision import Float64Values, in_float64, restored
 from .carried import PROBE, Carried, Chunk, ComponentRegistry
 from .propagate import propagate
 from .sum_check import (
@@ -185,7 +182,7 @@ def relevance_masks(gm, plan: TrunkPlan, image: torch.Tensor) -> dict:
 def attention_axes_for(gm, plan: TrunkPlan, probe) -> None:
     """Set the head and window axes of every attention birth (``tracer.head_axes``), found in float64."""
     with torch.enable_grad(), in_float64(gm):
-        found = plan_attention_axes(gm, plan, _Float64Values(probe.values), probe.data_nodes)
+        found = plan_attention_axes(gm, plan, Float64Values(probe.values), probe.data_nodes)
     for node, axes in found.items():
         plan.births[node].axes = axes
 
@@ -201,7 +198,7 @@ def key_positions_for(gm, plan: TrunkPlan, probe, image: torch.Tensor) -> dict:
             forks.add(fork)
     with torch.enable_grad(), in_float64(gm) as original:  # exact integer codes need float64 gradients
         grid, fork_components = _fork_components(gm, plan, image.double(), forks)
-        values = _Float64Values(probe.values)
+        values = Float64Values(probe.values)
         grid_leaf = grid if grid is not None else image.double().requires_grad_(True)
         model_dtype: list = []
 
@@ -259,92 +256,10 @@ def _fork_components(gm, plan: TrunkPlan, image: torch.Tensor, forks: set) -> tu
     return grid, fork_components
 
 
-class _Float64Values(dict):
-    """Probe values with floating tensors read as float64."""
-
-    def __init__(self, values: dict):
-        super().__init__()
-        self.values = values
-
-    def __missing__(self, key):
-        value = self.values[key]
-        converted = value.double() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
-        self[key] = converted
-        return converted
-
-    def get(self, key, default=None):
-        return self[key] if key in self.values else default
-
-
-@contextlib.contextmanager
-def restored(pairs: list):
-    """Temporarily ``tensor.data = data`` for each (tensor, data) pair; yields the data they had,
-    as pairs, which come back at the end."""
-    current = [(tensor, tensor.data) for tensor, _ in pairs]
-    try:
-        for tensor, data in pairs:
-            tensor.data = data
-        yield current
-    finally:
-        for tensor, data in current:
-            tensor.data = data
-
-
-def in_float64(module: nn.Module):
-    """Temporarily run ``module`` (our own copy) in float64; the original tensors come back.
-    Yields them as (tensor, original data) pairs (``restored(pairs)`` brings them back for a while)."""
-    tensors = [t for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point()]
-    return restored([(t, t.data.double()) for t in tensors])
-
-
 def compaction_for(gm, plan: TrunkPlan, probe, image: torch.Tensor) -> CompactPlan:
     masks = relevance_masks(gm, plan, image)
     carriers = [n for n in gm.graph.nodes if n in plan.roles]
     return plan_compaction(gm, carriers, masks, probe.values, set(plan.births))
-
-
-# random cotangents that verify an early pooling (the first also gives each batch's weights)
-POOLING_COTANGENTS = 2
-
-
-def early_pooling_for(gm, plan: TrunkPlan, probe, image: torch.Tensor) -> EarlyPooling | None:
-    """Trunk nodes whose components can be pooled over tokens before the rest of the trunk
-    (``tracer.pooling``), verified with the real trunk's adjoints on the probe image in float64."""
-    order = {node: i for i, node in enumerate(gm.graph.nodes)}
-    trunk = [n for n in gm.graph.nodes if plan.roles.get(n) is Role.TRUNK and isinstance(probe.values[n], torch.Tensor)
-             and probe.values[n].is_floating_point()]
-    if not plan.joins or not trunk:
-        return None
-    compacted = set(plan.compact.slices) | set(plan.compact.nodes) if plan.compact is not None else set()
-    first_join = order[plan.joins[0]]
-    starts = [n for n in trunk if order[n] <= first_join and n not in compacted]
-    candidates = [n for n in trunk if n not in compacted and op_kind(n, gm) is not OpKind.AFFINE]
-    if not starts or not candidates:
-        return None
-    generator = torch.Generator().manual_seed(0)
-    target_shape = probe.values[plan.target].shape
-    cotangents = torch.randn((POOLING_COTANGENTS, *target_shape[1:]), generator=generator, dtype=torch.float64,
-                             device="cpu").to(image.device)
-    norms = [n for n in trunk if n.target in ROW_SCALED_NORMS and n not in compacted]
-    parking = Parking(set(starts) | set(candidates), perturb_all=True, keep_probes=True, scale_nodes=norms)
-    # the probe image once per cotangent, then another image (mirrored) with the first cotangent
-    images = torch.cat([image.double().expand(POOLING_COTANGENTS, *image.shape[1:]), image.double().flip(-1)])
-    with in_float64(gm):
-        _, out = propagate(gm, plan, images, Level.BRANCH, ComponentRegistry(), parking=parking)
-        _, adjoints = parking.adjoints(out, torch.cat([cotangents, cotangents[:1]]), retain_graph=True)
-        pooling = plan_early_pooling(gm, plan, probe.data_nodes, starts, candidates,
-                                     {n: a[:POOLING_COTANGENTS] for n, a in adjoints.items()}, cotangents,
-                                     {n: a[POOLING_COTANGENTS:] for n, a in adjoints.items()}, dtype=image.dtype,
-                                     probes=parking.probes, scales=parking.scales)
-        parking.probes.clear()  # (their graph)
-    if pooling is None:
-        return None
-    for birth, found in plan.births.items():  # checked on the probe's values, in the model's dtype
-        if found.join in pooling.nodes and birth not in compacted:
-            branch = plan_pooled_branch(gm, plan, pooling, birth, probe.values, probe.data_nodes)
-            if branch is not None and not branch.skipped & compacted:
-                pooling.branches[birth] = branch
-    return pooling
 
 
 def _expected_input_size(model: nn.Module) -> tuple | None:

@@ -59,7 +59,7 @@ def propagate(gm: fx.GraphModule, plan: TrunkPlan, images: torch.Tensor, level: 
     on_value:   called with (node, real value, components) once both are known (used to find where a
                 sum breaks)
     positions:  attention birth -> source position of each key (labels at level token)
-    parking:    an ``early_pooling.Parking``: trunk nodes where components leave the trunk (the
+    parking:    a ``pooling.Parking``: trunk nodes where components leave the trunk (the
                 result then holds its probe chunk instead of them) and branches it computes itself
     """
     run = ComponentPass(gm, plan, images, Level(level), registry, compact, on_carried, positions or {}, parking, on_value)
@@ -208,7 +208,7 @@ def _carried_inputs(node: fx.Node, kind: OpKind, carried: dict) -> list[fx.Node]
 def _follows_real(gm, plan, node: fx.Node, role, carried: dict, real: dict, compact: CompactPlan | None
                   ) -> fx.Node | None:
     """The one carried input of a single-input op (not in place) when its components follow from the
-    op's real value: the input holds none (between the nodes where an ``early_pooling.Parking``
+    op's real value: the input holds none (between the nodes where a ``pooling.Parking``
     without a probe sets them aside), or one component that is the input's whole real value (the
     image, a branch born whole): then the op's linear part of it is its real value less its offsets,
     with no second evaluation. Else None."""

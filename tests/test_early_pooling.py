@@ -1,4 +1,4 @@
-"""Early pooling (tracer.pooling) changes nothing but the cost, and is used where it applies."""
+"""Early pooling (decompose.pooling) changes nothing but the cost, and is used where it applies."""
 import math
 
 import pytest
@@ -6,11 +6,12 @@ import timm
 import torch
 from torch import nn
 
-from decompose import births, early_pooling, trace_and_decompose
-from decompose.early_pooling import branches_for_level
+from decompose import births, trace_and_decompose
+from decompose.pooling import gathering
+from decompose.pooling import branches_for_level
 from tests.models import TIMM_MODELS, input_size
-from tracer.norm_scales import fit_norm_scales
-from tracer.pooling import class_period
+from decompose.pooling.norm_scales import fit_norm_scales
+from decompose.pooling.pooled_nodes import class_period
 
 POOLED_MODELS = ["swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256", "maxvit_tiny_tf_224", "convnext_atto"]
 
@@ -71,13 +72,13 @@ def test_windowed_attention_is_pooled_by_token_without_the_dense_split(name, mon
         pooled.append((run.spec.birth, run.windows))
         return token_components(pooling, run, *args)
 
-    token_components = early_pooling._token_components
-    monkeypatch.setattr(early_pooling, "_token_components", recorded)
+    token_components = gathering._token_components
+    monkeypatch.setattr(gathering, "_token_components", recorded)
     out = decomposer(images, level="token")
     assert out.relative_error() <= 1e-10
     assert sorted(birth.name for birth, _ in pooled) == sorted(birth.name for birth in attention)
     assert max(windows for _, windows in pooled) > 1  # attention within windows: sources are (window, key)
-    monkeypatch.setattr(early_pooling, "PIECE_ELEMENTS", 1)  # one window per piece
+    monkeypatch.setattr(gathering, "PIECE_ELEMENTS", 1)  # one window per piece
     pieces = decomposer(images, level="token")
     assert pieces.keys == out.keys
     torch.testing.assert_close(pieces.components, out.components, rtol=1e-12, atol=1e-14)
@@ -207,7 +208,7 @@ def test_heads_in_column_blocks_take_their_block_of_the_projection(name, monkeyp
     model, size = _double(name)
     images = torch.randn(2, *size, dtype=torch.float64)
     blocks = trace_and_decompose(model)(images, level="head")
-    monkeypatch.setattr(early_pooling, "_head_rows_mapped", early_pooling._masked_head_rows_mapped)
+    monkeypatch.setattr(gathering, "_head_rows_mapped", gathering._masked_head_rows_mapped)
     masked = trace_and_decompose(model)(images, level="head")
     assert blocks.keys == masked.keys
     torch.testing.assert_close(blocks.components, masked.components, rtol=1e-9, atol=1e-12)

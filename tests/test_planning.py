@@ -11,7 +11,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from decompose import trace_and_decompose
-from tracer.pooling import token_classes
+from decompose.pooling.pooled_nodes import token_classes
 
 # work at twice the depth over work at the depth (linear growth with a fixed part: below 2)
 LINEAR_RATIO = 2.2

@@ -42,16 +42,19 @@ class GraphRunner:
 
     ``run(until)`` walks the nodes in order and returns the value of ``until`` (default: the graph's
     output). Subclasses override ``step`` (compute one node) and ``free`` (drop a node's state).
+    nodes: the nodes to walk, in graph order (default: all; early pooling's unit tail walks the trunk
+    after its start and what that reads).
     """
 
-    def __init__(self, gm: fx.GraphModule, images: torch.Tensor):
+    def __init__(self, gm: fx.GraphModule, images: torch.Tensor | None, nodes: list[fx.Node] | None = None):
         self.gm, self.images = gm, images
         self.values: dict[fx.Node, Any] = {}
         self.placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
-        self._frees = last_uses(gm.graph.nodes)
+        self.nodes = list(gm.graph.nodes) if nodes is None else nodes
+        self._frees = last_uses(self.nodes)
 
     def run(self, until: fx.Node | None = None) -> Any:
-        for node in self.gm.graph.nodes:
+        for node in self.nodes:
             if node.op == "output":
                 return fx.node.map_arg(node.args[0], lambda n: self.values[n])
             self.step(node)

@@ -77,7 +77,7 @@ class AttentionAxes:
     @property
     def plain(self) -> bool:
         """Heads only on middle axes, rows only windows in order (``b·R + w``): the layout that
-        ``decompose.early_pooling`` splits by token."""
+        ``decompose.pooling`` splits by token."""
         return not self.windows and self.rows == RowLayout.all_windows(len(self.rows.heads))
 
     def head_index(self, shape: torch.Size, device: torch.device | str) -> torch.Tensor:

@@ -1,0 +1,262 @@
+"""Gathering at the end of the pass: every parked component pooled over tokens with this batch's
+weights and pushed through the unit tail; branches split by token reach the output through one matrix
+per head (``token_matrices``)."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from tracer.linear_rules import (
+    Evaluator,
+    additive_sign,
+    bias_free_call,
+    has_bias_argument,
+)
+from tracer.vocabulary import Level
+
+from ..carried import Carried, Chunk, split_probe
+from .layout import EarlyPooling, PooledBranch, RowStep, weighted_segment_sum
+from .parking import BranchRun, Parking
+from .unit_tail import unit_norm
+
+
+def _apply_map(gm: fx.GraphModule, node: fx.Node, carrier: fx.Node, inputs: dict, kind: str,
+               rows: torch.Tensor) -> torch.Tensor:
+    """A row map (linear part; of a ``SCALE`` step: its unit part) on ``rows`` [..., F] -> [..., F']."""
+    if kind is RowStep.SCALE:
+        return unit_norm(node, inputs, rows)
+    flat = rows.reshape(1, -1, rows.shape[-1])
+    if has_bias_argument(node, carrier):
+        out = Evaluator(gm, bias_free_call(node)[0], inputs)({carrier: flat})
+    else:
+        evaluate = Evaluator(gm, node, inputs)
+        out = evaluate({carrier: flat})
+        at_zero = evaluate({carrier: torch.zeros_like(flat[:, :1])})
+        if bool(at_zero.any()):
+            out = out - at_zero
+    return out.reshape(*rows.shape[:-1], out.shape[-1])
+
+
+# a branch split by token is taken to the output in pieces of at most this many elements of its
+# widest intermediate ([windows, keys, K, head features] pooled, before the tail's matrix)
+PIECE_ELEMENTS = 2 ** 24
+
+
+@dataclass
+class _JoinRows:
+    """The rows where a pooled branch is pooled that feed its join, and their pooling weights."""
+
+    rows: torch.Tensor | None   # [R] those rows (None: all)
+    image: torch.Tensor         # [R] image of each
+    slot: torch.Tensor          # [R] small-grid token at the join
+    weight: torch.Tensor        # [R] γ at the join's row (times the row's ``SCALE``, if any: for values before it)
+    totals: torch.Tensor        # [B, K, 1] Σγ of the fed rows per image and slot
+    scaled: torch.Tensor        # [B, K, 1] Σ weight (= totals without a ``SCALE`` step)
+    target: torch.Tensor        # [R] image · (K + 1) + slot
+    sign: float                 # how the branch enters the join
+
+
+def _join_rows(pooling: EarlyPooling, run: BranchRun, gamma: torch.Tensor, dtype: torch.dtype) -> _JoinRows:
+    spec = run.spec
+    pooled_join = pooling.nodes[spec.join]
+    count = pooled_join.slot_count
+    batch, tokens = gamma.shape
+    fed = run.targets >= 0
+    rows = None if bool(fed.all()) else fed.nonzero().flatten()
+    join_rows = run.targets if rows is None else run.targets[rows]
+    image, token = join_rows // tokens, join_rows % tokens
+    unscaled = gamma[image, token]
+    weight = unscaled if run.row_scale is None else unscaled * run.row_scale.to(unscaled)[join_rows]
+    slot = pooled_join.slots.to(join_rows.device)[token]
+    target = image * (count + 1) + slot
+
+    def per_slot(values):  # [R] -> [B, K, 1]
+        summed = gamma.new_zeros(batch * (count + 1)).index_add_(0, target, values)
+        return summed.reshape(batch, count + 1)[:, :count].unsqueeze(-1).to(dtype)
+
+    totals = per_slot(unscaled)
+    scaled = totals if run.row_scale is None else per_slot(weight)
+    return _JoinRows(rows, image, slot, weight.to(dtype), totals, scaled, target, _join_sign(spec))
+
+
+def _join_sign(spec: PooledBranch) -> float:
+    return additive_sign(spec.join, list(spec.join.args[:2]).index(spec.operand))
+
+
+def _mapped(gm: fx.GraphModule, run: BranchRun, rows: torch.Tensor, first: int = 0) -> torch.Tensor:
+    """``rows`` [..., F] through the branch's row maps from map ``first`` on, to the join."""
+    for node, carrier, inputs, kind in run.maps[first:]:
+        rows = _apply_map(gm, node, carrier, inputs, kind, rows)
+    return rows
+
+
+def _constants(gm: fx.GraphModule, run: BranchRun, join: _JoinRows) -> tuple[list[int], torch.Tensor | None]:
+    """The constant components the row maps add (ids, [c, B, K, F] at the join, signed)."""
+    ids, values = [], []
+    for position, component, row in run.offsets:  # a constant added before a SCALE step is scaled by it
+        ids.append(component)
+        totals = join.scaled if position < run.scale_at else join.totals
+        values.append(_mapped(gm, run, (totals * row.to(totals.dtype)).unsqueeze(0), position + 1))
+    if not values:
+        return ids, None
+    return ids, torch.cat(values) * join.sign
+
+
+def _branch_components(gm: fx.GraphModule, pooling: EarlyPooling, run: BranchRun, gamma: torch.Tensor
+                       ) -> tuple[list[int], torch.Tensor]:
+    """A pooled branch (split by branch or head) at its join, pooled: ids and ``[k, B, K, F]``."""
+    dtype = run.value.dtype
+    join = _join_rows(pooling, run, gamma, dtype)
+    constant_ids, constants = _constants(gm, run, join)
+    count = pooling.nodes[run.spec.join].slot_count
+    if run.split is Level.HEAD:  # the real value where heads are whole columns, pooled, then the row maps
+        values = run.value.reshape(-1, run.value.shape[-1])
+        values = values if join.rows is None else values[join.rows]
+        pooled = weighted_segment_sum(values, join.target, join.weight, gamma.shape[0] * (count + 1))
+        pooled = pooled.reshape(gamma.shape[0], count + 1, -1)[:, :count]       # [B, K, F]
+        components = _head_rows_mapped(gm, run, pooled) * join.sign
+    else:  # one component: the real operand pooled, less the constants it holds
+        components = pooling.pooled(run.spec.join, run.value.unsqueeze(0), gamma) * join.sign
+        if constants is not None:
+            components = components - constants.sum(0, keepdim=True)
+    parts = [components] if constants is None else [components, constants]
+    return run.ids + constant_ids, torch.cat(parts)
+
+
+def _head_rows_mapped(gm: fx.GraphModule, run: BranchRun, pooled: torch.Tensor) -> torch.Tensor:
+    """The pooled value ``[B, K, F]`` split by head and through the row maps: ``[H, B, K, F']``.
+
+    A first map that is a linear layer over heads laid out as equal consecutive column blocks
+    (``x.transpose(1, 2).reshape(B, N, C)`` before ``proj``) takes each head's block of its weight: one
+    batched product, H times smaller than the linear layer on H masked copies."""
+    groups = run.groups.to(pooled.device)
+    heads = len(run.ids)
+    if run.maps and pooled.shape[-1] % heads == 0:
+        node, carrier, inputs, kind = run.maps[0]
+        width = pooled.shape[-1] // heads
+        weight = inputs.get(node.args[1]) if kind is RowStep.MAP and node.target is F.linear and \
+            has_bias_argument(node, carrier) and isinstance(node.args[1], fx.Node) else None
+        blocks = torch.arange(heads, device=groups.device).repeat_interleave(width)
+        if weight is not None and weight.shape[-1] == pooled.shape[-1] and torch.equal(groups, blocks):
+            per_head = torch.einsum("bkhd,ohd->hbko", pooled.unflatten(-1, (heads, width)),
+                                    weight.to(pooled.dtype).unflatten(-1, (heads, width)))
+            return _mapped(gm, run, per_head, first=1)
+    return _masked_head_rows_mapped(gm, run, pooled)
+
+
+def _masked_head_rows_mapped(gm: fx.GraphModule, run: BranchRun, pooled: torch.Tensor) -> torch.Tensor:
+    """``_head_rows_mapped`` for any layout: the row maps on one masked copy of ``pooled`` per head."""
+    groups = run.groups.to(pooled.device)
+    return _mapped(gm, run, torch.stack([pooled * (groups == g).to(pooled.dtype) for g in range(len(run.ids))]))
+
+
+def token_matrices(gm: fx.GraphModule, pooling: EarlyPooling, runs: list[BranchRun], dtype: torch.dtype,
+                   device: torch.device) -> dict[fx.Node, torch.Tensor]:
+    """birth -> ``[K, F, O]``: the row maps, the sign at the join and the unit tail composed, from a
+    pooled row at ``spec.node`` (small-grid token k, feature f) to the output (O numbers per image)."""
+    tails = pooling.tail_matrices({run.spec.join for run in runs}, dtype, device)
+    matrices = {}
+    for run in runs:
+        width = len(run.spec.heads)
+        rows = _mapped(gm, run, torch.eye(width, dtype=dtype, device=device))            # [F, F at the join]
+        rows = rows * _join_sign(run.spec)
+        count = pooling.nodes[run.spec.join].slot_count
+        tail = tails[run.spec.join].reshape(count, rows.shape[-1], -1)                  # [K, F', O]
+        matrices[run.spec.birth] = torch.einsum("fj,kjo->kfo", rows, tail)
+    return matrices
+
+
+def _token_components(pooling: EarlyPooling, run: BranchRun, join: _JoinRows, matrix: torch.Tensor,
+                      batch: int) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Components (h, s) of a branch split by token, at the output: ids and pieces ``[c, B, O]`` of
+    the ``H·S`` components in order (the branch's constants are ``_constants``).
+
+    matrix: ``[K, F, O]`` from ``token_matrices``. Source s = w·Nk + j is key j of attention group w
+    (``births._split_tokens``); its component at row r (attention row n, query q) is
+    A[n, h, q, j] · V[n, h, j, within] on head h's features, so pooled and at the output:
+
+        out[(h, s), b] = Σ_{n : group w, image b} Σ_k Σ_{f of head h} W[n, k, h, j] · V[n, h, j, within(f)] · matrix[k, f]
+        W[n, k, h, j]  = Σ_{rows r of n in slot k} γ(r) · A[n, h, q(r), j]
+    """
+    spec, weights, values = run.spec, run.weights, run.values            # [N, H, Nq, Nk], [N, H, Nk, d]
+    count = pooling.nodes[spec.join].slot_count
+    groups, heads, queries, keys = weights.shape
+    sources = run.sources if join.rows is None else run.sources[join.rows]                # [R] n·Nq + q
+    group = sources // queries
+    per_row = weights[group, :, sources % queries] * join.weight.view(-1, 1, 1)          # [R, H, Nk]
+    # [N·(K+1), H, Nk] -> [N, K, H, Nk]: each group's weights of the keys, summed per slot
+    summed = per_row.new_zeros(groups * (count + 1), heads, keys).index_add_(0, group * (count + 1) + join.slot,
+                                                                            per_row)
+    summed = summed.view(groups, count + 1, heads, keys)[:, :count]
+    image_of = torch.full((groups,), -1, dtype=torch.long, device=group.device).scatter_(0, group, join.image)
+    if not bool((image_of[group] == join.image).all()):
+        raise RuntimeError(f"internal: an attention group of {spec.birth.name} feeds several images")
+    used = (image_of >= 0).nonzero().flatten()                                            # groups that feed the join
+    window, image = used % run.windows, image_of[used]
+    head_of, within = spec.heads.to(group.device), spec.within.to(group.device)
+    outputs = matrix.shape[-1]
+    for h in range(heads):
+        features = (head_of == h).nonzero().flatten()
+        own = values[used, h][..., within[features]]                                      # [n, Nk, W]
+        head_matrix = matrix[:, features].reshape(-1, outputs)                            # [K·W, O]
+        step = max(1, PIECE_ELEMENTS // (keys * count * len(features) * batch))           # windows per piece
+        for first in range(0, run.windows, step):
+            last = min(first + step, run.windows)
+            inside = ((window >= first) & (window < last)).nonzero().flatten()
+            slot_weights = summed[used[inside], :, h].transpose(1, 2).contiguous()        # [n, Nk, K]
+            pooled = slot_weights.unsqueeze(-1) * own[inside].unsqueeze(2)                # [n, Nk, K, W]
+            out = values.new_zeros(batch * (last - first), keys, outputs)                 # [B·w, Nk, O]
+            out.index_copy_(0, image[inside] * (last - first) + window[inside] - first, pooled.flatten(2) @ head_matrix)
+            out = out.view(batch, last - first, keys, outputs).permute(1, 2, 0, 3)        # [w, Nk, B, O] (a view)
+            yield run.ids[(h * run.windows + first) * keys: (h * run.windows + last) * keys], out.flatten(0, 1)
+
+
+def pooled_components(gm: fx.GraphModule, pooling: EarlyPooling, parking: Parking, out: Carried) -> Carried:
+    """The output's components, with those parked at ``pooling``'s nodes (and its pooled branches)
+    taken to the output: pooled over tokens with this batch's weights, then through the unit tail."""
+    needed = set(parking.parked) | {run.spec.join for run in parking.runs.values()}
+    if parking.norm_scales is not None:  # no backward pass: γ from the trunk norms' scales
+        out = Carried(split_probe(out)[1])
+        gammas = {node: parking.norm_scales.weights(node, parking.scales, parking.batch) for node in needed}
+    else:
+        out, gammas = parking.adjoints(out, pooling.cotangent, reduce=pooling.weights,
+                                       reduce_key=pooling.weights_key)
+    for node in needed:
+        if node not in gammas:  # static: a multiple of the reference's weights
+            gammas[node] = pooling.static_weights(node, gammas[pooling.reference])
+    injections: dict[fx.Node, list[torch.Tensor]] = {}
+    ids: dict[fx.Node, list[int]] = {}
+    for node in list(parking.parked):
+        for chunk in parking.parked.pop(node):
+            injections.setdefault(node, []).append(pooling.pool(node, chunk.values, gammas[node]))
+            ids.setdefault(node, []).extend(chunk.ids)
+    tokens = [run for run in parking.runs.values() if run.split is Level.TOKEN]
+    if tokens:
+        dtype, device = tokens[0].weights.dtype, tokens[0].weights.device
+        matrices = pooling.cached((Level.TOKEN, dtype, str(device)),
+                                  lambda: token_matrices(gm, pooling, tokens, dtype, device))
+    for birth in list(parking.runs):
+        run = parking.runs.pop(birth)
+        join = run.spec.join
+        if run.split is not Level.TOKEN:
+            run_ids, values = _branch_components(gm, pooling, run, gammas[join])
+            injections.setdefault(join, []).append(pooling.arrange(join, values))
+            ids.setdefault(join, []).extend(run_ids)
+            continue
+        rows = _join_rows(pooling, run, gammas[join], run.weights.dtype)
+        for run_ids, values in _token_components(pooling, run, rows, matrices[birth], gammas[join].shape[0]):
+            out.chunks.append(Chunk(run_ids, values.reshape(len(run_ids), -1, *pooling.cotangent.shape)))
+        constant_ids, constants = _constants(gm, run, rows)
+        if constants is not None:
+            injections.setdefault(join, []).append(pooling.arrange(join, constants))
+            ids.setdefault(join, []).extend(constant_ids)
+    if not injections:
+        return out
+    for node, rows in pooling.run({n: torch.cat(parts) for n, parts in injections.items()}).items():
+        count = len(ids[node])  # [k·B, 1, *D] -> [k, B, *D]
+        out.chunks.append(Chunk(ids[node], rows.reshape(count, rows.shape[0] // count, *rows.shape[2:])))
+    return out
