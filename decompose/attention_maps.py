@@ -35,6 +35,7 @@ from tracer.roles import TrunkPlan
 from tracer.vocabulary import ComponentKind
 
 from .decomposer import Decomposer, key_positions_for, relevance_masks
+from .run_plan import RunPlan
 
 Position = tuple[int, int] | str | None
 
@@ -67,13 +68,13 @@ class AttentionMapCapture:
 
     def __init__(self, decomposer: Decomposer):
         self.decomposer = decomposer
-        self._relevant: dict[int, tuple[TrunkPlan, dict[fx.Node, torch.Tensor]]] = {}
+        self._relevant: dict[int, tuple[RunPlan, dict[fx.Node, torch.Tensor]]] = {}
 
     @property
     def graph_module(self) -> fx.GraphModule:
         return self.decomposer.graph_module
 
-    def relevant_queries(self, plan: TrunkPlan) -> dict[fx.Node, torch.Tensor]:
+    def relevant_queries(self, plan: RunPlan) -> dict[fx.Node, torch.Tensor]:
         """Attention birth -> bool [rows, *heads, Nq] of the probe image: query rows reaching the output."""
         cached = self._relevant.get(id(plan))
         if cached is not None and cached[0] is plan:
@@ -90,7 +91,7 @@ class AttentionMapCapture:
         self._relevant[id(plan)] = (plan, relevant)
         return relevant
 
-    def key_positions(self, plan: TrunkPlan) -> dict[fx.Node, list[Position]]:
+    def key_positions(self, plan: RunPlan) -> dict[fx.Node, list[Position]]:
         if plan.key_positions is None:  # the same cache the decomposer fills at level token
             probe = run_probe(self.graph_module, plan.probe_image)
             plan.key_positions = key_positions_for(self.graph_module, plan, probe, plan.probe_image)

@@ -21,6 +21,7 @@ from .pooling import Parking, branches_for_level, early_pooling_for, pooled_comp
 from .precision import Float64Values, in_float64, restored
 from .carried import PROBE, Carried, Chunk, ComponentRegistry
 from .propagate import propagate
+from .run_plan import RunPlan
 from .sum_check import (
     FirstInexactNode,
     InexactSum,
@@ -59,12 +60,12 @@ class Decomposer(nn.Module):
         self.on_inexact_sum = InexactSum(on_inexact_sum)
         self.graph_module, self.opaque_modules = trace_representation(frozen_eval_copy(model), output)
         self.trace_seconds = time.perf_counter() - started
-        self._plans: dict[tuple, TrunkPlan] = {}
+        self._plans: dict[tuple, RunPlan] = {}
         self._expected_input = _expected_input_size(model)
         config = getattr(model, "pretrained_cfg", None)
         self.pretrained_cfg = dict(config) if isinstance(config, dict) else None  # preprocessing
 
-    def plan(self, images: torch.Tensor) -> TrunkPlan:
+    def plan(self, images: torch.Tensor) -> RunPlan:
         """Roles of the graph nodes for inputs shaped like ``images`` (cached)."""
         signature = (tuple(images.shape[1:]), images.dtype, images.device.type)
         if signature not in self._plans:
@@ -76,14 +77,14 @@ class Decomposer(nn.Module):
                 raise ValueError(f"{error}.{hint}") from error
             plan = plan_trunk(self.graph_module, probe, self.cut_nonlinear_trunk)
             attention_axes_for(self.graph_module, plan, probe)
-            plan.probe_image = images[:1].detach().clone()  # the probe's values are not kept
+            plan = RunPlan(plan, images[:1].detach().clone())  # the probe's values are not kept
             if self.prune:
                 plan.compact = compaction_for(self.graph_module, plan, probe, images[:1])
                 plan.pooling = early_pooling_for(self.graph_module, plan, probe, images[:1])
             self._plans[signature] = plan
         return self._plans[signature]
 
-    def _key_positions(self, plan: TrunkPlan, images: torch.Tensor) -> dict:
+    def _key_positions(self, plan: RunPlan, images: torch.Tensor) -> dict:
         """Source position of every attention key (computed once per plan)."""
         if plan.key_positions is None:
             probe = run_probe(self.graph_module, plan.probe_image)
@@ -118,7 +119,7 @@ class Decomposer(nn.Module):
         return Decomposition(components, labels, representation, level, plan.target.name,
                              plan.describe_stop(), sum_error=error)
 
-    def _first_inexact_node(self, plan: TrunkPlan, image: torch.Tensor, level: Level) -> str:
+    def _first_inexact_node(self, plan: RunPlan, image: torch.Tensor, level: Level) -> str:
         """Where a sum breaks: ``image`` [1, C, H, W] decomposed again in float64 without early pooling,
         each node's components compared with its real value."""
         hook = FirstInexactNode(plan.compact.slices if plan.compact is not None else {})

@@ -45,6 +45,7 @@ from .carried import (
     unsqueezed,
 )
 from .labels import ComponentLabel
+from .run_plan import RunPlan
 
 
 def propagate(gm: fx.GraphModule, plan: TrunkPlan, images: torch.Tensor, level: Level | str,
@@ -238,7 +239,7 @@ def _is_whole(values: Any, value: Any) -> bool:
         values.data_ptr() == value.data_ptr() and values.stride()[1:] == value.stride()
 
 
-def _birth_labels(plan: TrunkPlan, node: fx.Node, level: Level, born, key_positions: list | None) -> list:
+def _birth_labels(plan: RunPlan, node: fx.Node, level: Level, born, key_positions: list | None) -> list:
     """The labels of a birth's components (tens of thousands at level token), built once per plan and
     reused while the split gives the same (head, token) rows."""
     cached = plan.labels.get((node, level))

@@ -69,12 +69,7 @@ class TrunkPlan:
     branch_of: dict[fx.Node, fx.Node] = field(default_factory=dict)  # carry/birth node -> its join
     stopped_before: fx.Node | None = None    # nonlinearity after the target, if any
     layer_of_join: dict[fx.Node, int] = field(default_factory=dict)
-    compact: Any = None                      # relevance.CompactPlan when pruning is on
-    probe_image: Any = None                  # the image [1, C, H, W] the plan was probed with
-    key_positions: Any = None                # attention birth -> key positions (level token)
-    pooling: Any = None                      # pooling.EarlyPooling when pruning is on and the output is pooled
     passthrough: set[fx.Node] = field(default_factory=set)  # ops that return their input (dropout in eval)
-    labels: dict = field(default_factory=dict)  # (birth, level, ...) -> its components' labels (built once)
 
     def layer(self, node: fx.Node) -> int | None:
         """Residual block index of the branch ``node`` belongs to (None on the trunk)."""

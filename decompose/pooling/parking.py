@@ -17,12 +17,12 @@ from tracer.linear_rules import (
     frozen_row_scale,
 )
 from tracer.ops import op_kind, overwritten_later
-from tracer.roles import TrunkPlan
 from tracer.vocabulary import ComponentKind, Level
 
 from ..births import attention_groups, attention_parts
 from ..carried import PROBE, Carried, Chunk, ComponentRegistry, split_probe
 from ..propagate import born_label, offset_label
+from ..run_plan import RunPlan
 from .branches import row_scale, source_row_code
 from .layout import PooledBranch, RowStep, chain_input
 from .norm_scales import NormScales
@@ -181,7 +181,7 @@ class Parking:
         """Whether ``node``'s components are handled here (a node of a ``PooledBranch``)."""
         return node in self._branch_of
 
-    def step(self, gm: fx.GraphModule, plan: TrunkPlan, node: fx.Node, real: dict, registry: ComponentRegistry,
+    def step(self, gm: fx.GraphModule, plan: RunPlan, node: fx.Node, real: dict, registry: ComponentRegistry,
              level: Level, positions: list | None = None, batch_size: int | None = None) -> Carried:
         """At a node of a pooled branch: labels at the birth, the row code and row maps after the
         pooled node; no components (the join receives none from this branch).

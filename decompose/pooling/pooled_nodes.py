@@ -16,6 +16,7 @@ from tracer.linear_rules import ROW_SCALED_NORMS
 from ..carried import ComponentRegistry
 from ..precision import in_float64
 from ..propagate import propagate
+from ..run_plan import RunPlan
 from .branches import plan_pooled_branch
 from .layout import EarlyPooling, PooledNode, token_major
 from .norm_scales import NormScales, fit_norm_scales
@@ -281,7 +282,7 @@ def _verified_nodes(tail: UnitTail, start_shape: tuple[int, ...], candidates: li
 POOLING_COTANGENTS = 2
 
 
-def early_pooling_for(gm, plan: TrunkPlan, probe, image: torch.Tensor) -> EarlyPooling | None:
+def early_pooling_for(gm, plan: RunPlan, probe, image: torch.Tensor) -> EarlyPooling | None:
     """Trunk nodes whose components can be pooled over tokens before the rest of the trunk
     (``tracer.pooling``), verified with the real trunk's adjoints on the probe image in float64."""
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
