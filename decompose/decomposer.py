@@ -105,7 +105,7 @@ class Decomposer(nn.Module):
         if plan.pooling is not None:
             parking = Parking(plan.pooling.nodes, branches=branches_for_level(plan.pooling.branches, level),
                               static=plan.pooling.static, reference=plan.pooling.reference,
-                              norm_scales=plan.pooling.norm_scales)
+                              norm_scales=plan.pooling.norm_scales, rows=plan.rows)
         representation, carried = propagate(self.graph_module, plan, images, level, registry,
                                             compact=plan.compact, positions=positions, parking=parking)
         if parking is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import fx
@@ -27,7 +27,7 @@ from tracer.linear_rules import (
 )
 from tracer.node_calls import ValueOverlay
 from tracer.ops import OpKind, is_in_place, op_kind, overwritten_later
-from tracer.relevance import CompactPlan, Slice, compact_arguments
+from tracer.relevance import CompactionMode, CompactPlan, Slice, compact_arguments
 from tracer.roles import Role, TrunkPlan
 from tracer.tracing import describe, module_path
 from tracer.vocabulary import ComponentKind, Level
@@ -48,10 +48,46 @@ from .labels import ComponentLabel
 from .run_plan import RunPlan
 
 
+class PassExtension(Protocol):
+    """What the components pass lets another part of the decomposition do at its nodes: compute a node's
+    components itself (``computes``, ``step``), see its real value (``after_real``) and take its
+    components off the trunk (``park``). Early pooling's ``pooling.Parking`` is one; ``NoExtension``
+    does nothing."""
+
+    needs_grad: bool  # the pass records an autograd graph (for adjoints read at the end)
+
+    def computes(self, node: fx.Node) -> bool: ...
+
+    def step(self, gm: fx.GraphModule, plan: RunPlan, node: fx.Node, real: dict, registry: ComponentRegistry,
+             level: Level, positions: list | None, batch_size: int) -> Carried: ...
+
+    def after_real(self, node: fx.Node, real: dict) -> None: ...
+
+    def park(self, node: fx.Node, carried: Carried, real: dict) -> Carried: ...
+
+
+class NoExtension:
+    """The pass on its own: every component is carried to the output."""
+
+    needs_grad = False
+
+    def computes(self, node: fx.Node) -> bool:
+        return False
+
+    def step(self, *args) -> Carried:
+        raise RuntimeError("internal: NoExtension computes no node")
+
+    def after_real(self, node: fx.Node, real: dict) -> None:
+        pass
+
+    def park(self, node: fx.Node, carried: Carried, real: dict) -> Carried:
+        return carried
+
+
 def propagate(gm: fx.GraphModule, plan: TrunkPlan, images: torch.Tensor, level: Level | str,
               registry: ComponentRegistry, compact: CompactPlan | None = None,
               on_carried: Callable[[fx.Node, Carried], Carried] | None = None,
-              positions: dict | None = None, parking: Any = None,
+              positions: dict | None = None, parking: PassExtension | None = None,
               on_value: Callable[[fx.Node, Any, Carried], None] | None = None) -> tuple[torch.Tensor, Carried]:
     """Real value of ``plan.target`` and its components (one ``ComponentPass``).
 
@@ -60,11 +96,13 @@ def propagate(gm: fx.GraphModule, plan: TrunkPlan, images: torch.Tensor, level: 
     on_value:   called with (node, real value, components) once both are known (used to find where a
                 sum breaks)
     positions:  attention birth -> source position of each key (labels at level token)
-    parking:    a ``pooling.Parking``: trunk nodes where components leave the trunk (the
-                result then holds its probe chunk instead of them) and branches it computes itself
+    parking:    a ``PassExtension`` such as ``pooling.Parking``: trunk nodes where components leave the
+                trunk (the result then holds its probe chunk instead of them) and branches it computes
+                itself (None: ``NoExtension``)
     """
-    run = ComponentPass(gm, plan, images, Level(level), registry, compact, on_carried, positions or {}, parking, on_value)
-    with torch.enable_grad() if parking is not None and parking.needs_grad else contextlib.nullcontext():
+    run = ComponentPass(gm, plan, images, Level(level), registry, compact, on_carried, positions or {},
+                        parking or NoExtension(), on_value)
+    with torch.enable_grad() if run.parking.needs_grad else contextlib.nullcontext():
         representation = run.run(until=plan.target)
     if plan.target not in run.carried:
         raise RuntimeError("the decomposed node was never reached")
@@ -77,7 +115,7 @@ class ComponentPass(GraphRunner):
 
     def __init__(self, gm: fx.GraphModule, plan: TrunkPlan, images: torch.Tensor, level: Level,
                  registry: ComponentRegistry, compact: CompactPlan | None, on_carried, positions: dict,
-                 parking: Any, on_value):
+                 parking: PassExtension, on_value):
         super().__init__(gm, images)
         self.plan, self.level, self.registry, self.compact = plan, level, registry, compact
         self.on_carried, self.on_value, self.positions, self.parking = on_carried, on_value, positions, parking
@@ -89,7 +127,7 @@ class ComponentPass(GraphRunner):
         if role is Role.BIRTH:  # births read their own real value
             with torch.no_grad():  # real values are constants (grad mode is on for a Parking's probe)
                 real[node] = self.evaluate(node)
-        if role is not None and parking is not None and parking.computes(node):
+        if role is not None and parking.computes(node):
             carried[node] = parking.step(self.gm, plan, node, real, self.registry, self.level,
                                          self.positions.get(node), self.images.shape[0])
         elif role is not None and (later := _follows_real(self.gm, plan, node, role, carried, real,
@@ -104,7 +142,7 @@ class ComponentPass(GraphRunner):
             carried[node] = self._hooked(node, self.from_real(node, later))
         if role is not None and self.on_value is not None:
             self.on_value(node, real[node], carried[node])
-        if role is not None and parking is not None:
+        if role is not None:
             parking.after_real(node, real)
             carried[node] = parking.park(node, carried[node], real)
 
@@ -124,7 +162,7 @@ class ComponentPass(GraphRunner):
         compaction = compact.nodes.get(node) if compact is not None else None
         if compaction is None:
             return self.components_of(node, role, real, carried)
-        if compaction.mode == "compact":
+        if compaction.mode is CompactionMode.COMPACT:
             overlay, callee = compact_arguments(node, real, compaction)
             return self.components_of(node, role, ValueOverlay(real, overlay), carried, callee)
         full_inputs = dict(carried)

@@ -28,6 +28,7 @@ class RunPlan:
     pooling:       early pooling of an average-pooled output (None: not pooled)
     key_positions: attention birth -> image position of each source (filled at the first token call)
     labels:        (birth, level) -> its components' labels (built once, reused while the split is the same)
+    rows:          early pooling's row maps of pooled branches by value shape (``pooling.Parking``)
     """
 
     trunk: TrunkPlan
@@ -36,6 +37,7 @@ class RunPlan:
     pooling: EarlyPooling | None = None
     key_positions: dict[fx.Node, list] | None = None
     labels: dict[Any, Any] = field(default_factory=dict)
+    rows: dict[Any, torch.Tensor] = field(default_factory=dict)
 
     def __getattr__(self, name: str) -> Any:  # the trunk plan's facts: roles, births, target, layer() ...
         if name == "trunk":  # not set yet (copying, unpickling): no recursion

@@ -32,6 +32,7 @@ from .ops import OpKind, attention_value_input, is_multihead_attention, op_kind
 from .node_calls import ValueOverlay, node_arguments
 from .progress import progress
 from .roles import Role, TrunkPlan
+from .vocabulary import ComponentKind
 from .tracing import call_target
 
 Position = tuple[int, int] | str | None
@@ -58,7 +59,7 @@ def fork_of(plan: TrunkPlan, node: fx.Node, data_nodes: set[fx.Node]) -> fx.Node
         if current in seen:
             continue
         seen.add(current)
-        if plan.roles.get(current) is Role.TRUNK or (current in plan.births and plan.births[current].kind == "embedding"):
+        if plan.roles.get(current) is Role.TRUNK or (current in plan.births and plan.births[current].kind is ComponentKind.EMBEDDING):
             return current
         frontier.extend(n for n in current.all_input_nodes if n in data_nodes)
     return None
@@ -203,7 +204,7 @@ def attention_key_positions(gm: fx.GraphModule, plan: TrunkPlan, values: dict, d
     positions: dict[fx.Node, list[Position]] = {}
     known: list[tuple[torch.Tensor, torch.Tensor, list[Position]]] = []  # embedding, element keys, result
     for birth_node, birth in progress(plan.births.items(), "token key positions", total=len(plan.births)):
-        if birth.kind != "attention":
+        if birth.kind is not ComponentKind.ATTENTION:
             continue
         found = value_input(gm, birth_node)
         if found is None:

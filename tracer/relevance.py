@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .node_calls import ReplacedCall, ValueOverlay, node_arguments
 from .progress import progress
 from .tracing import call_target
+from .vocabulary import Vocabulary
 
 # compact a node only when at most this fraction of its axis is relevant
 COMPACT_FRACTION = 0.5
@@ -77,18 +78,23 @@ def find_slice(mask: torch.Tensor) -> Slice | None:
     return best
 
 
+class CompactionMode(Vocabulary):
+    COMPACT = "compact"   # the op runs on sliced inputs
+    EXPAND = "expand"     # sliced inputs are scattered back to full size first
+
+
 @dataclass
 class Compaction:
     """How to run one carried node when some values are sliced.
 
     output: the node's slice (None: full size)
-    mode:   ``compact`` (run on sliced inputs) or ``expand`` (scatter inputs back first)
+    mode:   ``COMPACT`` (run on sliced inputs) or ``EXPAND`` (scatter inputs back first)
     sliced_arguments: frozen input nodes sliced like the carried input
     size_positions: leaves of the flattened (args, kwargs) holding the full size to replace
     """
 
     output: Slice | None
-    mode: str = "expand"
+    mode: CompactionMode = CompactionMode.EXPAND
     input_slice: Slice | None = None
     sliced_arguments: tuple[fx.Node, ...] = ()
     size_positions: tuple[int, ...] = ()
@@ -175,7 +181,7 @@ def _verify_compact(gm, node, values, inputs, spec: Slice, output: Slice | None)
     leaves, _ = tree_flatten((node.args, dict(node.kwargs)))
     sizes = tuple(i for i, leaf in enumerate(leaves) if _int_value(leaf, values) == spec.full)
     for positions in ((), sizes) if sizes else ((),):
-        candidate = Compaction(output, "compact", spec, sliced, positions)
+        candidate = Compaction(output, CompactionMode.COMPACT, spec, sliced, positions)
         try:
             overlay, callee = compact_arguments(node, values, candidate)
             args, kwargs = node_arguments(callee, ValueOverlay(values, overlay))

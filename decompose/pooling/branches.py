@@ -17,6 +17,7 @@ from tracer.linear_rules import (
 )
 from tracer.ops import OpKind, op_kind
 from tracer.roles import Role, TrunkPlan
+from tracer.vocabulary import ComponentKind
 
 from .layout import EarlyPooling, PooledBranch, RowStep
 from .unit_tail import TAIL_FAILURES, unit_norm
@@ -72,7 +73,7 @@ def plan_pooled_branch(gm: fx.GraphModule, plan: TrunkPlan, pooling: EarlyPoolin
         return None  # a constant added before ``node`` would be a component of its own
     kind = plan.births[birth].kind
     axes = plan.births[birth].axes
-    heads = _head_features(gm, prefix, values, axes) if kind == "attention" and axes is not None else None
+    heads = _head_features(gm, prefix, values, axes) if kind is ComponentKind.ATTENTION and axes is not None else None
     within = _head_columns(gm, prefix, values, heads) if heads is not None and axes.plain else None
     return PooledBranch(birth, kind, node, join, heads, steps, set(chain), within=within, prefix=prefix)
 

@@ -13,7 +13,7 @@ import torch
 from torch import fx
 
 from tracer.tracing import describe
-from tracer.vocabulary import Vocabulary
+from tracer.vocabulary import ComponentKind, Vocabulary
 
 from .norm_scales import NormScales
 from .unit_tail import TailUnavailable, UnitTail
@@ -251,23 +251,17 @@ class PooledBranch:
                (a norm over the features: its unit part is a row map, its frozen per-row scale joins
                the pooling weights; at most one, with only row maps after it: SwinV2's post-norm)
     skipped:   the branch's nodes from its birth to that operand (no components computed there)
-    row_targets: per value shape at ``node``, the join's row each of its rows feeds (cached)
     """
 
     birth: fx.Node
-    kind: str                       # the birth's kind ("attention", "branch")
+    kind: ComponentKind             # the birth's kind (ATTENTION or BRANCH)
     node: fx.Node
     join: fx.Node
     heads: torch.Tensor | None
-    steps: list[tuple[fx.Node, str]]
+    steps: list[tuple[fx.Node, RowStep]]
     skipped: set[fx.Node]
-    # value shape at ``node`` -> [rows of ``node``'s value] the join's row each feeds (-1: none); the
-    # moves depend on shapes only, so each batch size pushes a row code through them once
-    row_targets: dict[tuple[int, ...], torch.Tensor] = dataclasses.field(default_factory=dict)
     within: torch.Tensor | None = None
     prefix: list[fx.Node] = dataclasses.field(default_factory=list)
-    # birth value shape -> [rows of ``node``'s value] the birth's (attention row · Nq + query) of each (cached)
-    source_rows: dict[tuple[int, ...], torch.Tensor] = dataclasses.field(default_factory=dict)
 
     @property
     def operand(self) -> fx.Node:

@@ -82,15 +82,20 @@ class Parking:
     branches:    birth -> (``PooledBranch``, how it is split) computed here instead of per component
     static, reference: nodes whose adjoint follows from the one at ``reference`` (no probe needed
                  before it: the probe needs grad only from the first node it is recorded at)
-    norm_scales: γ from the trunk norms' per-row scales (``tracer.norm_scales``): no adjoint recorded
+    norm_scales: γ from the trunk norms' per-row scales (``norm_scales``): no adjoint recorded
     keep_probes: keep the probe's value at every recorded node (``probes``, graph kept)
     scale_nodes: trunk norms whose ``frozen_row_scale`` is kept (``scales``; with ``norm_scales``: its norms)
+    rows:        the pooled branches' row maps by value shape, kept across passes (``RunPlan.rows``):
+                 (birth, "targets", shape at its node) -> the join's row each row feeds (-1: none), and
+                 (birth, "sources", birth shape) -> the birth's (attention row · Nq + query) of each row;
+                 they depend on shapes only, so each batch size pushes a row code through the moves once
     """
 
     def __init__(self, nodes, perturb_all: bool = False,
-                 branches: dict[fx.Node, tuple[PooledBranch, str]] | None = None,
+                 branches: dict[fx.Node, tuple[PooledBranch, Level]] | None = None,
                  static=(), reference: fx.Node | None = None, norm_scales: NormScales | None = None,
-                 keep_probes: bool = False, scale_nodes=()):
+                 keep_probes: bool = False, scale_nodes=(), rows: dict | None = None):
+        self.rows = {} if rows is None else rows
         self.branches = {birth: spec for birth, (spec, _) in (branches or {}).items()}
         self._split = {birth: split for birth, (_, split) in (branches or {}).items()}
         self.norm_scales = norm_scales
@@ -197,7 +202,7 @@ class Parking:
             run.source_code = Evaluator(gm, node, real)({previous: run.source_code})
         if node is spec.node and run.source_code is not None:  # [rows of node]: n·Nq + q of each
             run.sources = run.source_code.reshape(-1, run.source_code.shape[-1])[:, 0].round().long() - 1
-            spec.source_rows[run.birth_shape], run.source_code = run.sources, None
+            self.rows[(spec.birth, "sources", run.birth_shape)], run.source_code = run.sources, None
         steps = dict(spec.steps)
         if node in steps:
             carrier = chain_input(spec, node)
@@ -211,7 +216,7 @@ class Parking:
                 fed = (sources >= 0).nonzero().flatten()
                 run.targets = torch.full((math.prod(run.shape[:-1]),), -1, dtype=torch.long, device=fed.device)
                 run.targets[sources[fed]] = fed
-                spec.row_targets[run.shape] = run.targets
+                self.rows[(spec.birth, "targets", run.shape)] = run.targets
                 run.code = None
         return Carried([])
 
@@ -226,7 +231,7 @@ class Parking:
         run = self.runs[spec.birth]
         if node is spec.node:
             run.shape = tuple(real[node].shape)
-            run.targets = spec.row_targets.get(run.shape)
+            run.targets = self.rows.get((spec.birth, "targets", run.shape))
             if run.targets is None:
                 rows = real[node].shape[:-1]
                 run.code = (torch.arange(rows.numel(), dtype=torch.float64, device=real[node].device) + 1).reshape(
@@ -257,8 +262,8 @@ class Parking:
             run.groups = spec.heads
         run.ids = [registry.new(born_label(birth, spec.birth, h, None)) for h in heads]
 
-    @staticmethod
-    def _start_tokens(run: BranchRun, value: torch.Tensor, parts: AttentionParts, batch_size: int | None) -> None:
+    def _start_tokens(self, run: BranchRun, value: torch.Tensor, parts: AttentionParts, batch_size: int | None
+                      ) -> None:
         """Keep the birth's weights and values by head, start its source code (``value`` [N, *heads, Nq, d])."""
         rows, queries, width = value.shape[0], value.shape[-2], value.shape[-1]
         keys = parts.weights.shape[-1]
@@ -267,7 +272,7 @@ class Parking:
         # as ``births.split_birth``: rows b·windows + w when the batch axis holds several per image
         run.windows = attention_groups(rows, batch_size)
         run.birth_shape = tuple(value.shape)
-        run.sources = run.spec.source_rows.get(run.birth_shape)
+        run.sources = self.rows.get((run.spec.birth, "sources", run.birth_shape))
         if run.sources is None:
             run.source_code = source_row_code(run.birth_shape, value.device).contiguous()
 
