@@ -27,6 +27,7 @@ from align import (
     train_compalign,
 )
 from align.classifiers import fit_linear_probe
+from align.report import Stopwatch
 from align.clip_models import ClipModel
 from decompose import trace_and_decompose
 from decompose.store import atomic_write_text
@@ -54,17 +55,6 @@ def factor_embeddings(clip: ClipModel) -> dict[str, torch.Tensor]:
     """factor -> [values, d_clip] text embeddings of its value phrases (``FACTOR_TEXTS``)."""
     return {factor: encode_descriptions(clip, list(FACTOR_TEXTS[factor].values()), TEXT_TEMPLATES)
             for factor in FACTORS}
-
-
-class Stopwatch:
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-        self.started = time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.seconds[name] = now - self.started
-        self.started = now
 
 
 def describe_top_components(aligned: torch.Tensor, rankings: dict[str, list], constant: torch.Tensor,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ from tqdm.auto import tqdm
 from align.ablation import layer_steps
 from align.heatmaps import token_heatmaps
 from align.parent_maps import text_contributions
-from align.report import AblationRecord, HeatmapRow
+from align.report import AblationRecord, HeatmapRow, Stopwatch
 from align.report.store_report import StoreFindings, build_store_report, describe_components, top_image_records
 from align.scoring import property_basis, rank_components
 from align.store_analysis import score_store, store_sum_errors
@@ -34,17 +33,6 @@ from .options import add_model_options, add_store_options, clip_for_aligner, dev
 from .text_queries import encode_texts, mean_direction
 
 MODEL_CHECK_TOLERANCE = 1e-3   # relative: the --model's representation of an image vs the store's
-
-
-class Stopwatch:
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-        self.started = time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.seconds[name] = now - self.started
-        self.started = now
 
 
 def _chosen_properties(args) -> dict[str, list[str]]:

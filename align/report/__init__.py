@@ -14,7 +14,8 @@ from .sections import (
     textspan_section,
     top_images_section,
 )
+from .stopwatch import Stopwatch
 
-__all__ = ["AblationRecord", "AdditivityRow", "DescribedComponent", "HeatmapRow", "Report", "TopImages",
+__all__ = ["AblationRecord", "AdditivityRow", "DescribedComponent", "HeatmapRow", "Report", "Stopwatch", "TopImages",
            "ablation_section", "additivity_section", "heatmap_rows", "overlay", "png_data_uri", "ranking_section",
            "textspan_section", "thumbnail", "top_images_section"]
