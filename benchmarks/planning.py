@@ -61,10 +61,9 @@ def _measure(name: str, batch: int, levels: list[str], threads: int, events) -> 
 
     for function, stage in TIMED_FUNCTIONS.items():
         setattr(decomposer_module, function, timed(stage, getattr(decomposer_module, function)))
-    positions = decomposer_module.Decomposer._key_positions
-    decomposer_module.Decomposer._key_positions = lambda self, plan, images: (
-        timed("positions", positions)(self, plan, images) if plan.key_positions is None
-        else positions(self, plan, images))
+    positions = decomposer_module.Decomposer.key_positions
+    decomposer_module.Decomposer.key_positions = lambda self, plan: (
+        timed("positions", positions)(self, plan) if plan.key_positions is None else positions(self, plan))
     events.put(("start", "trace"))
     decomposer = decomposer_module.trace_and_decompose(model)
     seconds["trace"] = decomposer.trace_seconds

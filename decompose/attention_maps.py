@@ -30,11 +30,10 @@ from tracer.graph_runner import GraphRunner
 from tracer.head_axes import AttentionAxes, RowLayout
 from tracer.node_calls import node_arguments
 from tracer.ops import OpKind, is_multihead_attention, op_kind
-from tracer.probe import run_probe
 from tracer.roles import TrunkPlan
 from tracer.vocabulary import ComponentKind
 
-from .decomposer import Decomposer, key_positions_for, relevance_masks
+from .decomposer import Decomposer, relevance_masks
 from .run_plan import RunPlan
 
 Position = tuple[int, int] | str | None
@@ -92,10 +91,7 @@ class AttentionMapCapture:
         return relevant
 
     def key_positions(self, plan: RunPlan) -> dict[fx.Node, list[Position]]:
-        if plan.key_positions is None:  # the same cache the decomposer fills at level token
-            probe = run_probe(self.graph_module, plan.probe_image)
-            plan.key_positions = key_positions_for(self.graph_module, plan, probe, plan.probe_image)
-        return plan.key_positions
+        return self.decomposer.key_positions(plan)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> list[AttentionMap]:

@@ -84,8 +84,9 @@ class Decomposer(nn.Module):
             self._plans[signature] = plan
         return self._plans[signature]
 
-    def _key_positions(self, plan: RunPlan, images: torch.Tensor) -> dict:
-        """Source position of every attention key (computed once per plan)."""
+    def key_positions(self, plan: RunPlan) -> dict:
+        """Attention birth -> the source position of each of its keys (computed once per plan, at the first
+        call that needs them: level token, attention maps)."""
         if plan.key_positions is None:
             probe = run_probe(self.graph_module, plan.probe_image)
             plan.key_positions = key_positions_for(self.graph_module, plan, probe, plan.probe_image)
@@ -100,7 +101,7 @@ class Decomposer(nn.Module):
         level = Level(level)
         plan = self.plan(images)
         registry = ComponentRegistry()
-        positions = self._key_positions(plan, images) if level is Level.TOKEN else None
+        positions = self.key_positions(plan) if level is Level.TOKEN else None
         parking = None
         if plan.pooling is not None:
             parking = Parking(plan.pooling.nodes, branches=branches_for_level(plan.pooling.branches, level),

@@ -40,7 +40,7 @@ def planning_work(model, images) -> tuple[int, int]:
     try:
         with FlopCounterMode(display=False) as flops:
             plan = decomposer.plan(images)
-            decomposer._key_positions(plan, images)
+            decomposer.key_positions(plan)
     finally:
         torch.autograd.grad, torch.Tensor.backward = grad, backward
     return calls[0], flops.get_total_flops()
