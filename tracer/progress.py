@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Iterable
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 PROGRESS_DELAY = 5.0  # seconds a stage runs before its bar is shown
 
