@@ -57,9 +57,6 @@ OPTIONS = {"hiera_tiny_224": dict(cut_nonlinear_trunk=True)}
 # csatv2 at 128: its stem's output is pooled early; efficientformer_l1's attention biases fix its input size
 IMAGE_SIZES = {"csatv2": 128, "efficientformer_l1": 224}
 
-# families whose modules name no size and that accept only one (EfficientFormer's 7x7 attention biases)
-IMAGE_SIZES = {"efficientformer_l1": 224}
-
 
 def _image_size(model) -> int:
     for module in model.modules():  # the size the model was built for
