@@ -124,20 +124,21 @@ class GraphAnalysis:
             return True
         return any(i < len(node.args) and node.args[i] is operand for i in positions)
 
+    def is_residual_add(self, node: fx.Node) -> bool:
+        """Whether ``node`` adds two or more data operands that are not affinely related (a residual add)."""
+        if self.kind(node) != OpKind.ADDITIVE:
+            return False
+        inputs = self.data_inputs(node)
+        if len(inputs) < 2:
+            return False
+        fork = self.fork(inputs)
+        return fork is None or not all(self.affine_path(fork, i) for i in inputs)
+
     def has_residual_upstream(self, node: fx.Node) -> bool:
-        """Whether any addition of two non-affinely related data operands feeds ``node``."""
+        """Whether any residual add feeds ``node``."""
         if node not in self._residual_upstream:
             bits = self.ancestors(node)
-            found = False
-            for candidate, index in self.order.items():
-                if not bits >> index & 1 or candidate is node:
-                    continue
-                if self.kind(candidate) == OpKind.ADDITIVE:
-                    inputs = self.data_inputs(candidate)
-                    if len(inputs) >= 2:
-                        fork = self.fork(inputs)
-                        if fork is None or not all(self.affine_path(fork, i) for i in inputs):
-                            found = True
-                            break
-            self._residual_upstream[node] = found
+            self._residual_upstream[node] = any(
+                bits >> index & 1 and candidate is not node and self.is_residual_add(candidate)
+                for candidate, index in self.order.items())
         return self._residual_upstream[node]

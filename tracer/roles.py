@@ -261,13 +261,8 @@ def _sums_residual_blocks(analysis: GraphAnalysis, node: fx.Node, memo: dict) ->
     if node not in memo:
         memo[node] = False
         if _is_linear_step(analysis, node):
-            inputs = analysis.data_inputs(node)
-            if analysis.kind(node) == OpKind.ADDITIVE and len(inputs) >= 2:
-                fork = analysis.fork(inputs)
-                if fork is None or not all(analysis.affine_path(fork, i) for i in inputs):
-                    memo[node] = True
-                    return True
-            memo[node] = any(_sums_residual_blocks(analysis, i, memo) for i in inputs)
+            memo[node] = analysis.is_residual_add(node) or any(
+                _sums_residual_blocks(analysis, i, memo) for i in analysis.data_inputs(node))
     return memo[node]
 
 
