@@ -74,11 +74,11 @@ class GraphRunner:
     def free(self, node: fx.Node) -> None:
         self.values.pop(node, None)
 
-    def evaluate(self, node: fx.Node, values: dict | None = None) -> Any:
-        """``node``'s value from ``values`` (default: the runner's) for its inputs."""
+    def evaluate(self, node: fx.Node) -> Any:
+        """``node``'s value from the runner's values of its inputs."""
         if node.op == "placeholder":
             return self.images if node is self.placeholder else (node.args[0] if node.args else None)
         if node.op == "get_attr":
             return fetch_attribute(self.gm, node.target)
-        args, kwargs = node_arguments(node, self.values if values is None else values)
+        args, kwargs = node_arguments(node, self.values)
         return call_target(node, self.gm, args, kwargs)

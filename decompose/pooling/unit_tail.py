@@ -200,9 +200,7 @@ class _TailRun(GraphRunner):
             stacks[node] = _Stack(torch.zeros((1, *self.start_shape), dtype=self.dtype, device=self.device), ())
         elif node in tail.tail:
             stacks[node] = tail._apply(node, stacks, values)
-        elif node.op == "placeholder":
-            values[node] = node.args[0] if node.args else None
-        else:
+        else:  # shape arithmetic and constants the tail reads
             values[node] = self.evaluate(node)
         if node not in stacks:
             return
