@@ -41,10 +41,12 @@ from .experiments import (
     object_segmentation,
     own_head,
     property_retrieval,
+    score_directions,
     spurious_removal,
 )
+from .encoding import factor_probes
 from .generator import FACTORS
-from .models import TARGET_CONFIGS, load_target, load_toy_clip, toy_clip_preprocess
+from .models import TARGET_CONFIGS, Task, load_target, load_toy_clip, toy_clip_preprocess
 from .sample import FACTOR_TEXTS, ToySample, toy_sample
 from .validation import selection_probe
 
@@ -78,6 +80,7 @@ def analyse_target(name: str, clip: ClipModel, sample: ToySample, fit: torch.Ten
     model = load_target(name, settings.weights)
     decomposer = trace_and_decompose(model)
     dec, head_error = decompose_batches(decomposer, sample.images, "head", settings.batch_size)
+    encoded = factor_probes(dec.representation, {factor: sample.factor(factor) for factor in FACTORS}, fit, test)
     watch.lap("decompose")
 
     data = TensorAlignmentData(dec.components[:, fit], clip_targets[fit], dec.labels, heldout_fraction=0.2,
@@ -103,32 +106,48 @@ def analyse_target(name: str, clip: ClipModel, sample: ToySample, fit: torch.Ten
     watch.lap("retrieval")
     rows = test[:settings.token_images]
     directions = object_directions(lambda texts: encode_descriptions(clip, texts, TEXT_TEMPLATES), sample, rows)
+    score = score_directions(model, dec.representation[rows], dec.representation[fit], sample.factor("shape")[fit])
     segmentation, token_error = object_segmentation(decomposer, aligner, sample, rows, directions,
-                                                    settings.batch_size)
+                                                    settings.batch_size, score)
     watch.lap("heatmaps")
     ablation, classifier_name = None, ""
     task = TARGET_CONFIGS.get(name, {}).get("task")
-    if task in FACTORS:
-        classifier, classifier_name = own_head(model, dec), "the model's own head"
-        if classifier is None:
-            classifier = fit_linear_probe(dec.representation[fit], sample.factor(task)[fit])
-            classifier_name = f"a linear probe (the representation stops before {dec.stopped_before})"
-        ablation = layer_ablation(dec, classifier, sample.factor(task), test)
+    if task is not None and Task(task) is not Task.SPURIOUS:
+        ablation, classifier_name = training_task_ablation(model, dec, Task(task), sample, fit, test)
         watch.lap("ablation")
     spurious = None
     if name in settings.spurious_models:
         spurious = spurious_removal(model, decomposer, scores, constant, dec.labels, settings.seed + 1,
                                     settings.spurious_images, settings.batch_size)
         watch.lap("spurious")
-    return TargetResult(name, dec.labels, {"head": head_error, "token": token_error},
+    return TargetResult(name, dec.labels, encoded, {"head": head_error, "token": token_error},
                         {"heldout_cosine": report.heldout_cosine, "epochs": report.epochs},
                         scores, constant, rankings, descriptions, probe, retrieval, segmentation, spurious,
                         ablation, classifier_name, watch.seconds)
 
 
+def training_task_ablation(model, dec, task: Task, sample: ToySample, fit: torch.Tensor, test: torch.Tensor):
+    """(layer ablation curve, classifier description) on the model's training task: the object class
+    with its own head (held-out images whose object is a class), or, for a model without labels,
+    the shape with a linear probe fit on the fit images."""
+    classifier = own_head(model, dec)
+    if task is Task.OBJECT_CLASSES and classifier is not None:
+        classes = sample.object_classes()
+        return layer_ablation(dec, classifier, classes, test[classes[test] >= 0]), "the model's own head (object class)"
+    reason = ("it was trained without labels" if task is Task.SELF_SUPERVISED
+              else f"the representation stops before {dec.stopped_before}")
+    probe = fit_linear_probe(dec.representation[fit], sample.factor("shape")[fit], len(FACTORS["shape"]))
+    return layer_ablation(dec, probe, sample.factor("shape"), test), f"a linear probe of the shape ({reason})"
+
+
 def metrics_of(results: list[TargetResult]) -> dict[str, Any]:
-    """The ``metrics.json`` layout of the toy-world issue (plus per-level errors and timings)."""
-    return {"additivity": {r.name: max(r.level_errors.values()) for r in results},
+    """The ``metrics.json`` layout of the toy-world issue (plus per-level errors and timings).
+
+    ``encoded``: model -> factor -> the full representation's held-out probe, its chance, the
+    threshold and whether the factor counts as encoded (``toyworld.encoding``).
+    """
+    return {"encoded": {r.name: r.encoded for r in results},
+            "additivity": {r.name: max(r.level_errors.values()) for r in results},
             "additivity_by_level": {r.name: r.level_errors for r in results},
             "alignment": {r.name: r.alignment["heldout_cosine"] for r in results},
             "property_probe": {r.name: r.probe for r in results},

@@ -36,6 +36,7 @@ class TargetResult:
 
     name: str
     labels: list
+    encoded: dict[str, dict[str, float | bool]]   # factor -> full-representation probe (toyworld.encoding)
     level_errors: dict[str, float]
     alignment: dict[str, Any]
     scores: dict[str, torch.Tensor]

@@ -19,8 +19,9 @@ from align.parent_maps import text_contributions
 from align.retrieval import choose_retrieval, image_retrieval_scores, precision_at_k, ranked, shares_value
 from align.segmentation import segmentation_scores
 from decompose import Decomposition
-from decompose.attention_maps import attention_maps
+from decompose.attention_maps import AttentionMapCapture
 
+from .gradient_maps import gradient_attention_map
 from .models import target_preprocess
 from .sample import ToySample
 from .spurious import spurious_split
@@ -102,14 +103,38 @@ class SegmentationResult:
     scores: dict                     # metrics.json "segmentation" entry
     heatmaps: torch.Tensor           # [B, S, S] token heatmaps along each object's direction
     baseline: torch.Tensor           # [B, S, S] last-layer attention of the output-reading queries
+    gradient: torch.Tensor           # [B, S, S] Grad-CAM on the last attention layer (gradient_maps)
+
+
+def score_directions(model, representation: torch.Tensor, fit_representation: torch.Tensor,
+                     fit_labels: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """([B, D] one direction per image in representation space, what it is) for the gradient baseline.
+
+    The model's own linear head: the row of the predicted class (its logit is the score). A model
+    without one: the centroid of the fit images sharing the nearest centroid's label, minus the
+    mean of all fit images (a nearest-centroid classifier of ``fit_labels``).
+    """
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if isinstance(head, torch.nn.Linear) and head.in_features == representation.shape[-1]:
+        with torch.no_grad():
+            predicted = head(representation).argmax(-1)
+        return head.weight.detach()[predicted], "the model's own head, predicted class"
+    labels = fit_labels.unique()
+    centroids = torch.stack([fit_representation[fit_labels == y].mean(0) for y in labels])   # [K, D]
+    centred = centroids - fit_representation.mean(0)
+    nearest = torch.cdist(representation, centroids).argmin(-1)
+    return centred[nearest], "nearest-centroid direction of the shape (no head)"
 
 
 def object_segmentation(decomposer, aligner: CompAlign, sample: ToySample, rows: torch.Tensor,
-                        directions: torch.Tensor, batch_size: int) -> tuple[SegmentationResult, float]:
+                        directions: torch.Tensor, batch_size: int,
+                        score: tuple[torch.Tensor, str]) -> tuple[SegmentationResult, float]:
     """Token heatmaps (all heads) along each image's object direction vs the object masks.
 
     Scores also each attention branch's own heatmap (``by_branch``) and each layer's attention
-    (``baseline.by_layer``), so a multi-stage model shows which stage's grid carries the object.
+    (``baseline.by_layer``), so a multi-stage model shows which stage's grid carries the object,
+    and a gradient baseline (``gradient``: Grad-CAM on the last attention layer reaching the output
+    for the score ⟨representation, score[0]⟩, score[0] [B, D] as ``score_directions`` gives it).
     Returns the result and the token level's largest relative additivity error.
     """
     images = sample.images[rows]
@@ -118,22 +143,34 @@ def object_segmentation(decomposer, aligner: CompAlign, sample: ToySample, rows:
     contributions = torch.cat([text_contributions(aligner, dec.components[:, i:i + 1], dec.labels, directions[i])
                                for i in range(len(rows))], 1)                             # [C, B]
     heatmaps = token_heatmaps(contributions, dec.labels, size)                            # [B, S, S]
-    maps = attention_maps(decomposer, target_preprocess(images))
+    capture = AttentionMapCapture(decomposer)
+    maps = capture(target_preprocess(images))
     baseline = attention_heatmaps(maps, size)
+    gradient_map = gradient_attention_map(capture, target_preprocess(images), score[0])
+    gradient = attention_heatmaps([gradient_map], size)
     masks = sample.masks[rows]
     ours, theirs = segmentation_scores(heatmaps, masks), segmentation_scores(baseline, masks)
+    by_gradient = segmentation_scores(gradient, masks)
     by_branch = {name: _iou_and_map(upsample(grid, size), masks)
                  for name, grid in branch_grids(contributions, dec.labels).items()}
     by_layer = {m.name: _iou_and_map(attention_heatmaps(maps, size, layer=i), masks) for i, m in enumerate(maps)}
     queries = maps[-1].queries
-    scores = {"pixel_acc": ours.pixel_accuracy, "iou": ours.foreground_iou, "map": ours.mean_average_precision,
-              "by_branch": by_branch,
-              "baseline": {"pixel_acc": theirs.pixel_accuracy, "iou": theirs.foreground_iou,
-                           "map": theirs.mean_average_precision, "by_layer": by_layer,
+    scores = {**_paper_scores(ours), "by_branch": by_branch,
+              "baseline": {**_paper_scores(theirs), "by_layer": by_layer,
                            "method": f"last-layer attention ({maps[-1].name}) received from the {queries} "
                                      f"output-reading quer{'y' if queries == 1 else 'ies'} per image, mean over "
-                                     "queries and heads"}}
-    return SegmentationResult(scores, heatmaps, baseline), error
+                                     "queries and heads"},
+              "gradient_baseline": {**_paper_scores(by_gradient),
+                                    "method": f"Grad-CAM on {gradient_map.name}: ReLU(dscore/dA * A), mean over heads "
+                                              f"and output-reading queries; score: {score[1]}"}}
+    return SegmentationResult(scores, heatmaps, baseline, gradient), error
+
+
+def _paper_scores(scores) -> dict[str, float]:
+    """Pixel accuracy, mIoU (mean of foreground and background IoU) and mAP, as the paper reports them,
+    and the foreground IoU ("iou")."""
+    return {"pixel_acc": scores.pixel_accuracy, "miou": scores.mean_iou, "map": scores.mean_average_precision,
+            "iou": scores.foreground_iou}
 
 
 def _iou_and_map(heatmaps: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:

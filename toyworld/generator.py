@@ -27,12 +27,14 @@ SCENE_WORDS = {"water": "water", "grass": "grass", "sand": "sand", "sky": "the s
 
 @dataclass
 class ToyImage:
-    """image [H, W, 3] uint8, mask [H, W] bool (the object's pixels), factors, caption."""
+    """image [H, W, 3] uint8, mask [H, W] bool (the object's pixels), factors, caption; label: the
+    object class (index into ``classes.OBJECT_CLASSES``) of an image drawn by class, else None."""
 
     image: np.ndarray
     mask: np.ndarray
     factors: dict[str, str]
     caption: str
+    label: int | None = None
 
 
 def draw_factors(rng: np.random.Generator) -> dict[str, str]:

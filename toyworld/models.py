@@ -2,18 +2,23 @@
 
 Targets (timm, trained to read the toy images; inputs ``target_preprocess(images)``):
 
-    deit      class-token ViT (vit_tiny_patch16_224 layout, patch 8, 64 px)      8 shapes
-    swin      windowed, average-pooled Swin (window 4)                          8 shapes
-    maxvit    MBConv + block / grid attention MaxViT (window 4)                  8 shapes
-    spurious  the deit layout on the toy Waterbirds (``toyworld.spurious``)     2 shape groups
+    deit      class-token ViT (vit_tiny_patch16_224 layout, patch 8, 64 px)     128 object classes
+    swin      windowed, average-pooled Swin (window 4)                         128 object classes
+    maxvit    MBConv + block / grid attention MaxViT (window 4)                 128 object classes
+    dino      the deit layout, self-supervised (DINO: student / teacher, multi-crop, no labels)
+    spurious  a linear head on the frozen deit, trained on the toy Waterbirds (``toyworld.spurious``)
 
-and a toy CLIP (open_clip ``CLIP`` from a config, word-level ``Vocabulary``) trained
-contrastively on the captions. ``weights/models.json`` records every build config, training
-recipe and the metrics reached; ``vit-decompose toyworld train`` writes it and the weights.
+The supervised targets learn the ImageNet-like label space of ``toyworld.classes`` (each class a
+typical shape, colour and pattern, seen on several scenes), never the factors themselves. A toy
+CLIP (open_clip ``CLIP`` from a config, word-level ``Vocabulary``) is trained contrastively on the
+captions. ``weights/models.json`` records every build config, training recipe and the metrics
+reached (for the targets: which factors a held-out linear probe reads, ``toyworld.encoding``);
+``vit-decompose toyworld train`` writes it and the weights.
 """
 from __future__ import annotations
 
 import json
+from enum import Enum
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -22,13 +27,14 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from .classes import OBJECT_CLASSES
 from .generator import FACTORS, SCENE_WORDS
 from .spurious import SHAPE_GROUPS, spurious_labels, spurious_split
 from .vocabulary import PATTERN_WORDS, Vocabulary
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 MANIFEST = "models.json"
-TARGET_NAMES = ("deit", "swin", "maxvit", "spurious")
+TARGET_NAMES = ("deit", "swin", "maxvit", "dino", "spurious")
 CLIP_NAME = "clip"
 IMAGE_SIZE = 64
 
@@ -37,24 +43,41 @@ TARGET_MEAN, TARGET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # what the toy CLIP was trained on: open_clip's (OpenAI) mean / std, also set as its preprocess_cfg
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
+
+
+class Task(str, Enum):
+    """What a target was trained on (``models.json``'s ``task``)."""
+
+    OBJECT_CLASSES = "object classes (supervised)"   # the 128 classes of ``toyworld.classes``
+    SELF_SUPERVISED = "self-supervised (DINO)"       # no labels (``toyworld.dino``)
+    SPURIOUS = "spurious"                            # shape group with a correlated background
+
+    def __str__(self) -> str:
+        return self.value
+
+
 _DEIT = {"img_size": IMAGE_SIZE, "patch_size": 8, "embed_dim": 96, "depth": 4, "num_heads": 4}
-_SHAPES = list(FACTORS["shape"])
+_CLASS_NAMES = [c.name for c in OBJECT_CLASSES]
+_CLASSES = len(_CLASS_NAMES)
 TARGET_CONFIGS: dict[str, dict[str, Any]] = {
-    "deit": {"timm_name": "vit_tiny_patch16_224", "kwargs": {**_DEIT, "num_classes": 8},
-             "task": "shape", "classes": _SHAPES},
+    "deit": {"timm_name": "vit_tiny_patch16_224", "kwargs": {**_DEIT, "num_classes": _CLASSES},
+             "task": Task.OBJECT_CLASSES, "classes": _CLASS_NAMES},
     # 8 x 8 patches of 8 pixels, then 4 x 4 after patch merging; 4 x 4 windows
     "swin": {"timm_name": "swin_tiny_patch4_window7_224",
              "kwargs": {"img_size": IMAGE_SIZE, "patch_size": 8, "embed_dim": 64, "depths": [2, 2],
-                        "num_heads": [2, 4], "window_size": 4, "num_classes": 8},
-             "task": "shape", "classes": _SHAPES},
+                        "num_heads": [2, 4], "window_size": 4, "num_classes": _CLASSES},
+             "task": Task.OBJECT_CLASSES, "classes": _CLASS_NAMES},
     # stem to 32 x 32, stages at 16 x 16 and 8 x 8; block and grid partitions of 4 x 4
     "maxvit": {"timm_name": "maxvit_tiny_tf_224",
                "kwargs": {"img_size": IMAGE_SIZE, "embed_dim": [32, 64], "depths": [1, 1], "stem_width": 16,
                           "head_hidden_size": 64, "transformer_window_size": 4, "transformer_dim_head": 16,
-                          "conv_expand_ratio": 2.0, "num_classes": 8},
-               "task": "shape", "classes": _SHAPES},
+                          "conv_expand_ratio": 2.0, "num_classes": _CLASSES},
+               "task": Task.OBJECT_CLASSES, "classes": _CLASS_NAMES},
+    # the teacher's backbone; its representation is the class token after the final norm
+    "dino": {"timm_name": "vit_tiny_patch16_224", "kwargs": {**_DEIT, "num_classes": 0},
+             "task": Task.SELF_SUPERVISED, "classes": []},
     "spurious": {"timm_name": "vit_tiny_patch16_224", "kwargs": {**_DEIT, "num_classes": 2},
-                 "task": "spurious", "classes": ["/".join(group) for group in SHAPE_GROUPS]},
+                 "task": Task.SPURIOUS, "classes": ["/".join(group) for group in SHAPE_GROUPS]},
 }
 CLIP_CONFIG: dict[str, Any] = {  # text_cfg.vocab_size is set from the vocabulary
     "embed_dim": 64,
@@ -94,12 +117,17 @@ def _normalise(images: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
     return (images - torch.tensor(mean, dtype=images.dtype).view(shape)) / torch.tensor(std, dtype=images.dtype).view(shape)
 
 
-def build_target(name: str, config: dict | None = None) -> nn.Module:
-    """A randomly initialised target ``name`` (``config``: a ``TARGET_CONFIGS`` entry; default the code's)."""
+def build_target(name: str, config: dict | None = None, **overrides) -> nn.Module:
+    """A randomly initialised target ``name`` (``config``: a ``TARGET_CONFIGS`` entry; default the code's).
+
+    overrides: timm keyword arguments over the config's (e.g. ``dynamic_img_size=True`` while
+    training on crops of other sizes; the weights are the same).
+    """
     import timm
 
     config = config or _target_config(name)
-    kwargs = {key: tuple(value) if isinstance(value, list) else value for key, value in config["kwargs"].items()}
+    kwargs = {key: tuple(value) if isinstance(value, list) else value
+              for key, value in {**config["kwargs"], **overrides}.items()}
     return timm.create_model(config["timm_name"], pretrained=False, **kwargs)
 
 
@@ -193,6 +221,7 @@ __all__ = [
     "TARGET_CONFIGS",
     "TARGET_NAMES",
     "WEIGHTS_DIR",
+    "Task",
     "build_target",
     "build_toy_clip",
     "clip_config",

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .classes import class_of
 from .generator import FACTORS, SCENE_WORDS, toy_image
 
 # one short phrase per factor value, in the captions' own words (what a text tower trained on them reads)
@@ -41,6 +42,11 @@ class ToySample:
     def value_names(self, name: str) -> list[str]:
         """N value names of one factor (``"red"``, ``"water"`` ...)."""
         return [FACTORS[name][i] for i in self.factor(name).tolist()]
+
+    def object_classes(self) -> torch.Tensor:
+        """[N] object class of each image (``classes.class_of``), -1 where the object is no class."""
+        found = [class_of(dict(zip(FACTORS, row))) for row in self.factors.tolist()]
+        return torch.tensor([-1 if c is None else c for c in found])
 
     def rows(self, index) -> ToySample:
         index = torch.as_tensor(index)

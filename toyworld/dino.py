@@ -1,0 +1,128 @@
+"""A DINO-style self-supervised objective for the toy world's ViT (the DINO / DINOv2 analogue).
+
+Caron et al. 2021, scaled down: a student and a teacher (the student's exponential moving
+average) each put a ViT's class token through a projection head (MLP, L2-normalised bottleneck,
+weight-normalised prototypes); the teacher sees two global crops, the student those and
+``local_crops`` small ones, and the student's softmax over the prototypes is trained to match the
+teacher's centred, sharpened softmax of another view. No labels. Crops are random resized crops
+with horizontal flips, drawn on the whole batch at once (``random_crops``); there is no colour
+jitter, so colour stays a cue the views share.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DinoOptions:
+    """The objective's settings (the defaults are those of the shipped target)."""
+
+    prototypes: int = 256                 # teacher / student output dimension
+    hidden: int = 192                     # projection MLP width
+    bottleneck: int = 64                  # L2-normalised width before the prototypes
+    global_size: int = 64                 # pixels per side of a global crop
+    global_scale: tuple[float, float] = (0.4, 1.0)   # fraction of the image's area
+    local_crops: int = 4
+    local_size: int = 32
+    local_scale: tuple[float, float] = (0.1, 0.4)
+    student_temperature: float = 0.1
+    teacher_temperature: float = 0.04
+    center_momentum: float = 0.9
+    teacher_momentum: float = 0.996       # at the start; cosine schedule to 1 at the last step
+
+
+class ProjectionHead(nn.Module):
+    """[B, d] -> [B, prototypes]: MLP (GELU), L2-normalised bottleneck, weight-normalised prototypes (no bias)."""
+
+    def __init__(self, width: int, options: DinoOptions):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(width, options.hidden), nn.GELU(), nn.Linear(options.hidden, options.hidden),
+                                 nn.GELU(), nn.Linear(options.hidden, options.bottleneck))
+        self.prototypes = nn.Linear(options.bottleneck, options.prototypes, bias=False)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        bottleneck = F.normalize(self.mlp(features), dim=-1)
+        return bottleneck @ F.normalize(self.prototypes.weight, dim=-1).T
+
+
+def random_crops(images: torch.Tensor, count: int, size: int, scale: tuple[float, float],
+                 generator: torch.Generator) -> list[torch.Tensor]:
+    """``count`` random resized crops of every image: a list of [B, C, size, size].
+
+    images: [B, C, H, W] float. Each crop covers ``scale`` of the area (uniform), aspect ratio
+    log-uniform in [3/4, 4/3], lies inside the image, is flipped left-right with probability 1/2,
+    and is resampled bilinearly.
+    """
+    batch = images.shape[0]
+    draws = torch.rand(count, batch, 5, generator=generator)                    # [count, B, 5] in [0, 1)
+    area = scale[0] + (scale[1] - scale[0]) * draws[..., 0]
+    aspect = torch.exp(math.log(3 / 4) + math.log(16 / 9) * draws[..., 1])
+    width, height = (area * aspect).sqrt().clamp(max=1.0), (area / aspect).sqrt().clamp(max=1.0)  # of the side
+    centre_x = (2 * draws[..., 2] - 1) * (1 - width)                            # crop inside [-1, 1]
+    centre_y = (2 * draws[..., 3] - 1) * (1 - height)
+    flip = torch.where(draws[..., 4] < 0.5, -1.0, 1.0)
+    theta = torch.zeros(count, batch, 2, 3)
+    theta[..., 0, 0], theta[..., 0, 2] = width * flip, centre_x
+    theta[..., 1, 1], theta[..., 1, 2] = height, centre_y
+    crops = []
+    for view in theta:                                                          # [B, 2, 3]
+        grid = F.affine_grid(view, [batch, images.shape[1], size, size], align_corners=False)
+        crops.append(F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False))
+    return crops
+
+
+class Dino(nn.Module):
+    """Student and teacher around one backbone (a timm ViT whose ``forward`` returns the class
+    token's features [B, d], i.e. built with ``num_classes=0`` and ``dynamic_img_size=True`` so
+    that it reads crops of any size); ``teacher_backbone`` is the model to keep."""
+
+    def __init__(self, backbone: nn.Module, options: DinoOptions = DinoOptions()):
+        super().__init__()
+        self.options = options
+        self.student = nn.ModuleDict({"backbone": backbone, "head": ProjectionHead(backbone.num_features, options)})
+        self.teacher = copy.deepcopy(self.student).requires_grad_(False)
+        self.register_buffer("center", torch.zeros(options.prototypes))
+
+    @property
+    def teacher_backbone(self) -> nn.Module:
+        return self.teacher["backbone"]
+
+    def views(self, images: torch.Tensor, generator: torch.Generator) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(2 global crops, ``local_crops`` local crops) of images [B, C, H, W]."""
+        o = self.options
+        return (random_crops(images, 2, o.global_size, o.global_scale, generator),
+                random_crops(images, o.local_crops, o.local_size, o.local_scale, generator))
+
+    def loss(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The DINO loss of one batch of (normalised) images [B, C, H, W]; updates the centre."""
+        o = self.options
+        global_views, local_views = self.views(images, generator)
+        with torch.no_grad():
+            teacher = torch.stack([self._project(self.teacher, v) for v in global_views])   # [2, B, K]
+            targets = F.softmax((teacher - self.center) / o.teacher_temperature, dim=-1)
+        student = [self._project(self.student, v) for v in (*global_views, *local_views)]   # each [B, K]
+        terms = [torch.sum(-target * F.log_softmax(view / o.student_temperature, dim=-1), dim=-1).mean()
+                 for t, target in enumerate(targets) for s, view in enumerate(student) if s != t]
+        with torch.no_grad():
+            self.center.mul_(o.center_momentum).add_(teacher.mean((0, 1)), alpha=1 - o.center_momentum)
+        return torch.stack(terms).mean()
+
+    @staticmethod
+    def _project(network: nn.ModuleDict, view: torch.Tensor) -> torch.Tensor:
+        return network["head"](network["backbone"](view))
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        for teacher, student in zip(self.teacher.parameters(), self.student.parameters()):
+            teacher.mul_(momentum).add_(student.detach(), alpha=1 - momentum)
+
+    def teacher_momentum(self, step: int, steps: int) -> float:
+        """Cosine schedule from ``options.teacher_momentum`` at step 0 to 1 at the last step."""
+        start = self.options.teacher_momentum
+        return 1 - (1 - start) * (1 + math.cos(math.pi * step / max(1, steps - 1))) / 2
