@@ -5,13 +5,15 @@ average) each put a ViT's class token through a projection head (MLP, L2-normali
 weight-normalised prototypes); the teacher sees two global crops, the student those and
 ``local_crops`` small ones, and the student's softmax over the prototypes is trained to match the
 teacher's centred, sharpened softmax of another view. No labels. Crops are random resized crops
-with horizontal flips, drawn on the whole batch at once (``random_crops``); there is no colour
-jitter, so colour stays a cue the views share.
+with horizontal flips, drawn on the whole batch at once (``random_crops``); each view is turned
+to grey with probability ``grayscale_probability`` (no other colour jitter), so that matching
+views needs more than their colours, while colour stays a cue most pairs of views share.
 """
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,10 +29,11 @@ class DinoOptions:
     hidden: int = 192                     # projection MLP width
     bottleneck: int = 64                  # L2-normalised width before the prototypes
     global_size: int = 64                 # pixels per side of a global crop
-    global_scale: tuple[float, float] = (0.4, 1.0)   # fraction of the image's area
+    global_scale: tuple[float, float] = (0.5, 1.0)   # fraction of the image's area
     local_crops: int = 4
     local_size: int = 32
-    local_scale: tuple[float, float] = (0.1, 0.4)
+    local_scale: tuple[float, float] = (0.2, 0.5)
+    grayscale_probability: float = 0.5
     student_temperature: float = 0.1
     teacher_temperature: float = 0.04
     center_momentum: float = 0.9
@@ -49,6 +52,13 @@ class ProjectionHead(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         bottleneck = F.normalize(self.mlp(features), dim=-1)
         return bottleneck @ F.normalize(self.prototypes.weight, dim=-1).T
+
+
+def random_grayscale(images: torch.Tensor, probability: float, generator: torch.Generator) -> torch.Tensor:
+    """images [B, 3, H, W] in [0, 1] with each image turned to grey (ITU-R 601 luma) with ``probability``."""
+    luma = (images * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True).expand_as(images)
+    chosen = torch.rand(images.shape[0], generator=generator) < probability
+    return torch.where(chosen.view(-1, 1, 1, 1), luma, images)
 
 
 def random_crops(images: torch.Tensor, count: int, size: int, scale: tuple[float, float],
@@ -80,11 +90,13 @@ def random_crops(images: torch.Tensor, count: int, size: int, scale: tuple[float
 class Dino(nn.Module):
     """Student and teacher around one backbone (a timm ViT whose ``forward`` returns the class
     token's features [B, d], i.e. built with ``num_classes=0`` and ``dynamic_img_size=True`` so
-    that it reads crops of any size); ``teacher_backbone`` is the model to keep."""
+    that it reads crops of any size); ``normalise`` maps views in [0, 1] to the backbone's input;
+    ``teacher_backbone`` is the model to keep."""
 
-    def __init__(self, backbone: nn.Module, options: DinoOptions = DinoOptions()):
+    def __init__(self, backbone: nn.Module, options: DinoOptions = DinoOptions(),
+                 normalise: Callable[[torch.Tensor], torch.Tensor] = lambda images: images):
         super().__init__()
-        self.options = options
+        self.options, self.normalise = options, normalise
         self.student = nn.ModuleDict({"backbone": backbone, "head": ProjectionHead(backbone.num_features, options)})
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
         self.register_buffer("center", torch.zeros(options.prototypes))
@@ -94,13 +106,15 @@ class Dino(nn.Module):
         return self.teacher["backbone"]
 
     def views(self, images: torch.Tensor, generator: torch.Generator) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """(2 global crops, ``local_crops`` local crops) of images [B, C, H, W]."""
+        """(2 global views, ``local_crops`` local views) of images [B, 3, H, W] in [0, 1], normalised."""
         o = self.options
-        return (random_crops(images, 2, o.global_size, o.global_scale, generator),
-                random_crops(images, o.local_crops, o.local_size, o.local_scale, generator))
+        crops = (random_crops(images, 2, o.global_size, o.global_scale, generator),
+                 random_crops(images, o.local_crops, o.local_size, o.local_scale, generator))
+        return tuple([self.normalise(random_grayscale(crop, o.grayscale_probability, generator)) for crop in group]
+                     for group in crops)
 
     def loss(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """The DINO loss of one batch of (normalised) images [B, C, H, W]; updates the centre."""
+        """The DINO loss of one batch of images [B, 3, H, W] in [0, 1]; updates the centre."""
         o = self.options
         global_views, local_views = self.views(images, generator)
         with torch.no_grad():

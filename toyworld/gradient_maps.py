@@ -65,7 +65,7 @@ def gradient_attention_map(capture: AttentionMapCapture, images: torch.Tensor, d
     relevant = capture.relevant_queries(plan)
     if not relevant:
         raise ValueError("no attention layer reaches the output; the gradient baseline needs one")
-    node = [n for n in plan.births if n in relevant][layer]
+    node = [n for n in capture.graph_module.graph.nodes if n in relevant][layer]          # graph order
     runner = _LeafAttention(capture.graph_module, images, node)
     with torch.enable_grad():
         representation = runner.run(until=plan.target)                                   # [B, D]

@@ -84,11 +84,11 @@ def train_dino(name: str, images: torch.Tensor, recipe: Recipe, log: Callable[[s
     """The DINO teacher's backbone after ``recipe.steps`` steps on uint8 images [N, 3, S, S] (no labels),
     as target ``name`` (built from its config, eval mode)."""
     student = build_target(name, dynamic_img_size=True)  # reads the small local crops too
-    dino = Dino(student, recipe.dino or DinoOptions())
+    dino = Dino(student, recipe.dino or DinoOptions(), target_preprocess)
     generator = torch.Generator().manual_seed(recipe.seed)
     adamw, scheduler = optimiser(dino.student, recipe)
     for step, batch in enumerate(batches(len(images), recipe, generator)):
-        loss = dino.loss(target_preprocess(as_float(images[batch])), generator)
+        loss = dino.loss(as_float(images[batch]), generator)
         adamw.zero_grad(set_to_none=True)
         loss.backward()
         clip_gradients(dino.student.parameters(), recipe)
