@@ -4,7 +4,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from toyworld.classes import OBJECT_CLASSES, class_image, class_of
+from toyworld.classes import OBJECT_CLASSES, TYPICAL_SIZE_PROBABILITY, class_image, class_of
 from toyworld.generator import FACTORS, toy_image
 from toyworld.pools import World, image_pool
 
@@ -43,11 +43,23 @@ def test_class_images_carry_their_label_and_are_deterministic():
     assert len(set(labels)) > 0.9 * len(OBJECT_CLASSES)                     # uniform over 128 classes
 
 
-def test_position_and_size_are_drawn_independently_of_the_class():
+def test_position_is_uniform_and_size_leans_to_the_class_s_own():
     items = [class_image(6, i, size=16) for i in range(2000)]
-    for factor in ("position", "size"):
-        counts = np.array([sum(item.factors[factor] == v for item in items) for v in FACTORS[factor]]) / len(items)
-        assert np.abs(counts - 1 / len(FACTORS[factor])).max() < 0.04, factor
+    counts = np.array([sum(item.factors["position"] == v for item in items) for v in FACTORS["position"]]) / len(items)
+    assert np.abs(counts - 1 / len(FACTORS["position"])).max() < 0.04
+    typical = np.mean([item.factors["size"] == OBJECT_CLASSES[item.label].size for item in items])
+    assert abs(typical - TYPICAL_SIZE_PROBABILITY) < 0.04
+    sizes = Counter(item.factors["size"] for item in items)                   # classes' typical sizes are balanced
+    assert abs(sizes["small"] / len(items) - 0.5) < 0.04
+
+
+def test_all_shapes_compete_within_every_colour_and_pattern():
+    """A class-trained model must tell every two shapes apart: each (colour, pattern) has a class of every shape."""
+    by_look = Counter((c.colour, c.pattern) for c in OBJECT_CLASSES)
+    assert set(by_look.values()) == {len(FACTORS["shape"])}
+    patterns_by_colour = {colour: {c.pattern for c in OBJECT_CLASSES if c.colour == colour} for colour in FACTORS["colour"]}
+    pairs = {frozenset(p) for p in patterns_by_colour.values()}
+    assert all(len(p) == 2 for p in pairs) and len(pairs) == 6                # every two patterns compete somewhere
 
 
 def test_factor_images_have_no_label_but_a_class_when_their_object_is_one():

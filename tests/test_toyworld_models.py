@@ -1,4 +1,5 @@
-"""The shipped toy-world models: they load, decompose, and still reach the metrics models.json records.
+"""The shipped toy-world models: they load, decompose, encode the factors, and still reach the metrics
+models.json records.
 
 Fresh images come from world seeds no recipe trains or evaluates on; tolerances are binomial
 noise of the two samples (recorded and fresh) at four standard deviations.
@@ -18,14 +19,21 @@ from toyworld import (
     target_preprocess,
     toy_clip_preprocess,
 )
-from toyworld.generator import toy_image
-from toyworld.models import build_target, read_manifest
-from toyworld.training import RECIPES, group_accuracy, image_pool, predict, zero_shot_accuracy
+from toyworld.clip_training import zero_shot_accuracy
+from toyworld.encoding import encoded_threshold, factor_probes, representation
+from toyworld.generator import FACTORS, toy_image
+from toyworld.models import Task, build_target, read_manifest
+from toyworld.pools import World, as_float, image_pool
+from toyworld.training import RECIPES, group_accuracy, predict
 from toyworld.vocabulary import UNK, Vocabulary, toy_words, words_of
 
 FRESH_WORLD = 7  # no recipe uses it
 FRESH_IMAGES = 300
-SHAPE_TARGETS = [name for name in TARGET_NAMES if name != "spurious"]
+PROBE_IMAGES = 1500  # fresh factor-world images for the probes: 1000 fit, 500 test
+MANIFEST = read_manifest()["models"]
+CLASS_TARGETS = [name for name in TARGET_NAMES if MANIFEST[name]["task"] == Task.OBJECT_CLASSES]
+ENCODING_TARGETS = [name for name in TARGET_NAMES if MANIFEST[name]["task"] != Task.SPURIOUS]
+WEIGHTS_LIMIT = 25 * 2 ** 20  # bytes: every shipped file together
 
 
 def noise(p: float, n_recorded: int, n_fresh: int) -> float:
@@ -47,12 +55,51 @@ def test_every_model_is_recorded_with_its_recipe():
         assert record["metrics"], name
 
 
-@pytest.mark.parametrize("name", SHAPE_TARGETS)
-def test_target_reaches_its_recorded_accuracy(name, fresh_pool):
+def test_at_least_four_targets_besides_the_spurious_one_and_a_self_supervised_one():
+    assert len(ENCODING_TARGETS) >= 4 and "spurious" in TARGET_NAMES
+    assert [MANIFEST[name]["task"] for name in ENCODING_TARGETS].count(Task.SELF_SUPERVISED) == 1
+    assert MANIFEST["dino"]["task"] == "self-supervised (DINO)" and MANIFEST["dino"]["recipe"]["dino"]
+    for name in CLASS_TARGETS:
+        assert MANIFEST[name]["recipe"]["world"] == World.CLASSES and len(MANIFEST[name]["classes"]) == 128
+
+
+def test_shipped_weights_stay_small():
+    from toyworld.models import WEIGHTS_DIR
+
+    assert sum(path.stat().st_size for path in WEIGHTS_DIR.iterdir()) <= WEIGHTS_LIMIT
+
+
+@pytest.fixture(scope="module")
+def fresh_classes():
+    return image_pool(FRESH_WORLD, range(FRESH_IMAGES), kind=World.CLASSES)
+
+
+@pytest.mark.parametrize("name", CLASS_TARGETS)
+def test_target_reaches_its_recorded_class_accuracy(name, fresh_classes):
     recorded = shipped_metrics()[name]
-    accuracy = (predict(load_target(name), fresh_pool.images) == fresh_pool.factor("shape")).float().mean().item()
-    assert abs(accuracy - recorded["accuracy"]) <= noise(recorded["accuracy"], recorded["eval_images"], FRESH_IMAGES)
+    accuracy = (predict(load_target(name), fresh_classes.images) == fresh_classes.classes).float().mean().item()
+    expected = recorded["class_accuracy"]
+    assert abs(accuracy - expected) <= noise(expected, recorded["eval_images"], FRESH_IMAGES)
     assert accuracy > recorded["chance"] + noise(recorded["chance"], 10 ** 9, FRESH_IMAGES)
+
+
+@pytest.fixture(scope="module")
+def probe_pool():
+    return image_pool(FRESH_WORLD + 1000, range(PROBE_IMAGES))
+
+
+@pytest.mark.parametrize("name", ENCODING_TARGETS)
+def test_target_encodes_at_least_five_factors_as_recorded(name, probe_pool):
+    """The recorded probes say >= 5 of 6 factors are encoded; fresh probes agree with each recorded one."""
+    recorded = shipped_metrics()[name]
+    assert len(recorded["encoded"]) >= 5, recorded["probes"]
+    features = representation(load_target(name), target_preprocess(as_float(probe_pool.images)))
+    fresh = factor_probes(features, {f: probe_pool.factor(f) for f in FACTORS}, torch.arange(1000),
+                          torch.arange(1000, PROBE_IMAGES))
+    for factor, probe in recorded["probes"].items():
+        assert probe["threshold"] == pytest.approx(encoded_threshold(len(FACTORS[factor])), abs=1e-4)
+        assert abs(fresh[factor]["probe"] - probe["probe"]) <= noise(probe["probe"], recorded["probe_images"]["test"],
+                                                                    PROBE_IMAGES - 1000), factor
 
 
 def test_spurious_group_accuracies_match_the_recorded_ones():

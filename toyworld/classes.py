@@ -1,11 +1,13 @@
 """The toy world's ImageNet-like label space: object classes, each a typical look, seen on several scenes.
 
 A class is one combination of (shape, colour, pattern), like a species with its typical colouring,
-and is seen on three of the four scenes. ``OBJECT_CLASSES`` has 128 of the 256 combinations: every
-(shape, colour) pair with two of the four patterns, so telling classes apart needs all three
-factors. Scene, position and size are nuisances the class does not fix (the scene only narrows
-it down). ``class_image`` draws an image of a uniformly drawn class; the supervised targets are
-trained on these labels, never on the factors.
+with a typical size, seen on three of the four scenes. ``OBJECT_CLASSES`` has 128 of the 256
+combinations: every (shape, colour) pair in the two patterns its colour comes in (each colour
+has its own pair of patterns, so all eight shapes compete within every colour and pattern, and
+every two patterns compete within some colour). Telling the classes apart needs all three
+factors. Scene, position and size are nuisances the class does not fix: the scene and the size
+only lean towards the class's own. ``class_image`` draws an image of a uniformly drawn class;
+the supervised targets are trained on these labels, never on the factors.
 """
 from __future__ import annotations
 
@@ -17,6 +19,9 @@ import numpy as np
 from .generator import COLOURS, FACTORS, PATTERNS, POSITIONS, SCENES, SHAPES, SIZES, ToyImage, caption, render
 
 CLASS_STREAM = 1  # class images draw from the random stream [seed, index, CLASS_STREAM] (factor images: [seed, index])
+TYPICAL_SIZE_PROBABILITY = 0.75  # a class image shows the class's typical size this often, else the other one
+# the two patterns each colour comes in (indices into PATTERNS): every pair of patterns is some colour's
+COLOUR_PATTERNS = ((0, 1), (2, 3), (1, 3), (1, 2), (0, 3), (0, 2), (0, 1), (2, 3))
 
 
 @dataclass(frozen=True)
@@ -27,6 +32,7 @@ class ObjectClass:
     colour: str
     pattern: str
     scenes: tuple[str, ...]
+    size: str            # the typical size
 
     @property
     def name(self) -> str:
@@ -37,18 +43,16 @@ class ObjectClass:
 
 
 def object_classes() -> tuple[ObjectClass, ...]:
-    """128 classes: shape s, colour c, patterns (s + c) % 4 and (s + c + 1) % 4, scenes all but (s + 2c + p) % 4.
-
-    Every shape, colour and pattern is in equally many classes; each pair of adjacent patterns
-    separates two classes of the same shape and colour.
-    """
+    """128 classes: shape s, colour c, each of colour c's two patterns (``COLOUR_PATTERNS``, slot k);
+    scenes all but (s + 2c + p) % 4; typical size (s + c + k) % 2."""
     classes = []
     for s, shape in enumerate(SHAPES):
         for c, colour in enumerate(COLOURS):
-            for p in ((s + c) % len(PATTERNS), (s + c + 1) % len(PATTERNS)):
+            for k, p in enumerate(COLOUR_PATTERNS[c]):
                 left_out = (s + 2 * c + p) % len(SCENES)
                 classes.append(ObjectClass(shape, colour, PATTERNS[p],
-                                           tuple(scene for i, scene in enumerate(SCENES) if i != left_out)))
+                                           tuple(scene for i, scene in enumerate(SCENES) if i != left_out),
+                                           tuple(SIZES)[(s + c + k) % len(SIZES)]))
     return tuple(classes)
 
 
@@ -67,12 +71,14 @@ def class_of(factors: Mapping[str, str | int]) -> int | None:
 
 
 def draw_class_factors(rng: np.random.Generator) -> tuple[int, dict[str, str]]:
-    """(class index, factors): a uniform class, one of its scenes, uniform position and size."""
+    """(class index, factors): a uniform class, one of its scenes, its typical size with probability
+    ``TYPICAL_SIZE_PROBABILITY`` (else the other), a uniform position."""
     label = int(rng.integers(len(OBJECT_CLASSES)))
     chosen = OBJECT_CLASSES[label]
+    other_size = next(size for size in SIZES if size != chosen.size)
     factors = {**chosen.object_factors(), "scene": chosen.scenes[int(rng.integers(len(chosen.scenes)))],
                "position": tuple(POSITIONS)[int(rng.integers(len(POSITIONS)))],
-               "size": tuple(SIZES)[int(rng.integers(len(SIZES)))]}
+               "size": chosen.size if rng.random() < TYPICAL_SIZE_PROBABILITY else other_size}
     return label, {name: factors[name] for name in FACTORS}
 
 
