@@ -46,17 +46,17 @@ PROBE_FIT_FRACTION = 2 / 3  # of a target's held-out factor-world images: probe 
 
 _CLASSES = dict(world=World.CLASSES, train_world=1, train_images=40000, eval_world=101, eval_images=3000)
 RECIPES: dict[str, Recipe] = {  # in training order: spurious starts from the trained deit
-    "deit": Recipe(seed=0, steps=2000, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_steps=100, **_CLASSES),
-    "swin": Recipe(seed=0, steps=1500, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_steps=75, **_CLASSES),
-    "maxvit": Recipe(seed=0, steps=600, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_steps=30, **_CLASSES),
-    "dino": Recipe(seed=0, steps=1000, batch_size=64, lr=1e-3, weight_decay=0.04, warmup_steps=100,
+    "deit": Recipe(seed=0, steps=3000, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_steps=150, **_CLASSES),
+    "swin": Recipe(seed=0, steps=2500, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_steps=125, **_CLASSES),
+    "maxvit": Recipe(seed=0, steps=800, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_steps=40, **_CLASSES),
+    "dino": Recipe(seed=0, steps=1500, batch_size=64, lr=1e-3, weight_decay=0.04, warmup_steps=100,
                    gradient_clip=3.0, dino=DinoOptions(), **_CLASSES),
     # a linear head on the frozen deit features (a fine-tuned backbone learns the background alone)
     "spurious": Recipe(seed=0, steps=300, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_steps=20,
                        train_world=2, train_images=10000, eval_world=102, eval_images=2000, init_from="deit",
                        init_lr_scale=0.0),
-    CLIP_NAME: Recipe(seed=0, steps=700, batch_size=128, lr=2e-3, weight_decay=0.1, warmup_steps=40,
-                      train_world=1, train_images=30000, eval_world=103, eval_images=2000, phrase_probability=0.3,
+    CLIP_NAME: Recipe(seed=0, steps=2000, batch_size=128, lr=2e-3, weight_decay=0.1, warmup_steps=100,
+                      train_world=1, train_images=60000, eval_world=103, eval_images=2000, phrase_probability=0.3,
                       template_probability=0.3, factor_loss_weight=1.0),
 }
 
