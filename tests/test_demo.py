@@ -4,9 +4,10 @@ import json
 import pytest
 from browser import find_browser, render_page
 
+from toyworld import FACTORS
 from vit_decompose.cli import main
 
-SECTIONS = {"overview", "additivity", "alignment", "rankings", "textspan", "property-probe", "retrieval",
+SECTIONS = {"overview", "encoded", "additivity", "alignment", "rankings", "textspan", "property-probe", "retrieval",
             "heatmaps", "segmentation", "spurious", "ablation"}
 
 
@@ -33,9 +34,16 @@ def test_metrics_follow_the_documented_layout(demo_out):
             assert all(0 <= probe[key] <= 1 for key in ("top_k", "random_k", "bottom_k"))
     for factors in metrics["retrieval_p_at_10"].values():
         assert all(set(p) >= {"components", "full"} for p in factors.values())
+    assert set(metrics["encoded"]) == models
+    for factors in metrics["encoded"].values():
+        assert set(factors) == set(FACTORS)
+        for probe in factors.values():
+            assert set(probe) == {"probe", "chance", "threshold", "encoded"}
+            assert probe["encoded"] == (probe["probe"] >= probe["threshold"]) and probe["threshold"] > probe["chance"]
     for scores in metrics["segmentation"].values():
-        assert set(scores) >= {"pixel_acc", "iou", "map", "baseline"}
-        assert set(scores["baseline"]) >= {"pixel_acc", "iou", "map"}
+        assert set(scores) >= {"pixel_acc", "miou", "iou", "map", "baseline", "gradient_baseline"}
+        for baseline in ("baseline", "gradient_baseline"):
+            assert set(scores[baseline]) >= {"pixel_acc", "miou", "iou", "map", "method"}
         assert scores["by_branch"] and set(scores["by_branch"]) == set(scores["baseline"]["by_layer"])
     assert metrics["spurious"], "the spurious-split model is analysed"
     for result in metrics["spurious"].values():

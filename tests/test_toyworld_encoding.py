@@ -44,3 +44,26 @@ def test_a_factor_that_is_not_encoded_is_reported_as_not_encoded():
         assert f"{name} {probes[name]['probe']:.2f} (needs {probes[name]['threshold']:.3g})" in note
     assert "shape" not in note and "scene" not in note
     assert not_encoded_note(result, ("shape", "scene")) == ""
+
+
+def test_claims_are_checked_on_encoded_factors_only():
+    """top-k losing to random-k on a factor the model does not encode leaves the claim holding, and the
+    report names that factor as not encoded, with its probe."""
+    from align.report import Report
+    from toyworld.demo_records import DemoSettings
+    from toyworld.demo_report import _probe
+
+    features, factors = planted_features()
+    probes = factor_probes(features, factors, torch.arange(1000), torch.arange(1000, 1500))
+    selection = {f: {"k": 3, "top_k": 0.9 if probes[f]["encoded"] else 0.1, "random_k": 0.5, "bottom_k": 0.2}
+                 for f in FACTORS}
+    result = TargetResult("planted", [], probes, {}, {}, {}, torch.zeros(0), {}, {}, selection, None, None)
+    report = Report("gate")
+    _probe(report, [result], DemoSettings())
+    page = report.render()
+    assert "holds</span>: planted: the top-k components beat k random ones for every encoded factor" in page
+    assert "2/2 encoded factors: shape, scene" in page and "not checked, not encoded: colour" in page
+    selection["scene"]["top_k"] = 0.1                                       # an encoded factor that loses
+    report = Report("gate")
+    _probe(report, [result], DemoSettings())
+    assert "does NOT hold</span>: planted" in report.render()
