@@ -2,10 +2,9 @@
 
 A class is one look of an object: a shape in a colour, pattern and size (like a species with
 its colouring and build), seen on three of the four scenes. ``OBJECT_CLASSES`` has 256 of the
-512 looks: every (shape, colour) pair in two patterns and both sizes. For each colour, the
-shapes fall in two halves that come in different pairs of patterns, so that every (colour,
-pattern, size) has a class of four shapes, every two shapes compete within some of those, and
-every two patterns compete within some (shape, colour). Telling the classes apart needs shape,
+512 looks: each colour comes in its own two patterns (``COLOUR_PATTERNS``; every two patterns
+are some colour's pair), and every shape in every size is a class in each of them. So all eight
+shapes compete within every (colour, pattern, size), and telling the classes apart needs shape,
 colour, pattern and size; scene and position are nuisances the class does not fix (the scene
 only narrows it down). ``class_image`` draws an image of a uniformly drawn class; the
 supervised targets are trained on these labels, never on the factors.
@@ -20,8 +19,8 @@ import numpy as np
 from .generator import COLOURS, FACTORS, PATTERNS, POSITIONS, SCENES, SHAPES, SIZES, ToyImage, caption, render
 
 CLASS_STREAM = 1  # class images draw from the random stream [seed, index, CLASS_STREAM] (factor images: [seed, index])
-# ways to split the four patterns (indices into PATTERNS) into two pairs: colour c uses split c % 3
-PATTERN_SPLITS = (((0, 1), (2, 3)), ((0, 2), (1, 3)), ((0, 3), (1, 2)))
+# the two patterns each colour comes in (indices into PATTERNS): every pair of patterns is some colour's
+COLOUR_PATTERNS = ((0, 1), (2, 3), (1, 3), (1, 2), (0, 3), (0, 2), (0, 1), (2, 3))
 
 
 @dataclass(frozen=True)
@@ -42,19 +41,13 @@ class ObjectClass:
         return {"shape": self.shape, "colour": self.colour, "pattern": self.pattern, "size": self.size}
 
 
-def shape_half(shape: int, colour: int) -> int:
-    """0 or 1: which half of the shapes ``shape`` is in for ``colour`` (the parity of the shape's bits
-    under the mask colour % 7 + 1; any two shapes share a half for three of the seven masks)."""
-    return bin(shape & (colour % 7 + 1)).count("1") % 2
-
-
 def object_classes() -> tuple[ObjectClass, ...]:
-    """256 classes: shape s, colour c, each pattern of the pair ``PATTERN_SPLITS[c % 3][shape_half(s, c)]``,
-    each size z; scenes all but (s + 2c + p + z) % 4."""
+    """256 classes: shape s, colour c, each pattern p of ``COLOUR_PATTERNS[c]``, each size z; scenes all
+    but (s + 2c + p + z) % 4."""
     classes = []
     for s, shape in enumerate(SHAPES):
         for c, colour in enumerate(COLOURS):
-            for p in PATTERN_SPLITS[c % len(PATTERN_SPLITS)][shape_half(s, c)]:
+            for p in COLOUR_PATTERNS[c]:
                 for z, size in enumerate(SIZES):
                     left_out = (s + 2 * c + p + z) % len(SCENES)
                     classes.append(ObjectClass(shape, colour, PATTERNS[p], size,
