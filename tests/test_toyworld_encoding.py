@@ -62,8 +62,12 @@ def test_claims_are_checked_on_encoded_factors_only():
     _probe(report, [result], DemoSettings())
     page = report.render()
     assert "holds</span>: planted: the top-k components beat k random ones for every encoded factor" in page
-    assert "2/2 encoded factors: shape, scene" in page and "not checked, not encoded: colour" in page
-    selection["scene"]["top_k"] = 0.1                                       # an encoded factor that loses
+    assert "better for 2/2 encoded factors: shape, scene" in page and "not checked, not encoded: colour" in page
+    selection["scene"].update(top_k=1.0, random_k=1.0)                      # both at the ceiling: a tie, not a loss
     report = Report("gate")
     _probe(report, [result], DemoSettings())
-    assert "does NOT hold</span>: planted" in report.render()
+    assert "holds</span>: planted" in report.render() and "tied at the ceiling" in report.render()
+    selection["scene"].update(top_k=0.1, random_k=0.5)                      # an encoded factor that loses
+    report = Report("gate")
+    _probe(report, [result], DemoSettings())
+    assert "does NOT hold</span>: planted" in report.render() and "not for scene (0.100 vs 0.500)" in report.render()
