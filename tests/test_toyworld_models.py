@@ -19,6 +19,7 @@ from toyworld import (
     target_preprocess,
     toy_clip_preprocess,
 )
+from toyworld.classes import OBJECT_CLASSES
 from toyworld.clip_training import zero_shot_accuracy
 from toyworld.encoding import encoded_threshold, factor_probes, representation
 from toyworld.generator import FACTORS, toy_image
@@ -60,7 +61,7 @@ def test_at_least_four_targets_besides_the_spurious_one_and_a_self_supervised_on
     assert [MANIFEST[name]["task"] for name in ENCODING_TARGETS].count(Task.SELF_SUPERVISED) == 1
     assert MANIFEST["dino"]["task"] == "self-supervised (DINO)" and MANIFEST["dino"]["recipe"]["dino"]
     for name in CLASS_TARGETS:
-        assert MANIFEST[name]["recipe"]["world"] == World.CLASSES and len(MANIFEST[name]["classes"]) == 128
+        assert MANIFEST[name]["recipe"]["world"] == World.CLASSES and len(MANIFEST[name]["classes"]) == len(OBJECT_CLASSES)
 
 
 def test_shipped_weights_stay_small():
