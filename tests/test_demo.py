@@ -28,6 +28,9 @@ def test_metrics_follow_the_documented_layout(demo_out):
     for section in ("alignment", "property_probe", "retrieval_p_at_10", "segmentation"):
         assert set(metrics[section]) == models, section
     assert all(-1 <= cosine <= 1 for cosine in metrics["alignment"].values())
+    assert set(metrics["alignment_linear_fits"]) == models
+    for fits in metrics["alignment_linear_fits"].values():
+        assert set(fits) == {"representation", "encoded_factors", "all_factors"} and fits["all_factors"] > 0.5
     for factors in metrics["property_probe"].values():
         for probe in factors.values():
             assert set(probe) >= {"k", "top_k", "random_k", "bottom_k"}

@@ -32,6 +32,7 @@ from align.clip_models import ClipModel
 from decompose import trace_and_decompose
 from decompose.store import atomic_write_text
 
+from .alignment_bounds import alignment_bounds
 from .demo_records import DemoSettings, TargetResult
 from .demo_report import build_report
 from .experiments import (
@@ -88,6 +89,8 @@ def analyse_target(name: str, clip: ClipModel, sample: ToySample, fit: torch.Ten
     aligner, report = train_compalign(data, TrainingOptions(max_epochs=60, patience=5, lr=1e-3, progress=False))
     with torch.no_grad():
         aligned = aligner.map_components(dec.components)                           # [C, N, d_clip]
+    bounds = alignment_bounds(dec.representation, clip_targets, sample, fit[~data.heldout], fit[data.heldout],
+                              [factor for factor in FACTORS if encoded[factor]["encoded"]])
     watch.lap("align")
 
     bases = {factor: property_basis(e) for factor, e in embeddings.items()}             # factor -> [r, d_clip]
@@ -121,7 +124,7 @@ def analyse_target(name: str, clip: ClipModel, sample: ToySample, fit: torch.Ten
                                     settings.spurious_images, settings.batch_size)
         watch.lap("spurious")
     return TargetResult(name, dec.labels, encoded, {"head": head_error, "token": token_error},
-                        {"heldout_cosine": report.heldout_cosine, "epochs": report.epochs},
+                        {"heldout_cosine": report.heldout_cosine, "epochs": report.epochs, "linear_fits": bounds},
                         scores, constant, rankings, descriptions, probe, retrieval, segmentation, spurious,
                         ablation, classifier_name, watch.seconds)
 
@@ -144,12 +147,15 @@ def metrics_of(results: list[TargetResult]) -> dict[str, Any]:
     """The ``metrics.json`` layout of the toy-world issue (plus per-level errors and timings).
 
     ``encoded``: model -> factor -> the full representation's held-out probe, its chance, the
-    threshold and whether the factor counts as encoded (``toyworld.encoding``).
+    threshold and whether the factor counts as encoded (``toyworld.encoding``);
+    ``alignment_linear_fits``: model -> the held-out cosines of linear fits of the CLIP embedding
+    that bound CompAlign's (``toyworld.alignment_bounds``).
     """
     return {"encoded": {r.name: r.encoded for r in results},
             "additivity": {r.name: max(r.level_errors.values()) for r in results},
             "additivity_by_level": {r.name: r.level_errors for r in results},
             "alignment": {r.name: r.alignment["heldout_cosine"] for r in results},
+            "alignment_linear_fits": {r.name: r.alignment["linear_fits"] for r in results},
             "property_probe": {r.name: r.probe for r in results},
             "retrieval_p_at_10": {r.name: r.retrieval.precision for r in results},
             "segmentation": {r.name: r.segmentation.scores for r in results},
