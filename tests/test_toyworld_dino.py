@@ -1,10 +1,12 @@
 """The DINO-style objective: crops, the teacher's moving average, and a training step that learns."""
+import dataclasses
 import math
 
+import pytest
 import timm
 import torch
 
-from toyworld.dino import Dino, DinoOptions, random_crops, random_grayscale
+from toyworld.dino import Dino, DinoOptions, koleo, random_crops, random_grayscale
 from toyworld.pools import as_float, image_pool
 from toyworld.models import target_preprocess
 
@@ -81,3 +83,31 @@ def test_grayscale_views_keep_the_luma_and_only_some_views_turn_grey():
     half = random_grayscale(images, 0.5, torch.Generator().manual_seed(0))
     turned = (half[:, 0] == half[:, 1]).flatten(1).all(1).float().mean()
     assert 0.35 < float(turned) < 0.65
+
+
+def test_koleo_falls_as_the_batch_spreads_over_the_sphere():
+    """KoLeo reads only directions, and is lowest when each row's nearest neighbour is far."""
+    spread = torch.eye(4)                                     # orthogonal: neighbours at sqrt(2)
+    bunched = torch.tensor([[1.0, 0.0], [1.0, 0.01], [0.0, 1.0], [0.01, 1.0]])
+    assert koleo(spread) == pytest.approx(-math.log(math.sqrt(2)), abs=1e-6)
+    assert koleo(3 * spread) == pytest.approx(float(koleo(spread)), abs=1e-6)
+    assert koleo(bunched) > koleo(spread) + 3
+
+
+def test_koleo_term_spreads_the_student_features():
+    """With the KoLeo term on, a few steps leave the student's class tokens of a batch further apart."""
+    images = as_float(image_pool(3, range(32), size=32).images)
+
+    def nearest_distance(weight: float) -> float:
+        dino = Dino(tiny_backbone(), dataclasses.replace(TINY, koleo_weight=weight), target_preprocess)
+        optimiser = torch.optim.AdamW(dino.student.parameters(), lr=1e-3)
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(10):
+            loss = dino.loss(images, generator)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        with torch.no_grad():
+            return -float(koleo(dino.student["backbone"](target_preprocess(images))))
+
+    assert nearest_distance(1.0) > nearest_distance(0.0)
