@@ -57,24 +57,48 @@ def split_birth(gm: fx.GraphModule, birth: Birth, real: dict, level: Level | str
         # an opaque op with several outputs, e.g. an LSTM's (out, (h, c)): one component
         return BornComponents(tree_map(lambda v: v.unsqueeze(0) if torch.is_tensor(v) and v.is_floating_point()
                                        else v, real[node]), [None], [None], [])
-    value = real[node] if spec is None else spec.take(real[node])
-    if birth.kind is not ComponentKind.ATTENTION or (level is Level.BRANCH and not is_multihead_attention(node, gm)):
-        return BornComponents(value.unsqueeze(0), [None], [None], [])
+    split = attention_split(gm, birth, real, level, spec, batch_size)
+    if split is not None and split.windows is not None:
+        return _split_tokens(split.parts, split.value, split.heads, split.windows)
+    if split is not None:
+        return _split_heads(split.value, split.heads)
     if is_multihead_attention(node, gm):
         return _split_multihead(gm, node, real, level, spec)
+    value = real[node] if spec is None else spec.take(real[node])
+    return BornComponents(value.unsqueeze(0), [None], [None], [])
+
+
+@dataclass
+class AttentionSplit:
+    """How an attention birth ``weights @ values`` splits: its value ``[rows, *middle, Nq, d]`` (``spec``
+    taken), the head of each attention, and at level token the window of each and the weights and values."""
+
+    value: torch.Tensor
+    heads: Grouping
+    windows: Grouping | None = None       # level token only
+    parts: AttentionParts | None = None   # level token only
+
+
+def attention_split(gm: fx.GraphModule, birth: Birth, real: dict, level: Level | str, spec: Slice | None = None,
+                    batch_size: int | None = None) -> AttentionSplit | None:
+    """The split of an attention birth at ``level`` (head or token), None where the birth is one component
+    or an ``nn.MultiheadAttention``. Without weights and values the split is by head only."""
+    node, level = birth.node, Level(level)
+    if birth.kind is not ComponentKind.ATTENTION or level is Level.BRANCH or is_multihead_attention(node, gm) \
+            or not isinstance(real[node], torch.Tensor):
+        return None
+    value = real[node] if spec is None else spec.take(real[node])
     axes = _planned_axes(birth, real[node].shape, batch_size)
     full = real[node].shape
     heads = Grouping(_sliced(axes.head_index(full, value.device), spec), axes.head_count(full),
                      axes.splits_heads(full))
-    if level is Level.HEAD:
-        return _split_heads(value, heads)
-    parts = attention_parts(node, real)
+    parts = attention_parts(node, real) if level is Level.TOKEN else None
     if parts is None:
-        return _split_heads(value, heads)
+        return AttentionSplit(value, heads)
     if spec is not None:
         parts = _slice_parts(parts, spec, real[node].dim())
     windows = Grouping(_sliced(axes.window_index(full, value.device), spec), axes.window_count(full), True)
-    return _split_tokens(parts, value, heads, windows)
+    return AttentionSplit(value, heads, windows, parts)
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """``trace_and_decompose(model)``: trace once, decompose any batch."""
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -20,6 +21,8 @@ from .decomposition import Decomposition
 from .pooling import Parking, branches_for_level, early_pooling_for, pooled_components
 from .precision import Float64Values, in_float64, restored
 from .carried import PROBE, Carried, Chunk, ComponentRegistry
+from .directions import Directions, as_directions
+from .scoring import projecting, score_by_adjoints, with_check_direction
 from .propagate import propagate
 from .run_plan import RunPlan
 from .sum_check import (
@@ -27,6 +30,7 @@ from .sum_check import (
     InexactSum,
     check_sum,
     describe_first_inexact,
+    direction_errors,
     image_errors,
     tolerance_for,
 )
@@ -77,7 +81,9 @@ class Decomposer(nn.Module):
                 raise ValueError(f"{error}.{hint}") from error
             plan = plan_trunk(self.graph_module, probe, self.cut_nonlinear_trunk)
             attention_axes_for(self.graph_module, plan, probe)
-            plan = RunPlan(plan, images[:1].detach().clone())  # the probe's values are not kept
+            output = probe.values.get(plan.target)
+            plan = RunPlan(plan, images[:1].detach().clone(),  # the probe's values are not kept
+                           output_shape=tuple(output.shape[1:]) if isinstance(output, torch.Tensor) else ())
             if self.prune:
                 plan.compact = compaction_for(self.graph_module, plan, probe, images[:1])
                 plan.pooling = early_pooling_for(self.graph_module, plan, probe, images[:1])
@@ -93,20 +99,24 @@ class Decomposer(nn.Module):
         return plan.key_positions
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, level: Level | str = Level.HEAD) -> Decomposition:
-        """Decompose a batch ``images`` [B, C, H, W] into ``Decomposition.components`` [C, B, *D]."""
+    def forward(self, images: torch.Tensor, level: Level | str = Level.HEAD,
+                directions: Directions | torch.Tensor | None = None) -> Decomposition:
+        """Decompose a batch ``images`` [B, C, H, W] into ``Decomposition.components`` [C, B, *D].
+
+        directions: ``[k, D]`` shared by every component, or a ``decompose.directions.Directions`` (per
+                    component): the result holds ``scores`` [C, B, k] = ⟨component, u⟩ instead of the vectors,
+                    never allocating ``[C, B, D]``."""
         _check_images(images, self.graph_module, self._expected_input)
         if level not in LEVELS:
             raise ValueError(f"level must be one of {[str(known) for known in LEVELS]}, got {level!r}")
         level = Level(level)
+        table = as_directions(directions) if directions is not None else None  # bad directions fail first
         plan = self.plan(images)
-        registry = ComponentRegistry()
         positions = self.key_positions(plan) if level is Level.TOKEN else None
-        parking = None
-        if plan.pooling is not None:
-            parking = Parking(plan.pooling.nodes, branches=branches_for_level(plan.pooling.branches, level),
-                              static=plan.pooling.static, reference=plan.pooling.reference,
-                              norm_scales=plan.pooling.norm_scales, rows=plan.rows)
+        if table is not None:
+            return self._scores(plan, images, level, table, positions)
+        registry = ComponentRegistry()
+        parking = _parking(plan, level)
         representation, carried = propagate(self.graph_module, plan, images, level, registry,
                                             compact=plan.compact, positions=positions, parking=parking)
         if parking is not None:
@@ -119,6 +129,40 @@ class Decomposer(nn.Module):
                           diagnose=lambda image: self._first_inexact_node(plan, images[image: image + 1], level))
         return Decomposition(components, labels, representation, level, plan.target.name,
                              plan.describe_stop(), sum_error=error)
+
+    def _scores(self, plan: RunPlan, images: torch.Tensor, level: Level, directions: Directions,
+                positions: dict | None) -> Decomposition:
+        """``forward`` with directions (``decompose.scoring``)."""
+        width = math.prod(plan.output_shape)
+        directions = directions.checked(width, images)
+        checked = with_check_direction(directions, width, images)
+        what = f"{self.output} output, {describe(plan.target)}"
+        tolerance = tolerance_for(images.dtype, self.sum_tolerance)
+
+        def diagnose(image: int) -> str:
+            return self._first_inexact_node(plan, images[image: image + 1], level)
+
+        if plan.pooling is None:
+            scored = score_by_adjoints(
+                self.graph_module, plan, images, level, checked, positions,
+                check_sum=lambda total, representation: check_sum(
+                    total, representation, what=what, tolerance=tolerance, on_inexact=self.on_inexact_sum,
+                    diagnose=diagnose))
+            representation, labels, scores = scored.representation, scored.labels, scored.scores
+        else:
+            registry, parking = ComponentRegistry(), _parking(plan, level)
+            representation, carried = propagate(self.graph_module, plan, images, level, registry,
+                                                compact=plan.compact, positions=positions, parking=parking)
+            carried = pooled_components(self.graph_module, plan.pooling, parking, carried,
+                                        project=projecting(checked, registry))
+            ids, scores = carried.drain()
+            labels = [registry.labels[i] for i in ids]
+        check = checked.table[0, -1]
+        error = check_sum(scores[..., -1].sum(0), representation, what=what + " along a random direction",
+                          tolerance=tolerance, on_inexact=self.on_inexact_sum, diagnose=diagnose,
+                          errors=direction_errors(scores[..., -1].sum(0), representation, check))
+        return Decomposition(None, labels, representation, level, plan.target.name, plan.describe_stop(),
+                             sum_error=error, scores=scores[..., :-1], directions=directions)
 
     def _first_inexact_node(self, plan: RunPlan, image: torch.Tensor, level: Level) -> str:
         """Where a sum breaks: ``image`` [1, C, H, W] decomposed again in float64 without early pooling,
@@ -134,6 +178,15 @@ class Decomposer(nn.Module):
         except Exception as failure:  # the diagnosis must not hide the error it explains
             return f"(Looking for the node where it breaks failed: {type(failure).__name__}: {failure}.)"
         return describe_first_inexact(hook.found, error, pooled=plan.pooling is not None)
+
+
+def _parking(plan: RunPlan, level: Level) -> Parking | None:
+    """The early pooling's run inside one components pass (None: the plan pools nothing)."""
+    if plan.pooling is None:
+        return None
+    return Parking(plan.pooling.nodes, branches=branches_for_level(plan.pooling.branches, level),
+                   static=plan.pooling.static, reference=plan.pooling.reference,
+                   norm_scales=plan.pooling.norm_scales, rows=plan.rows)
 
 
 def trace_and_decompose(model: nn.Module, output: str = "pre_logits", prune: bool = True,

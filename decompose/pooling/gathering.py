@@ -3,7 +3,7 @@ weights and pushed through the unit tail; branches split by token reach the outp
 per head (``token_matrices``)."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +18,7 @@ from tracer.linear_rules import (
 )
 from tracer.vocabulary import Level
 
-from ..carried import Carried, Chunk, split_probe
+from ..carried import PROBE, Carried, Chunk, split_probe
 from .layout import EarlyPooling, PooledBranch, RowStep, weighted_segment_sum
 from .parking import BranchRun, Parking
 from .unit_tail import unit_norm
@@ -215,10 +215,16 @@ def _token_components(pooling: EarlyPooling, run: BranchRun, join: _JoinRows, ma
             yield run.ids[(h * run.windows + first) * keys: (h * run.windows + last) * keys], out.flatten(0, 1)
 
 
-def pooled_components(gm: fx.GraphModule, pooling: EarlyPooling, parking: Parking, out: Carried) -> Carried:
+def pooled_components(gm: fx.GraphModule, pooling: EarlyPooling, parking: Parking, out: Carried,
+                      project: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None) -> Carried:
     """The output's components, with those parked at ``pooling``'s nodes (and its pooled branches)
-    taken to the output: pooled over tokens with this batch's weights, then through the unit tail."""
+    taken to the output: pooled over tokens with this batch's weights, then through the unit tail.
+
+    project: applied to each piece (ids, values [c, B, *output]) as it reaches the output (scores along
+             directions: only pieces of the components exist at a time)."""
+    project = project if project is not None else (lambda ids, values: values)
     needed = set(parking.parked) | {run.spec.join for run in parking.runs.values()}
+    out = Carried([c if c.ids == [PROBE] else Chunk(c.ids, project(c.ids, c.values)) for c in out.chunks])
     if parking.norm_scales is not None:  # no backward pass: γ from the trunk norms' scales
         out = Carried(split_probe(out)[1])
         gammas = {node: parking.norm_scales.weights(node, parking.scales, parking.batch) for node in needed}
@@ -249,7 +255,8 @@ def pooled_components(gm: fx.GraphModule, pooling: EarlyPooling, parking: Parkin
             continue
         rows = _join_rows(pooling, run, gammas[join], run.weights.dtype)
         for run_ids, values in _token_components(pooling, run, rows, matrices[birth], gammas[join].shape[0]):
-            out.chunks.append(Chunk(run_ids, values.reshape(len(run_ids), -1, *pooling.cotangent.shape)))
+            out.chunks.append(Chunk(run_ids, project(run_ids, values.reshape(len(run_ids), -1,
+                                                                              *pooling.cotangent.shape))))
         constant_ids, constants = _constants(gm, run, rows)
         if constants is not None:
             injections.setdefault(join, []).append(pooling.arrange(join, constants))
@@ -258,5 +265,6 @@ def pooled_components(gm: fx.GraphModule, pooling: EarlyPooling, parking: Parkin
         return out
     for node, rows in pooling.run({n: torch.cat(parts) for n, parts in injections.items()}).items():
         count = len(ids[node])  # [k·B, 1, *D] -> [k, B, *D]
-        out.chunks.append(Chunk(ids[node], rows.reshape(count, rows.shape[0] // count, *rows.shape[2:])))
+        out.chunks.append(Chunk(ids[node], project(ids[node], rows.reshape(count, rows.shape[0] // count,
+                                                                           *rows.shape[2:]))))
     return out
