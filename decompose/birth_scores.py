@@ -37,6 +37,11 @@ class BirthScores:
         self.batch_axis = 0
         if self.split is not None and not self._standard():
             self.split = None
+        if self.split is not None and self.split.parts is not None:  # kept until the backward pass: not as
+            parts = self.split.parts                                   # views of the whole qkv projection
+            self.split.parts = type(parts)(_own_storage(parts.weights), _own_storage(parts.values))
+        if self.split is not None:
+            self.split.value = _own_storage(self.split.value)
         if self.split is None:
             born = split_birth(gm, birth, real, level, spec, batch_size)
             values = born.values[0] if isinstance(born.values, tuple) else born.values
@@ -60,40 +65,47 @@ class BirthScores:
         groupings = [split.heads] + ([split.windows] if split.windows is not None else [])
         return all(g.index.dim() == dims and tuple(g.index.shape[-2:]) == (1, 1) for g in groupings)
 
-    def scores(self, adjoint: torch.Tensor) -> torch.Tensor:
-        """[K, B, k] for ``adjoint`` [k, *value shape] (the birth's value as the pass carried it)."""
+    def scores(self, adjoint: torch.Tensor, needed: torch.Tensor | None = None) -> torch.Tensor:
+        """[K, B, k] for ``adjoint`` [k, *value shape] (the birth's value as the pass carried it); with
+        ``needed`` (bool [K]) only those components are computed (the others are 0)."""
         if self.split is None:
-            return self._contracted(adjoint)
+            scores = self._contracted(adjoint)
+            return scores if needed is None else scores * needed.view(-1, 1, 1).to(scores)
         split = self.split
         value = split.value
-        if split.windows is None:  # by head: Σ value·G over each head's elements
-            if not split.heads.named:
-                return self._contracted(adjoint, value.unsqueeze(0))
-            per_attention = (adjoint * value.to(adjoint.dtype)).sum((-2, -1))              # [k, rows, *middle]
-            return self._grouped(per_attention, split.heads.index[..., 0, 0], split.heads.count)
-        weights, values = split.parts.weights.to(adjoint.dtype), split.parts.values.to(adjoint.dtype)
-        # [k, *lead, Nq, Nk] = G Vᵀ, then Σ_q A ⊙ (G Vᵀ) -> [k, *lead, Nk]
+        if split.windows is None and not split.heads.named:
+            return self._contracted(adjoint, value.unsqueeze(0))
+        windows = split.windows.count if split.windows is not None else 1
+        groups = split.heads.index[..., 0, 0] * windows
+        if split.windows is not None:
+            groups = groups + split.windows.index[..., 0, 0]
         lead = value.shape[:-2]
-        products = torch.einsum("j...qd,...kd->j...qk", adjoint, values.expand(*lead, *values.shape[-2:]))
-        per_source = (products * weights).sum(-2)
-        groups = split.heads.index[..., 0, 0] * split.windows.count + split.windows.index[..., 0, 0]
-        grouped = self._grouped(per_source, groups, split.heads.count * split.windows.count)  # [G, B, k, Nk]
-        count, keys = split.heads.count, per_source.shape[-1]
-        directions = adjoint.shape[0]
-        return grouped.view(count, split.windows.count, self.batch, directions, keys) \
-            .permute(0, 1, 4, 2, 3).reshape(-1, self.batch, directions)
-
-    def _grouped(self, per_attention: torch.Tensor, index: torch.Tensor, count: int) -> torch.Tensor:
-        """``per_attention`` [k, rows, *middle, *tail] summed per (group, image): [count, B, k, *tail]
-        (``index``: the group of each attention, broadcastable to [rows, *middle])."""
-        directions, rows = per_attention.shape[0], per_attention.shape[1]
-        lead = per_attention.shape[1: 1 + index.dim()]
-        tail = per_attention.shape[1 + index.dim():]
-        image = (torch.arange(rows, device=index.device) // (rows // self.batch)).view(-1, *[1] * (index.dim() - 1))
-        target = (index * self.batch + image).expand(lead).reshape(-1)
-        flat = per_attention.reshape(directions, -1, *tail)
-        out = flat.new_zeros(directions, count * self.batch, *tail).index_add_(1, target.to(flat.device), flat)
-        return out.view(directions, count, self.batch, *tail).movedim(0, 2)
+        count = split.heads.count * windows
+        group_of = groups.expand(lead).reshape(-1)                                    # [E] attentions
+        image_of = (torch.arange(lead[0], device=group_of.device) // (lead[0] // self.batch)) \
+            .view(-1, *[1] * (len(lead) - 1)).expand(lead).reshape(-1)
+        chosen = None
+        if needed is not None:
+            sources = len(self.heads) // count
+            wanted = needed.to(group_of.device).view(count, sources).any(1)
+            chosen = wanted[group_of].nonzero().flatten()
+            group_of, image_of = group_of[chosen], image_of[chosen]
+        g = _elements(adjoint, lead, chosen, leading=1)            # [k, E', Nq, d]
+        if split.windows is None:  # by head: Σ value·G over each head's elements
+            per_attention = (g * _elements(value.to(g.dtype), lead, chosen)).sum((-2, -1))       # [k, E']
+        else:  # Σ_q A ⊙ (G Vᵀ): [k, E', Nk]
+            weights = _elements(split.parts.weights.to(g.dtype), lead, chosen)
+            values = _elements(split.parts.values.to(g.dtype), lead, chosen)
+            per_attention = (torch.einsum("jeqd,ekd->jeqk", g, values) * weights).sum(-2)
+        tail = per_attention.shape[2:]
+        out = per_attention.new_zeros(per_attention.shape[0], count * self.batch, *tail)
+        out.index_add_(1, group_of * self.batch + image_of, per_attention)
+        out = out.view(-1, count, self.batch, *tail)                                   # [k, G, B, (Nk)]
+        if split.windows is None:
+            return out.permute(1, 2, 0)
+        directions, keys = out.shape[0], tail[0]
+        return out.view(directions, split.heads.count, windows, self.batch, keys) \
+            .permute(1, 2, 4, 3, 0).reshape(-1, self.batch, directions)
 
     def _contracted(self, adjoint: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
         """Components ``values`` [K, *value] (default: the split's) against ``adjoint``, per image."""
@@ -101,3 +113,18 @@ class BirthScores:
         values = values.movedim(1 + self.batch_axis, 1).reshape(values.shape[0], self.batch, -1)
         adjoint = adjoint.movedim(1 + self.batch_axis, 1).reshape(adjoint.shape[0], self.batch, -1)
         return torch.einsum("cbe,jbe->cbj", values.to(adjoint.dtype), adjoint)
+
+
+def _elements(tensor: torch.Tensor, lead: torch.Size, chosen: torch.Tensor | None, leading: int = 0
+              ) -> torch.Tensor:
+    """``tensor`` [*leading axes, *broadcastable to lead, a, b] -> [*leading axes, E (or the chosen), a, b]."""
+    shape = tensor.shape[:leading] + lead + tensor.shape[-2:]
+    flat = tensor.expand(shape).reshape(*tensor.shape[:leading], -1, *tensor.shape[-2:])
+    return flat if chosen is None else flat.index_select(leading, chosen)
+
+
+def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, copied when it is a view into a larger tensor (which keeping it would keep alive)."""
+    if tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size():
+        return tensor.clone()
+    return tensor

@@ -31,8 +31,9 @@ from .labels import ComponentLabel
 from .propagate import born_label, propagate, with_offsets
 from .run_plan import RunPlan
 
-# bytes of adjoints kept at once (all births, one group of directions)
-ADJOINT_BYTES = 2 ** 28
+# one batched backward pass takes the directions of table rows while they are at most this many and their
+# adjoints (all births) at most this many bytes (the pass's intermediate gradients are several times that)
+BATCHED_DIRECTIONS, ADJOINT_BYTES = 16, 2 ** 23
 
 
 def with_check_direction(directions: Directions, width: int, like: torch.Tensor) -> Directions:
@@ -114,46 +115,59 @@ def score_by_adjoints(gm: fx.GraphModule, plan: RunPlan, images: torch.Tensor, l
         rows_of[i] = directions.rows(own)
         labels.extend(own)
     born = [i for i in ids if i in leaves.leaves]
-    needed = sorted({int(r) for i in born for r in rows_of[i].tolist()})
-    adjoints = _adjoints(total, [leaves.leaves[i][0] for i in born], directions, needed)
+    wanted = {(n, int(row)) for n, i in enumerate(born) for row in rows_of[i].unique().tolist()}
+    adjoints = _adjoints(total, [leaves.leaves[i][0] for i in born], directions, wanted)
     parts = []
     for k, i in enumerate(ids):
         if i not in leaves.leaves:
             parts.append(directions.project(components[k: k + 1].detach(), [registry.labels[i]]))
             continue
         split, rows = leaves.leaves[i][1], rows_of[i]
-        scores = None
-        for row in rows.unique().tolist():
-            per_row = split.scores(adjoints[(born.index(i), row)])                   # [K, B, k + 1]
-            scores = per_row if scores is None else torch.where((rows == row).view(-1, 1, 1).to(per_row.device),
-                                                                per_row, scores)
-        parts.append(scores)
+        unique = rows.unique().tolist()
+        if len(unique) == 1:
+            parts.append(split.scores(adjoints.pop((born.index(i), unique[0]))))
+            continue
+        parts.append(sum(split.scores(adjoints.pop((born.index(i), row)), needed=rows == row) for row in unique))
     return Scored(representation, labels, torch.cat(parts))
 
 
-def _adjoints(total: torch.Tensor, leaves: list[torch.Tensor], directions: Directions, rows: list[int]
-              ) -> dict[tuple[int, int], torch.Tensor]:
-    """(leaf index, table row) -> the leaf's adjoint for every direction of that row, [k, *leaf shape]:
-    backward passes of several directions at once (``is_grads_batched``), in groups of bounded memory."""
+def _adjoints(total: torch.Tensor, leaves: list[torch.Tensor], directions: Directions,
+              wanted: set[tuple[int, int]]) -> dict[tuple[int, int], torch.Tensor]:
+    """(leaf index, table row) -> the leaf's adjoint for every direction of that row, [k, *leaf shape], for
+    the ``wanted`` pairs: backward passes of several directions at once (``is_grads_batched``), in groups
+    of bounded memory (``BATCHED_DIRECTIONS``, ``ADJOINT_BYTES``)."""
+    rows = sorted({row for _, row in wanted})
     if not leaves or not rows:
         return {}
     k = directions.count
     per_direction = sum(leaf.numel() * leaf.element_size() for leaf in leaves)
-    group = max(1, ADJOINT_BYTES // max(1, per_direction * k))                      # table rows per pass
-    found: dict[tuple[int, int], torch.Tensor] = {}
-    for start in range(0, len(rows), group):
-        chosen = rows[start: start + group]
-        cotangent = directions.table[chosen].reshape(-1, *total.shape[1:])          # [g·k, *D]
-        cotangent = cotangent.unsqueeze(1).expand(-1, *total.shape).to(total.dtype)  # [g·k, B, *D]
+    size = max(1, min(BATCHED_DIRECTIONS, ADJOINT_BYTES // max(1, per_direction)))    # directions per pass
+    pieces = [(row, first, min(first + size, k)) for row in rows for first in range(0, k, size)]
+    groups, current = [], []
+    for piece in pieces:
+        if current and sum(last - first for _, first, last in current) + piece[2] - piece[1] > size:
+            groups.append(current)
+            current = []
+        current.append(piece)
+    groups.append(current)
+    found: dict[tuple[int, int], list[torch.Tensor]] = {}
+    for number, group in enumerate(groups):
+        cotangent = torch.cat([directions.table[row, first:last] for row, first, last in group])  # [g, D]
+        cotangent = cotangent.reshape(-1, *total.shape[1:]).unsqueeze(1).expand(-1, *total.shape).to(total.dtype)
         with torch.enable_grad():
             grads = torch.autograd.grad(total, leaves, cotangent, is_grads_batched=True, allow_unused=True,
-                                        retain_graph=start + group < len(rows))
+                                        retain_graph=number + 1 < len(groups))
         for n, (leaf, grad) in enumerate(zip(leaves, grads)):
-            grad = torch.zeros((len(chosen) * k, *leaf.shape), dtype=leaf.dtype, device=leaf.device) \
-                if grad is None else grad
-            for position, row in enumerate(chosen):  # the leaf is [1, *value]: drop its component axis
-                found[(n, row)] = grad[position * k: (position + 1) * k, 0]
-    return found
+            offset = 0
+            for row, first, last in group:  # the leaf is [1, *value]: drop its component axis
+                if (n, row) in wanted:
+                    part = torch.zeros((last - first, *leaf.shape[1:]), dtype=leaf.dtype, device=leaf.device) \
+                        if grad is None else grad[offset: offset + last - first, 0]
+                    # not a view that keeps the whole group's adjoints
+                    found.setdefault((n, row), []).append(part.clone() if len(group) > 1 else part)
+                offset += last - first
+        del grads
+    return {key: parts[0] if len(parts) == 1 else torch.cat(parts) for key, parts in found.items()}
 
 
 def projecting(directions: Directions, registry: ComponentRegistry) -> Callable[[list[int], torch.Tensor], torch.Tensor]:

@@ -137,3 +137,45 @@ def test_a_component_without_a_row_is_named():
     directions = per_component(table, lambda label: 0 if label.head is None else 5)
     with pytest.raises(DirectionError, match="no direction row for component blocks.0.attn"):
         decomposer(torch.randn(1, *size, dtype=torch.float64), level="head", directions=directions)
+
+
+def test_aligner_directions_equal_text_contributions():
+    """Per-component directions from a CompAlign (each component along its own or its head's map) give
+    today's ``text_contributions`` on the full components."""
+    from align.compalign import AlignerMismatch, CompAlign
+    from align.parent_maps import aligner_directions, text_contributions
+
+    torch.manual_seed(4)
+    model, size = _matrix_model("vit_tiny_patch16_224")
+    decomposer = trace_and_decompose(model)
+    images = torch.randn(2, *size, dtype=torch.float64)
+    heads = decomposer(images[:1], level="head").labels
+    aligner = CompAlign(heads, 192, 24, generator=torch.Generator().manual_seed(0))
+    texts = torch.randn(2, 24)
+    full = decomposer(images, level="token")
+    scored = decomposer(images, level="token", directions=aligner_directions(aligner, texts))
+    for j in range(2):
+        expected = text_contributions(aligner, full.components, full.labels, texts[j]).double()
+        assert float((scored.scores[..., j] - expected).abs().max()) <= 1e-5 * float(expected.abs().max())
+    partial = CompAlign(heads[:3], 192, 24)
+    with pytest.raises(AlignerMismatch, match="has no map in the aligner"):
+        decomposer(images, level="head", directions=aligner_directions(partial, texts))
+    with pytest.raises(AlignerMismatch, match=r"\[k, 24\]"):
+        aligner_directions(aligner, torch.randn(2, 7))
+
+
+def test_directions_split_over_several_backward_passes(monkeypatch):
+    """Groups of one direction (columns of a row split, rows apart) give the same scores."""
+    import decompose.scoring as scoring
+
+    torch.manual_seed(5)
+    model, size = _matrix_model("vit_tiny_patch16_224")
+    decomposer = trace_and_decompose(model)
+    images = torch.randn(2, *size, dtype=torch.float64)
+    table = torch.randn(3, 2, 192, dtype=torch.float64)
+    directions = per_component(table, lambda label: (label.layer or 0) % 3)
+    together = decomposer(images, level="token", directions=directions).scores
+    monkeypatch.setattr(scoring, "BATCHED_DIRECTIONS", 1)
+    apart = decomposer(images, level="token", directions=directions).scores
+    assert torch.allclose(together, apart, rtol=1e-12, atol=1e-14)
+    assert_scores_match(decomposer, images, "head", k=5)
