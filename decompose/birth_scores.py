@@ -20,7 +20,7 @@ from tracer.relevance import Slice
 from tracer.roles import Birth
 from tracer.vocabulary import Level
 
-from .births import AttentionSplit, Grouping, attention_split, split_birth
+from .births import AttentionSplit, attention_split, split_birth
 
 
 class BirthScores:

@@ -90,6 +90,11 @@ class Decomposer(nn.Module):
             self._plans[signature] = plan
         return self._plans[signature]
 
+    def output_width(self, images: torch.Tensor) -> int:
+        """Numbers per image of the decomposed output for inputs shaped like ``images`` (what a direction's
+        length must be)."""
+        return math.prod(self.plan(images).output_shape)
+
     def key_positions(self, plan: RunPlan) -> dict:
         """Attention birth -> the source position of each of its keys (computed once per plan, at the first
         call that needs them: level token, attention maps)."""

@@ -113,7 +113,7 @@ def test_vectors_are_not_built_and_say_so():
     scored = decomposer(images, level="head", directions=torch.randn(192, dtype=torch.float64))
     assert scored.scores.shape[-1] == 1 and scored.vectors is None
     with pytest.raises(VectorsNotComputed, match="directions"):
-        scored.components
+        _ = scored.components
     assert "mean |score|" in scored.table(top=3)
 
 
@@ -166,7 +166,7 @@ def test_aligner_directions_equal_text_contributions():
 
 def test_directions_split_over_several_backward_passes(monkeypatch):
     """Groups of one direction (columns of a row split, rows apart) give the same scores."""
-    import decompose.scoring as scoring
+    from decompose import scoring
 
     torch.manual_seed(5)
     model, size = _matrix_model("vit_tiny_patch16_224")
