@@ -102,10 +102,13 @@ class BirthScores:
         out.index_add_(1, group_of * self.batch + image_of, per_attention)
         out = out.view(-1, count, self.batch, *tail)                                   # [k, G, B, (Nk)]
         if split.windows is None:
-            return out.permute(1, 2, 0)
-        directions, keys = out.shape[0], tail[0]
-        return out.view(directions, split.heads.count, windows, self.batch, keys) \
-            .permute(1, 2, 4, 3, 0).reshape(-1, self.batch, directions)
+            scores = out.permute(1, 2, 0)
+        else:
+            directions, keys = out.shape[0], tail[0]
+            scores = out.view(directions, split.heads.count, windows, self.batch, keys) \
+                .permute(1, 2, 4, 3, 0).reshape(-1, self.batch, directions)
+        # a chosen attention computes all its sources: keep the needed ones
+        return scores if needed is None else scores * needed.view(-1, 1, 1).to(scores)
 
     def _contracted(self, adjoint: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
         """Components ``values`` [K, *value] (default: the split's) against ``adjoint``, per image."""

@@ -22,7 +22,7 @@ from .pooling import Parking, branches_for_level, early_pooling_for, pooled_comp
 from .precision import Float64Values, in_float64, restored
 from .carried import PROBE, Carried, Chunk, ComponentRegistry
 from .directions import Directions, as_directions
-from .scoring import projecting, score_by_adjoints, with_check_direction
+from .scoring import Projection, score_by_adjoints, with_check_direction
 from .propagate import propagate
 from .run_plan import RunPlan
 from .sum_check import (
@@ -159,10 +159,14 @@ class Decomposer(nn.Module):
             representation, carried = propagate(self.graph_module, plan, images, level, registry,
                                                 compact=plan.compact, positions=positions, parking=parking)
             carried = pooled_components(self.graph_module, plan.pooling, parking, carried,
-                                        project=projecting(checked, registry))
+                                        project=Projection(checked, registry))
             ids, scores = carried.drain()
             labels = [registry.labels[i] for i in ids]
         check = checked.table[0, -1]
+        if plan.pooling is None:  # the branch-level sum was checked: the pull-back is what failed
+            def diagnose(image: int) -> str:
+                return ("The branch-level components sum to the output (checked in the same pass), so scoring "
+                        "the finer components from the births' adjoints is where the sum breaks.")
         error = check_sum(scores[..., -1].sum(0), representation, what=what + " along a random direction",
                           tolerance=tolerance, on_inexact=self.on_inexact_sum, diagnose=diagnose,
                           errors=direction_errors(scores[..., -1].sum(0), representation, check))

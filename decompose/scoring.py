@@ -25,7 +25,7 @@ from tracer.vocabulary import Level
 
 from .birth_scores import BirthScores
 from .births import split_birth
-from .carried import Carried, Chunk, ComponentRegistry
+from .carried import Carried, ComponentRegistry
 from .directions import Directions
 from .labels import ComponentLabel
 from .propagate import born_label, propagate, with_offsets
@@ -170,13 +170,19 @@ def _adjoints(total: torch.Tensor, leaves: list[torch.Tensor], directions: Direc
     return {key: parts[0] if len(parts) == 1 else torch.cat(parts) for key, parts in found.items()}
 
 
-def projecting(directions: Directions, registry: ComponentRegistry) -> Callable[[list[int], torch.Tensor], torch.Tensor]:
-    """For early pooling's gathering: component ids and their values [c, B, *D] -> scores [c, B, k + 1]."""
-    def project(ids: list[int], values: torch.Tensor) -> torch.Tensor:
-        return directions.project(values, [registry.labels[i] for i in ids])
-    return project
+class Projection:
+    """For early pooling's gathering (``pooling.gathering.OutputProjection``): components' values at the
+    output [c, B, *D] -> scores [c, B, k]; ``factor(ids)``: the matrix [D, k] that projects all of ``ids``
+    when they use one table row."""
+
+    def __init__(self, directions: Directions, registry: ComponentRegistry):
+        self.directions, self.registry = directions, registry
+
+    def __call__(self, ids: list[int], values: torch.Tensor) -> torch.Tensor:
+        return self.directions.project(values, [self.registry.labels[i] for i in ids])
+
+    def factor(self, ids: list[int]) -> torch.Tensor | None:
+        rows = self.directions.rows([self.registry.labels[i] for i in ids]).unique()
+        return self.directions.table[int(rows[0])].T if len(rows) == 1 else None
 
 
-def scores_chunks(carried: Carried, project: Callable[[list[int], torch.Tensor], torch.Tensor]) -> Carried:
-    """Every chunk of ``carried`` projected."""
-    return Carried([Chunk(chunk.ids, project(chunk.ids, chunk.values)) for chunk in carried.chunks])

@@ -89,19 +89,27 @@ def test_scores_on_random_configs(configs, data):
     assert_scores_match(decomposer, images, data.draw(st.sampled_from(LEVELS)), k=data.draw(st.integers(1, 4)))
 
 
-def test_per_component_directions_use_each_components_row():
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "swin_tiny_patch4_window7_224"])
+@pytest.mark.parametrize("by_token", [False, True], ids=["by-head", "by-token"])
+def test_per_component_directions_use_each_components_row(name, by_token):
+    """Rows by head (a head's tokens share one row: early pooling folds it into the head's matrix) or by
+    token parity (rows differ inside a head: each piece is projected)."""
     torch.manual_seed(3)
-    model, size = _matrix_model("vit_tiny_patch16_224")
+    model, size = _matrix_model(name)
     decomposer = trace_and_decompose(model)
     images = torch.randn(2, *size, dtype=torch.float64)
     full = decomposer(images, level="token")
     width = full.representation.shape[-1]
-    heads = sorted({(label.name, label.head) for label in full.labels})
-    row = {key: i for i, key in enumerate(heads)}
-    table = torch.randn(len(heads), 2, width, dtype=torch.float64)
-    directions = per_component(table, lambda label: row[(label.name, label.head)])
+
+    def key(label):
+        return (label.name, label.head, (label.token or 0) % 2 if by_token else None)
+
+    keys = sorted({key(label) for label in full.labels}, key=str)
+    row = {k: i for i, k in enumerate(keys)}
+    table = torch.randn(len(keys), 2, width, dtype=torch.float64)
+    directions = per_component(table, lambda label: row[key(label)])
     scored = decomposer(images, level="token", directions=directions)
-    rows = torch.tensor([row[(label.name, label.head)] for label in full.labels])
+    rows = torch.tensor([row[key(label)] for label in full.labels])
     expected = torch.einsum("cbd,ckd->cbk", full.components, table[rows])
     assert float((scored.scores - expected).abs().max()) <= 1e-10 * float(full.representation.norm() * table.norm())
 

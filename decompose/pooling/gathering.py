@@ -3,8 +3,9 @@ weights and pushed through the unit tail; branches split by token reach the outp
 per head (``token_matrices``)."""
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -171,11 +172,14 @@ def token_matrices(gm: fx.GraphModule, pooling: EarlyPooling, runs: list[BranchR
 
 
 def _token_components(pooling: EarlyPooling, run: BranchRun, join: _JoinRows, matrix: torch.Tensor,
-                      batch: int) -> Iterator[tuple[list[int], torch.Tensor]]:
+                      batch: int, project: OutputProjection | None = None
+                      ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Components (h, s) of a branch split by token, at the output: ids and pieces ``[c, B, O]`` of
     the ``H·S`` components in order (the branch's constants are ``_constants``).
 
-    matrix: ``[K, F, O]`` from ``token_matrices``. Source s = w·Nk + j is key j of attention group w
+    matrix: ``[K, F, O]`` from ``token_matrices``; with ``project``, a head whose components share one factor
+    [O, k] is taken straight to its scores (``[c, B, k]`` pieces, the matrix times the factor), the others
+    are projected piece by piece. Source s = w·Nk + j is key j of attention group w
     (``births._split_tokens``); its component at row r (attention row n, query q) is
     A[n, h, q, j] · V[n, h, j, within] on head h's features, so pooled and at the output:
 
@@ -198,11 +202,15 @@ def _token_components(pooling: EarlyPooling, run: BranchRun, join: _JoinRows, ma
     used = (image_of >= 0).nonzero().flatten()                                            # groups that feed the join
     window, image = used % run.windows, image_of[used]
     head_of, within = spec.heads.to(group.device), spec.within.to(group.device)
-    outputs = matrix.shape[-1]
     for h in range(heads):
         features = (head_of == h).nonzero().flatten()
         own = values[used, h][..., within[features]]                                      # [n, Nk, W]
-        head_matrix = matrix[:, features].reshape(-1, outputs)                            # [K·W, O]
+        head_matrix = matrix[:, features].reshape(-1, matrix.shape[-1])                   # [K·W, O]
+        head_ids = run.ids[h * run.windows * keys: (h + 1) * run.windows * keys]
+        factor = project.factor(head_ids) if project is not None else None
+        if factor is not None:
+            head_matrix = head_matrix @ factor.to(head_matrix)                           # [K·W, k]
+        outputs = head_matrix.shape[-1]
         step = max(1, PIECE_ELEMENTS // (keys * count * len(features) * batch))           # windows per piece
         for first in range(0, run.windows, step):
             last = min(first + step, run.windows)
@@ -212,19 +220,30 @@ def _token_components(pooling: EarlyPooling, run: BranchRun, join: _JoinRows, ma
             out = values.new_zeros(batch * (last - first), keys, outputs)                 # [B·w, Nk, O]
             out.index_copy_(0, image[inside] * (last - first) + window[inside] - first, pooled.flatten(2) @ head_matrix)
             out = out.view(batch, last - first, keys, outputs).permute(1, 2, 0, 3)        # [w, Nk, B, O] (a view)
-            yield run.ids[(h * run.windows + first) * keys: (h * run.windows + last) * keys], out.flatten(0, 1)
+            ids = run.ids[(h * run.windows + first) * keys: (h * run.windows + last) * keys]
+            out = out.flatten(0, 1)
+            yield ids, out if project is None or factor is not None else project(ids, out)
+
+
+class OutputProjection(Protocol):
+    """Scores along directions (``decompose.scoring.Projection``): components' values at the output
+    [c, B, *output] -> [c, B, k]; ``factor(ids)``: one matrix [O, k] that does it for all of ``ids``, or None."""
+
+    def __call__(self, ids: list[int], values: torch.Tensor) -> torch.Tensor: ...
+
+    def factor(self, ids: list[int]) -> torch.Tensor | None: ...
 
 
 def pooled_components(gm: fx.GraphModule, pooling: EarlyPooling, parking: Parking, out: Carried,
-                      project: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None) -> Carried:
+                      project: OutputProjection | None = None) -> Carried:
     """The output's components, with those parked at ``pooling``'s nodes (and its pooled branches)
     taken to the output: pooled over tokens with this batch's weights, then through the unit tail.
 
-    project: applied to each piece (ids, values [c, B, *output]) as it reaches the output (scores along
-             directions: only pieces of the components exist at a time)."""
-    project = project if project is not None else (lambda ids, values: values)
+    project: scores along directions: each piece (ids, values [c, B, *output]) is projected as it reaches
+             the output, or earlier by its ``factor`` (only pieces of the components exist at a time)."""
     needed = set(parking.parked) | {run.spec.join for run in parking.runs.values()}
-    out = Carried([c if c.ids == [PROBE] else Chunk(c.ids, project(c.ids, c.values)) for c in out.chunks])
+    if project is not None:
+        out = Carried([c if c.ids == [PROBE] else Chunk(c.ids, project(c.ids, c.values)) for c in out.chunks])
     if parking.norm_scales is not None:  # no backward pass: γ from the trunk norms' scales
         out = Carried(split_probe(out)[1])
         gammas = {node: parking.norm_scales.weights(node, parking.scales, parking.batch) for node in needed}
@@ -254,9 +273,10 @@ def pooled_components(gm: fx.GraphModule, pooling: EarlyPooling, parking: Parkin
             ids.setdefault(join, []).extend(run_ids)
             continue
         rows = _join_rows(pooling, run, gammas[join], run.weights.dtype)
-        for run_ids, values in _token_components(pooling, run, rows, matrices[birth], gammas[join].shape[0]):
-            out.chunks.append(Chunk(run_ids, project(run_ids, values.reshape(len(run_ids), -1,
-                                                                              *pooling.cotangent.shape))))
+        for run_ids, values in _token_components(pooling, run, rows, matrices[birth], gammas[join].shape[0],
+                                                 project):
+            shape = pooling.cotangent.shape if project is None else values.shape[-1:]
+            out.chunks.append(Chunk(run_ids, values.reshape(len(run_ids), -1, *shape)))
         constant_ids, constants = _constants(gm, run, rows)
         if constants is not None:
             injections.setdefault(join, []).append(pooling.arrange(join, constants))
@@ -265,6 +285,6 @@ def pooled_components(gm: fx.GraphModule, pooling: EarlyPooling, parking: Parkin
         return out
     for node, rows in pooling.run({n: torch.cat(parts) for n, parts in injections.items()}).items():
         count = len(ids[node])  # [k·B, 1, *D] -> [k, B, *D]
-        out.chunks.append(Chunk(ids[node], project(ids[node], rows.reshape(count, rows.shape[0] // count,
-                                                                           *rows.shape[2:]))))
+        values = rows.reshape(count, rows.shape[0] // count, *rows.shape[2:])
+        out.chunks.append(Chunk(ids[node], values if project is None else project(ids[node], values)))
     return out
