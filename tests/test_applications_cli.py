@@ -28,7 +28,7 @@ from decompose import decompose_dataset, trace_and_decompose
 from decompose.dataset import evaluation_transform
 from decompose.models import load_model
 from vit_decompose.cli import main
-from vit_decompose.heatmap_commands import labels_with_positions
+from vit_decompose.heatmap_sources import labels_with_positions
 from vit_decompose.keyed_files import read_table
 
 MODEL = "vit_tiny_patch16_224"
