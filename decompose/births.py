@@ -26,8 +26,8 @@ from tracer.attention import (
 )
 from tracer.head_axes import AttentionAxes
 from tracer.linear_rules import Offset
-from tracer.ops import is_multihead_attention
 from tracer.node_calls import node_arguments
+from tracer.ops import is_multihead_attention
 from tracer.relevance import Slice, index_tensor
 from tracer.roles import Birth
 from tracer.vocabulary import ComponentKind, Level

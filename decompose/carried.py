@@ -78,12 +78,16 @@ class Carried:
         return ordered, out
 
 
-PROBE = -1  # id of the probe chunk of an ``pooling.Parking`` (never a component)
+def is_probe(chunk: Chunk) -> bool:
+    """A probe chunk: one negative id, chosen by the pass extension that made it (``pooling.Parking``'s
+    adjoint probe); never a component. Probes with the same id add up like components; they are never
+    stacked with components (they alone need grad)."""
+    return len(chunk.ids) == 1 and chunk.ids[0] < 0
 
 
-def split_probe(carried: Carried) -> tuple[list[Chunk], list[Chunk]]:
-    """(the probe chunk, if any; the components' chunks) of ``carried``."""
-    return [c for c in carried.chunks if c.ids == [PROBE]], [c for c in carried.chunks if c.ids != [PROBE]]
+def split_probes(carried: Carried) -> tuple[list[Chunk], list[Chunk]]:
+    """(the probe chunks; the components' chunks) of ``carried``."""
+    return [c for c in carried.chunks if is_probe(c)], [c for c in carried.chunks if not is_probe(c)]
 
 
 class ComponentRegistry:
@@ -119,10 +123,10 @@ STACK_CHUNKS, STACK_ELEMENTS = 8, 2**22
 
 def few_chunks(carried: Carried) -> Carried:
     """``carried`` with its chunks stacked into one when they are many but small (the constants and
-    head rows that reach a CLS model's final norm); the probe chunk of a ``Parking`` stays apart."""
+    head rows that reach a CLS model's final norm); probe chunks stay apart."""
     if len(carried.chunks) <= STACK_CHUNKS or not all(isinstance(c.values, torch.Tensor) for c in carried.chunks):
         return carried
-    probe, rest = split_probe(carried)
+    probe, rest = split_probes(carried)
     shape = rest[0].values.shape[1:]
     if sum(len(c.ids) for c in rest) * shape.numel() > STACK_ELEMENTS:
         return carried
@@ -131,11 +135,11 @@ def few_chunks(carried: Carried) -> Carried:
 
 
 def consolidated(carried: Carried) -> Carried:
-    """Bound the number of chunks (each op runs once per chunk) with an occasional copy (the probe
-    chunk of a ``Parking`` stays apart: it alone needs grad)."""
+    """Bound the number of chunks (each op runs once per chunk) with an occasional copy (probe chunks
+    stay apart: they alone need grad)."""
     if len(carried.chunks) <= MAX_CHUNKS or not all(isinstance(c.values, torch.Tensor) for c in carried.chunks):
         return carried
-    probe, rest = split_probe(carried)
+    probe, rest = split_probes(carried)
     rest = Carried(rest)
     return Carried([Chunk(rest.ids, rest.stacked())] + probe)
 

@@ -19,8 +19,17 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .decomposer import Decomposer
-from .store import (FORMAT_VERSION, MANIFEST, DecompositionStore, atomic_write_text, check_compatible,
-                    label_records, read_manifest, shard_path, write_shard)
+from .store import (
+    FORMAT_VERSION,
+    MANIFEST,
+    DecompositionStore,
+    atomic_write_text,
+    check_compatible,
+    label_records,
+    read_manifest,
+    shard_path,
+    write_shard,
+)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 

@@ -17,14 +17,14 @@ from tracer.tracing import describe, frozen_eval_copy, trace_representation
 from tracer.vocabulary import ComponentKind, Level
 
 from .births import LEVELS
+from .carried import Carried, Chunk, ComponentRegistry
 from .decomposition import Decomposition
+from .directions import Directions, as_directions
 from .pooling import Parking, branches_for_level, early_pooling_for, pooled_components
 from .precision import Float64Values, in_float64, restored
-from .carried import PROBE, Carried, Chunk, ComponentRegistry
-from .directions import Directions, as_directions
-from .scoring import Projection, score_by_adjoints, with_check_direction
 from .propagate import propagate
 from .run_plan import RunPlan
+from .scoring import Projection, score_by_adjoints, with_check_direction
 from .sum_check import (
     FirstInexactNode,
     InexactSum,
@@ -280,6 +280,9 @@ def key_positions_for(gm, plan: TrunkPlan, probe, image: torch.Tensor) -> dict:
                                        supports=supports)
 
 
+GRID_PROBE = -2  # the key-positions pass carries the embedding's grid as a probe chunk (``carried.is_probe``)
+
+
 def _fork_components(gm, plan: TrunkPlan, image: torch.Tensor, forks: set) -> tuple[torch.Tensor | None, dict]:
     """One linear pass (grad enabled): the embedding's grid leaf (None: the image is the grid) and
     fork -> {"embedding": the image's component there, "constants": {name: component}}."""
@@ -294,7 +297,7 @@ def _fork_components(gm, plan: TrunkPlan, image: torch.Tensor, forks: set) -> tu
             # backward pass from a fork costs one component's ops, not every component's there
             leaf = carried.chunks[0].values.detach().clone().requires_grad_(True)
             leaves["grid"] = leaf
-            ids = [PROBE] if len(carried.chunks[0].ids) == 1 else carried.chunks[0].ids
+            ids = [GRID_PROBE] if len(carried.chunks[0].ids) == 1 else carried.chunks[0].ids
             carried = Carried([Chunk(ids, leaf)] + carried.chunks[1:])
         if node in forks:
             captured[node] = carried
@@ -310,7 +313,7 @@ def _fork_components(gm, plan: TrunkPlan, image: torch.Tensor, forks: set) -> tu
             if not isinstance(chunk.values, torch.Tensor):
                 continue
             for row, component in enumerate(chunk.ids):
-                label = registry.labels[component] if component != PROBE else None
+                label = registry.labels[component] if component != GRID_PROBE else None
                 if (label is None or label.kind is ComponentKind.EMBEDDING) and grid is not None and grid.dim() == 5:
                     # [1, B, C, H, W]
                     parts["embedding"] = chunk.values[row]

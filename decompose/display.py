@@ -3,13 +3,13 @@ and matplotlib figures of component values (``Decomposition.plot``). matplotlib 
 made, never on import."""
 from __future__ import annotations
 
-# ``Decomposition`` in annotations: decompose.decomposition.Decomposition (not imported: it imports this module)
-
 import html
 import io
 from collections.abc import Sequence
 
 import torch
+
+# ``Decomposition`` in annotations: decompose.decomposition.Decomposition (not imported: it imports this module)
 
 
 def component_values(dec: Decomposition, image: int | None = None, direction: torch.Tensor | None = None

@@ -34,13 +34,13 @@ from tracer.vocabulary import ComponentKind, Level
 
 from .births import split_birth
 from .carried import (
-    PROBE,
     Carried,
     Chunk,
     ComponentRegistry,
     consolidated,
     few_chunks,
     is_floating,
+    is_probe,
     merge_sum,
     unsqueezed,
 )
@@ -264,7 +264,7 @@ def _follows_real(gm, plan, node: fx.Node, role, carried: dict, real: dict, comp
     chunks = carried[inputs[0]].chunks
     if not chunks:
         return inputs[0]
-    if len(chunks) == 1 and len(chunks[0].ids) == 1 and chunks[0].ids != [PROBE] and \
+    if len(chunks) == 1 and len(chunks[0].ids) == 1 and not is_probe(chunks[0]) and \
             _is_whole(chunks[0].values, real.get(inputs[0])):
         return inputs[0]
     return None

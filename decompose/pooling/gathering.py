@@ -19,9 +19,9 @@ from tracer.linear_rules import (
 )
 from tracer.vocabulary import Level
 
-from ..carried import PROBE, Carried, Chunk, split_probe
+from ..carried import Carried, Chunk
 from .layout import EarlyPooling, PooledBranch, RowStep, weighted_segment_sum
-from .parking import BranchRun, Parking
+from .parking import PROBE, BranchRun, Parking, split_probe
 from .unit_tail import unit_norm
 
 

@@ -18,7 +18,6 @@ from tracer.vocabulary import ComponentKind, Vocabulary
 from .norm_scales import NormScales
 from .unit_tail import TailUnavailable, UnitTail
 
-
 # at run time, the batch's adjoint must be a per-token multiple of the unit tail's to this precision
 RESIDUAL_TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-3}
 # tokens (evenly spread) on which each batch's adjoints are checked against the unit tail's

@@ -20,12 +20,19 @@ from tracer.ops import op_kind, overwritten_later
 from tracer.vocabulary import ComponentKind, Level
 
 from ..births import attention_groups, attention_parts
-from ..carried import PROBE, Carried, Chunk, ComponentRegistry, split_probe
+from ..carried import Carried, Chunk, ComponentRegistry
 from ..propagate import born_label, offset_label
 from ..run_plan import RunPlan
 from .branches import row_scale, source_row_code
 from .layout import PooledBranch, RowStep, chain_input
 from .norm_scales import NormScales
+
+PROBE = -1  # the id of a ``Parking``'s probe chunk (``carried.is_probe``)
+
+
+def split_probe(carried: Carried) -> tuple[list[Chunk], list[Chunk]]:
+    """(a ``Parking``'s probe chunk, if any; the other chunks) of ``carried``."""
+    return [c for c in carried.chunks if c.ids == [PROBE]], [c for c in carried.chunks if c.ids != [PROBE]]
 
 
 def branches_for_level(branches: dict[fx.Node, PooledBranch], level: Level | str

@@ -24,7 +24,6 @@ from tracer.ops import OpKind, op_kind
 from tracer.roles import Role, TrunkPlan
 from tracer.tracing import describe
 
-
 _SCALING_PRODUCTS = {operator.mul, operator.imul, torch.mul, operator.truediv, operator.itruediv, torch.div,
                      "mul", "mul_", "div", "div_"}
 
