@@ -171,6 +171,72 @@ def token_matrices(gm: fx.GraphModule, pooling: EarlyPooling, runs: list[BranchR
     return matrices
 
 
+@dataclass
+class _SlotWeights:
+    """W[n, k, h, j] = Σ_{rows r of attention n in slot k} γ(r) · A[n, h, q(r), j] of a branch split by token,
+    for the attention groups ``used`` that feed the join (their ``window`` and ``image``)."""
+
+    summed: torch.Tensor     # [N, K, H, Nk]
+    used: torch.Tensor       # [n] attention groups that feed the join
+    window: torch.Tensor     # [n]
+    image: torch.Tensor      # [n]
+    count: int               # K: slots
+    keys: int                # Nk
+
+    @classmethod
+    def of(cls, pooling: EarlyPooling, run: BranchRun, join: _JoinRows) -> _SlotWeights:
+        spec, weights = run.spec, run.weights                                             # [N, H, Nq, Nk]
+        count = pooling.nodes[spec.join].slot_count
+        groups, heads, queries, keys = weights.shape
+        sources = run.sources if join.rows is None else run.sources[join.rows]            # [R] n·Nq + q
+        group = sources // queries
+        per_row = weights[group, :, sources % queries] * join.weight.view(-1, 1, 1)      # [R, H, Nk]
+        # [N·(K+1), H, Nk] -> [N, K, H, Nk]: each group's weights of the keys, summed per slot
+        summed = per_row.new_zeros(groups * (count + 1), heads, keys).index_add_(
+            0, group * (count + 1) + join.slot, per_row)
+        summed = summed.view(groups, count + 1, heads, keys)[:, :count]
+        image_of = torch.full((groups,), -1, dtype=torch.long, device=group.device).scatter_(0, group, join.image)
+        if not bool((image_of[group] == join.image).all()):
+            raise RuntimeError(f"internal: an attention group of {spec.birth.name} feeds several images")
+        used = (image_of >= 0).nonzero().flatten()                                        # groups that feed the join
+        return cls(summed, used, used % run.windows, image_of[used], count, keys)
+
+
+def _all_heads_at_once(factors: list, head_of: torch.Tensor, heads: int) -> bool:
+    """Whether every head has a factor of one width and as many features (``_token_scores``)."""
+    if any(f is None for f in factors) or len({tuple(f.shape) for f in factors}) != 1:
+        return False
+    return bool((torch.bincount(head_of, minlength=heads) == head_of.numel() // heads).all())
+
+
+def _token_scores(run: BranchRun, slots: _SlotWeights, matrix: torch.Tensor, factors: torch.Tensor, batch: int
+                  ) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """``_token_components`` for scores, all heads in one product: ``factors`` [H, O, k] (each head's
+    directions), pieces ``[c, B, k]`` of the ``H·S`` components in order."""
+    head_of, within = run.spec.heads.to(slots.used.device), run.spec.within.to(slots.used.device)
+    heads, keys, count = factors.shape[0], slots.keys, slots.count
+    features = torch.stack([(head_of == h).nonzero().flatten() for h in range(heads)])  # [H, W]
+    width, outputs = features.shape[1], factors.shape[-1]
+    # [H, W, K·k]: each head's features through every slot's matrix and the head's directions
+    per_head = torch.einsum("khwo,hop->hwkp", matrix[:, features.flatten()].view(count, heads, width, -1),
+                            factors.to(matrix)).reshape(heads, width, count * outputs)
+    gather = within[features].view(1, heads, 1, width)
+    step = max(1, PIECE_ELEMENTS // (keys * count * max(outputs, 1) * batch * heads))   # windows per piece
+    for first in range(0, run.windows, step):
+        last = min(first + step, run.windows)
+        inside = ((slots.window >= first) & (slots.window < last)).nonzero().flatten()
+        groups = slots.used[inside]
+        own = torch.take_along_dim(run.values[groups], gather.expand(len(groups), heads, keys, width), dim=3)
+        through = torch.einsum("nhjw,hwq->nhjq", own, per_head).view(len(groups), heads, keys, count, outputs)
+        reached = torch.einsum("nkhj,nhjko->nhjo", slots.summed[groups], through)           # [n, H, Nk, k]
+        out = reached.new_zeros(batch * (last - first), heads, keys, outputs)
+        out.index_copy_(0, slots.image[inside] * (last - first) + slots.window[inside] - first, reached)
+        out = out.view(batch, last - first, heads, keys, outputs).permute(2, 1, 3, 0, 4)  # [H, w, Nk, B, k]
+        ids = [i for h in range(heads) for i in run.ids[(h * run.windows + first) * keys:
+                                                        (h * run.windows + last) * keys]]
+        yield ids, out.reshape(-1, batch, outputs)
+
+
 def _token_components(pooling: EarlyPooling, run: BranchRun, join: _JoinRows, matrix: torch.Tensor,
                       batch: int, project: OutputProjection | None = None
                       ) -> Iterator[tuple[list[int], torch.Tensor]]:
@@ -183,25 +249,21 @@ def _token_components(pooling: EarlyPooling, run: BranchRun, join: _JoinRows, ma
     (``births._split_tokens``); its component at row r (attention row n, query q) is
     A[n, h, q, j] · V[n, h, j, within] on head h's features, so pooled and at the output:
 
-        out[(h, s), b] = Σ_{n : group w, image b} Σ_k Σ_{f of head h} W[n, k, h, j] · V[n, h, j, within(f)] · matrix[k, f]
+        out[(h, s), b] = Σ_{n : group w, image b} Σ_k Σ_{f of head h} W[n, k, h, j] · V[n, h, j, within(f)]
+                         · matrix[k, f]
         W[n, k, h, j]  = Σ_{rows r of n in slot k} γ(r) · A[n, h, q(r), j]
     """
-    spec, weights, values = run.spec, run.weights, run.values            # [N, H, Nq, Nk], [N, H, Nk, d]
-    count = pooling.nodes[spec.join].slot_count
-    groups, heads, queries, keys = weights.shape
-    sources = run.sources if join.rows is None else run.sources[join.rows]                # [R] n·Nq + q
-    group = sources // queries
-    per_row = weights[group, :, sources % queries] * join.weight.view(-1, 1, 1)          # [R, H, Nk]
-    # [N·(K+1), H, Nk] -> [N, K, H, Nk]: each group's weights of the keys, summed per slot
-    summed = per_row.new_zeros(groups * (count + 1), heads, keys).index_add_(0, group * (count + 1) + join.slot,
-                                                                            per_row)
-    summed = summed.view(groups, count + 1, heads, keys)[:, :count]
-    image_of = torch.full((groups,), -1, dtype=torch.long, device=group.device).scatter_(0, group, join.image)
-    if not bool((image_of[group] == join.image).all()):
-        raise RuntimeError(f"internal: an attention group of {spec.birth.name} feeds several images")
-    used = (image_of >= 0).nonzero().flatten()                                            # groups that feed the join
-    window, image = used % run.windows, image_of[used]
-    head_of, within = spec.heads.to(group.device), spec.within.to(group.device)
+    slots = _SlotWeights.of(pooling, run, join)
+    values, count, keys = run.values, slots.count, slots.keys
+    summed, used, window, image = slots.summed, slots.used, slots.window, slots.image
+    head_of, within = run.spec.heads.to(used.device), run.spec.within.to(used.device)
+    heads = summed.shape[2]
+    if project is not None:
+        factors = [project.factor(run.ids[h * run.windows * keys: (h + 1) * run.windows * keys])
+                   for h in range(heads)]
+        if _all_heads_at_once(factors, head_of, heads):
+            yield from _token_scores(run, slots, matrix, torch.stack(factors), batch)
+            return
     for h in range(heads):
         features = (head_of == h).nonzero().flatten()
         own = values[used, h][..., within[features]]                                      # [n, Nk, W]
@@ -210,15 +272,24 @@ def _token_components(pooling: EarlyPooling, run: BranchRun, join: _JoinRows, ma
         factor = project.factor(head_ids) if project is not None else None
         if factor is not None:
             head_matrix = head_matrix @ factor.to(head_matrix)                           # [K·W, k]
-        outputs = head_matrix.shape[-1]
-        step = max(1, PIECE_ELEMENTS // (keys * count * len(features) * batch))           # windows per piece
+        outputs, width = head_matrix.shape[-1], len(features)
+        # few outputs (scores): each key's features through the matrix of every slot first, [n, Nk, K·O],
+        # never the [n, Nk, K, W] pooled values
+        by_slot = head_matrix.view(count, width, outputs).permute(1, 0, 2).reshape(width, -1) \
+            if outputs < width else None                                                  # [W, K·O]
+        step = max(1, PIECE_ELEMENTS // (keys * count * max(min(width, outputs), 1) * batch))  # windows per piece
         for first in range(0, run.windows, step):
             last = min(first + step, run.windows)
             inside = ((window >= first) & (window < last)).nonzero().flatten()
             slot_weights = summed[used[inside], :, h].transpose(1, 2).contiguous()        # [n, Nk, K]
-            pooled = slot_weights.unsqueeze(-1) * own[inside].unsqueeze(2)                # [n, Nk, K, W]
+            if by_slot is not None:
+                through = (own[inside] @ by_slot).view(len(inside), keys, count, outputs)  # [n, Nk, K, O]
+                reached = torch.einsum("njk,njko->njo", slot_weights, through)
+            else:
+                pooled = slot_weights.unsqueeze(-1) * own[inside].unsqueeze(2)            # [n, Nk, K, W]
+                reached = pooled.flatten(2) @ head_matrix
             out = values.new_zeros(batch * (last - first), keys, outputs)                 # [B·w, Nk, O]
-            out.index_copy_(0, image[inside] * (last - first) + window[inside] - first, pooled.flatten(2) @ head_matrix)
+            out.index_copy_(0, image[inside] * (last - first) + window[inside] - first, reached)
             out = out.view(batch, last - first, keys, outputs).permute(1, 2, 0, 3)        # [w, Nk, B, O] (a view)
             ids = run.ids[(h * run.windows + first) * keys: (h * run.windows + last) * keys]
             out = out.flatten(0, 1)
