@@ -173,3 +173,17 @@ def test_receptive_fields_found_in_shared_passes_are_each_keys_own(kernel, strid
         own, = torch.autograd.grad(embedding, grid, direction * (element_keys == key + 1), retain_graph=True)
         expected = (own.abs().flatten(0, -3).amax(0).flatten() > 0).nonzero().flatten()
         assert torch.equal(found[key], expected), key
+
+
+def test_keys_read_from_a_tuple_valued_trunk_node_have_unknown_positions():
+    """MViTv2's blocks return (tokens, size): an attention whose stream is such a node gets no positions
+    (None) instead of an error; the level-token sum stays exact."""
+    from timm.models import mvitv2
+
+    torch.manual_seed(0)
+    model = mvitv2.MultiScaleVit(cfg=mvitv2.MultiScaleVitCfg(depths=(1, 1, 1, 1), embed_dim=32, num_heads=1),
+                                 img_size=64).eval()
+    dec = trace_and_decompose(model)(torch.randn(2, 3, 64, 64), level="token")
+    assert dec.relative_error() <= 1e-5
+    positions = [label.position for label in dec.labels if label.token is not None]
+    assert None in positions and all(p is None or isinstance(p, tuple) for p in positions)

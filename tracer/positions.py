@@ -208,7 +208,8 @@ def attention_key_positions(gm: fx.GraphModule, plan: TrunkPlan, values: dict, d
         value_node, axis = found
         fork = fork_of(plan, value_node, data_nodes)
         value = values.get(value_node)
-        if fork is None or not isinstance(value, torch.Tensor) or fork not in fork_components:
+        if fork is None or not isinstance(value, torch.Tensor) or fork not in fork_components \
+                or not isinstance(values[fork], torch.Tensor):   # a tuple-valued trunk node (MViTv2's blocks)
             continue
         if birth.axes is not None:  # windows as head_axes planned them (rows, or middle axes)
             codes, keys = birth.axes.source_codes(values[birth_node].shape, value.shape, axis, value.device)
