@@ -143,3 +143,47 @@ def test_forks_with_the_same_elements_per_key_share_supports_key_by_key():
     split = torch.tensor([[1, 2, 3, 3], [4, 4, 4, 4]])        # other element sets: no sharing
     assert _same_groups(split, block, 4) is None
     assert _same_groups(torch.tensor([[1, 1, 0, 0], [2, 2, 3, 3]]), block, 4) is None   # an element without a key
+
+
+@pytest.mark.parametrize("kernel, stride, dtype", [
+    (4, 2, torch.float32),    # neighbours share cells, none reaches a cell alone everywhere (MaxViT's pooled shortcut)
+    (3, 2, torch.float64),    # some cells reached by one key only
+    (3, 1, torch.float32),    # 1,600 keys; some are tested again in a second round
+    (17, 2, torch.float32),   # every key reaches a large part of the grid: one pass per key
+])
+def test_receptive_fields_found_in_shared_passes_are_each_keys_own(kernel, stride, dtype):
+    """Planted truth: a strided convolution from a 40×40 grid to tokens, one key per token numbered in a
+    shuffled order (as windows number them), plus key numbers no element has. The supports found with
+    keys sharing backward passes are the cells each key's own backward pass reaches."""
+    from tracer.receptive_fields import key_supports
+
+    generator = torch.Generator().manual_seed(0)
+    grid = torch.randn(1, 1, 3, 40, 40, generator=generator, dtype=torch.float64).to(dtype).requires_grad_(True)
+    weight = torch.randn(8, 3, kernel, kernel, generator=generator, dtype=torch.float64).to(dtype)
+    with torch.enable_grad():
+        embedding = torch.nn.functional.conv2d(grid[0], weight, stride=stride, padding=kernel // 2
+                                               ).permute(0, 2, 3, 1)                    # [1, h, w, 8] tokens
+    tokens = embedding.shape[1] * embedding.shape[2]
+    keys = tokens + 3
+    numbers = torch.randperm(keys, generator=generator)[:tokens]               # three keys without elements
+    element_keys = (numbers + 1).view(1, *embedding.shape[1:3], 1).expand(embedding.shape)
+    found = key_supports(grid, embedding, element_keys, keys)
+    direction = torch.rand(embedding.shape, generator=generator, dtype=torch.float64).to(dtype) + 0.5
+    for key in range(keys):
+        own, = torch.autograd.grad(embedding, grid, direction * (element_keys == key + 1), retain_graph=True)
+        expected = (own.abs().flatten(0, -3).amax(0).flatten() > 0).nonzero().flatten()
+        assert torch.equal(found[key], expected), key
+
+
+def test_keys_read_from_a_tuple_valued_trunk_node_have_unknown_positions():
+    """MViTv2's blocks return (tokens, size): an attention whose stream is such a node gets no positions
+    (None) instead of an error; the level-token sum stays exact."""
+    from timm.models import mvitv2
+
+    torch.manual_seed(0)
+    model = mvitv2.MultiScaleVit(cfg=mvitv2.MultiScaleVitCfg(depths=(1, 1, 1, 1), embed_dim=32, num_heads=1),
+                                 img_size=64).eval()
+    dec = trace_and_decompose(model)(torch.randn(2, 3, 64, 64), level="token")
+    assert dec.relative_error() <= 1e-5
+    positions = [label.position for label in dec.labels if label.token is not None]
+    assert None in positions and all(p is None or isinstance(p, tuple) for p in positions)
