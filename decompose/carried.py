@@ -201,12 +201,15 @@ def merge_sum(a: Carried, b: Carried, sign: float) -> Carried:
 
 
 def _merge_by_index(a: Carried, b: Carried, sign: float, shape) -> Carried:
-    """General row alignment (partially overlapping id sets): one dense chunk, and the probe chunk apart
-    (it alone needs grad: inside the dense chunk, each backward pass from it would cost every row's ops)."""
+    """General row alignment (partially overlapping id sets): one dense chunk, and probe chunks apart
+    (they alone need grad: inside the dense chunk, each backward pass from one would cost every row's ops)."""
     if not all(isinstance(c.values, torch.Tensor) for c in a.chunks + b.chunks):
         raise NotImplementedError("partially overlapping components of a tuple-valued op")
-    (a_probe, a_rest), (b_probe, b_rest) = split_probe(a), split_probe(b)
-    probes = [c.values.expand(1, *shape) for c in a_probe] + [sign * c.values.expand(1, *shape) for c in b_probe]
+    (a_probe, a_rest), (b_probe, b_rest) = split_probes(a), split_probes(b)
+    probes: dict[int, torch.Tensor] = {}  # probes of one id add up
+    for chunk, factor in [(c, 1.0) for c in a_probe] + [(c, sign) for c in b_probe]:
+        value = factor * chunk.values.expand(1, *shape)
+        probes[chunk.ids[0]] = value if chunk.ids[0] not in probes else probes[chunk.ids[0]] + value
     a, b = Carried(a_rest), Carried(b_rest)
     ids = a.ids + [i for i in b.ids if i not in set(a.ids)]
     position = {i: k for k, i in enumerate(ids)}
@@ -214,4 +217,4 @@ def _merge_by_index(a: Carried, b: Carried, sign: float, shape) -> Carried:
     for carried, factor in ((a, 1.0), (b, sign)):
         for chunk in carried.chunks:
             out[[position[i] for i in chunk.ids]] += factor * chunk.values.expand(len(chunk.ids), *shape)
-    return Carried(([Chunk([PROBE], sum(probes[1:], probes[0]))] if probes else []) + [Chunk(ids, out)])
+    return Carried([Chunk([i], value) for i, value in probes.items()] + [Chunk(ids, out)])
