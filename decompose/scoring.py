@@ -105,8 +105,7 @@ def score_by_adjoints(gm: fx.GraphModule, plan: RunPlan, images: torch.Tensor, l
                                         positions=positions, parking=leaves)
     with torch.enable_grad():
         ids, components = carried.drain()                                       # [Cb, B, *D], few
-        total = components.sum(0)
-    check_sum(total.detach(), representation)
+    check_sum(components.detach().sum(0), representation)
     directions = directions.checked(representation[0].numel(), representation)
     labels: list[ComponentLabel] = []
     rows_of: dict[int, torch.Tensor] = {}
@@ -115,57 +114,52 @@ def score_by_adjoints(gm: fx.GraphModule, plan: RunPlan, images: torch.Tensor, l
         rows_of[i] = directions.rows(own)
         labels.extend(own)
     born = [i for i in ids if i in leaves.leaves]
-    wanted = {(n, int(row)) for n, i in enumerate(born) for row in rows_of[i].unique().tolist()}
-    adjoints = _adjoints(total, [leaves.leaves[i][0] for i in born], directions, wanted)
+    rows = [rows_of[i].unique().tolist() for i in born]                     # each birth's table rows
+    adjoints = _adjoints(components, [ids.index(i) for i in born], [leaves.leaves[i][0] for i in born], rows,
+                         directions)
     parts = []
     for k, i in enumerate(ids):
         if i not in leaves.leaves:
             parts.append(directions.project(components[k: k + 1].detach(), [registry.labels[i]]))
             continue
-        split, rows = leaves.leaves[i][1], rows_of[i]
-        unique = rows.unique().tolist()
-        if len(unique) == 1:
-            parts.append(split.scores(adjoints.pop((born.index(i), unique[0]))))
+        n, split = born.index(i), leaves.leaves[i][1]
+        if len(rows[n]) == 1:
+            parts.append(split.scores(adjoints.pop((n, rows[n][0]))))
             continue
-        parts.append(sum(split.scores(adjoints.pop((born.index(i), row)), needed=rows == row) for row in unique))
+        parts.append(sum(split.scores(adjoints.pop((n, row)), needed=rows_of[i] == row) for row in rows[n]))
     return Scored(representation, labels, torch.cat(parts))
 
 
-def _adjoints(total: torch.Tensor, leaves: list[torch.Tensor], directions: Directions,
-              wanted: set[tuple[int, int]]) -> dict[tuple[int, int], torch.Tensor]:
-    """(leaf index, table row) -> the leaf's adjoint for every direction of that row, [k, *leaf shape], for
-    the ``wanted`` pairs: backward passes of several directions at once (``is_grads_batched``), in groups
-    of bounded memory (``BATCHED_DIRECTIONS``, ``ADJOINT_BYTES``)."""
-    rows = sorted({row for _, row in wanted})
-    if not leaves or not rows:
+def _adjoints(components: torch.Tensor, positions: list[int], leaves: list[torch.Tensor], rows: list[list[int]],
+              directions: Directions) -> dict[tuple[int, int], torch.Tensor]:
+    """(birth n, table row) -> the adjoint of birth n's leaf for every direction of that row, [k, *leaf shape].
+
+    Birth n's leaf reaches only its own row ``positions[n]`` of the branch-level ``components`` [Cb, B, *D],
+    so one backward pass serves every birth, each with a direction of its own: pass j puts birth n's j-th
+    row of the table on its component (as many passes as a birth has rows: one for shared directions), in
+    groups of at most ``BATCHED_DIRECTIONS`` directions and ``ADJOINT_BYTES`` of adjoints (``is_grads_batched``).
+    """
+    if not leaves:
         return {}
     k = directions.count
     per_direction = sum(leaf.numel() * leaf.element_size() for leaf in leaves)
     size = max(1, min(BATCHED_DIRECTIONS, ADJOINT_BYTES // max(1, per_direction)))    # directions per pass
-    pieces = [(row, first, min(first + size, k)) for row in rows for first in range(0, k, size)]
-    groups, current = [], []
-    for piece in pieces:
-        if current and sum(last - first for _, first, last in current) + piece[2] - piece[1] > size:
-            groups.append(current)
-            current = []
-        current.append(piece)
-    groups.append(current)
+    passes = [(j, first, min(first + size, k)) for j in range(max(len(r) for r in rows)) for first in range(0, k, size)]
     found: dict[tuple[int, int], list[torch.Tensor]] = {}
-    for number, group in enumerate(groups):
-        cotangent = torch.cat([directions.table[row, first:last] for row, first, last in group])  # [g, D]
-        cotangent = cotangent.reshape(-1, *total.shape[1:]).unsqueeze(1).expand(-1, *total.shape).to(total.dtype)
+    for number, (j, first, last) in enumerate(passes):
+        cotangent = components.new_zeros(last - first, *components.shape)           # [g, Cb, B, *D]
+        for n, position in enumerate(positions):
+            if j < len(rows[n]):
+                direction = directions.table[rows[n][j], first:last].to(components.dtype)   # [g, D]
+                cotangent[:, position] = direction.view(last - first, 1, *components.shape[2:])
         with torch.enable_grad():
-            grads = torch.autograd.grad(total, leaves, cotangent, is_grads_batched=True, allow_unused=True,
-                                        retain_graph=number + 1 < len(groups))
-        for n, (leaf, grad) in enumerate(zip(leaves, grads)):
-            offset = 0
-            for row, first, last in group:  # the leaf is [1, *value]: drop its component axis
-                if (n, row) in wanted:
-                    part = torch.zeros((last - first, *leaf.shape[1:]), dtype=leaf.dtype, device=leaf.device) \
-                        if grad is None else grad[offset: offset + last - first, 0]
-                    # not a view that keeps the whole group's adjoints
-                    found.setdefault((n, row), []).append(part.clone() if len(group) > 1 else part)
-                offset += last - first
+            grads = torch.autograd.grad(components, leaves, cotangent, is_grads_batched=True, allow_unused=True,
+                                        retain_graph=number + 1 < len(passes))
+        for n, (leaf, grad) in enumerate(zip(leaves, grads)):  # the leaf is [1, *value]: drop its component axis
+            if j < len(rows[n]):
+                part = torch.zeros((last - first, *leaf.shape[1:]), dtype=leaf.dtype, device=leaf.device) \
+                    if grad is None else grad[:, 0]
+                found.setdefault((n, rows[n][j]), []).append(part)
         del grads
     return {key: parts[0] if len(parts) == 1 else torch.cat(parts) for key, parts in found.items()}
 
