@@ -16,13 +16,11 @@ from safetensors.torch import save_file
 from align import CompAlign, load_clip
 from decompose import trace_and_decompose
 from decompose.decomposer import Decomposer
+from tests.test_align_clip import TINY_CLIP
 from vit_decompose.cli import main
 
 MODEL = "vit_tiny_patch16_224"
 KWARGS = {"depth": 1, "img_size": 32, "patch_size": 8, "num_classes": 0}
-TINY_CLIP = {"embed_dim": 32,
-             "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-             "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
 IMAGES = 10
 
 
@@ -129,7 +127,7 @@ def test_segment_streams_a_folder_with_scores_of_the_store_path(world, decompose
 
 
 def test_bad_input_is_refused_naming_the_problem(world, tmp_path, capsys):
-    root, options = world["root"], world["model_options"]
+    options = world["model_options"]
     empty, unreadable = tmp_path / "empty", tmp_path / "notes"
     empty.mkdir()
     unreadable.mkdir()

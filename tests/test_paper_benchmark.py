@@ -15,13 +15,11 @@ from align import load_clip
 from benchmarks.paper import main
 from decompose import DecompositionStore, decompose_dataset
 from tests.paper_datasets import toy_segmentation_pairs, write_gtsegs, write_image_folder, write_waterbirds
+from tests.test_align_clip import TINY_CLIP
 from vit_decompose import decompose_commands
 
 MODEL = "vit_tiny_patch16_224"
 KWARGS = {"depth": 2, "img_size": 32, "patch_size": 8, "embed_dim": 48, "num_heads": 3}
-TINY_CLIP = {"embed_dim": 32,
-             "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-             "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
 SEGMENT_IMAGES = 5
 
 
