@@ -76,7 +76,7 @@ def test_report_of_any_model_renders_in_headless_chromium(world, capsys):
     assert summary["images"] == 24 and summary["max_relative_error"] < 1e-4
     assert set(summary["top"]) == {"colour", "shape"}
     text = (out / "report.html").read_text()
-    assert "linear probe fitted on 12 train images" in text and "decomposed at level token here" in text
+    assert "linear probe fitted on 12 train images" in text and "scored at level token along the texts here" in text
     assert find_browser(), "install Chromium (Debian: apt-get install chromium; `make test` does it)"
     page = render_page(out / "report.html")
     assert set(page["sections"]) >= SECTIONS, SECTIONS - set(page["sections"])
