@@ -12,7 +12,7 @@ import torch
 # ``Decomposition`` in annotations: decompose.decomposition.Decomposition (not imported: it imports this module)
 
 
-def component_values(dec: Decomposition, image: int | None = None, direction: torch.Tensor | None = None
+def component_values(dec: Decomposition, image: int | None = None, direction: torch.Tensor | None = None  # noqa: F821 (see above)
                      ) -> torch.Tensor:
     """[C] per component: its norm, or ⟨c_i, direction⟩ for a ``direction`` [D] (e.g. a class's classifier row);
     for one ``image``, else the mean over the batch. A decomposition made with directions gives its scores
@@ -71,7 +71,7 @@ def figure_svg(figure) -> str:
     return markup[markup.index("<svg"):]
 
 
-def plot_components(dec: Decomposition, top: int = 15, image: int | None = None,
+def plot_components(dec: Decomposition, top: int = 15, image: int | None = None,  # noqa: F821 (see above)
                     direction: torch.Tensor | None = None, ax=None):
     """Bar chart of the ``top`` components by |value| (see ``component_values``); returns the Figure."""
     values = component_values(dec, image, direction)
@@ -82,7 +82,7 @@ def plot_components(dec: Decomposition, top: int = 15, image: int | None = None,
                       f"top {len(order)} of {len(dec.labels)} components ({where})", what, ax)
 
 
-def decomposition_html(dec: Decomposition, top: int = 10) -> str:
+def decomposition_html(dec: Decomposition, top: int = 10) -> str:  # noqa: F821 (see above)
     """Summary line, the ``top`` components by mean norm (by |mean score| with directions; table) and their
     bar plot."""
     values = component_values(dec)

@@ -35,8 +35,8 @@ from .attention import (
     sdpa_weights,
 )
 from .component_axis import with_component_axis
-from .ops import IN_PLACE_FUNCTIONS, META_FUNCTIONS, META_METHODS, OpKind, is_in_place, is_subtraction
 from .node_calls import ReplacedCall, ValueOverlay, node_arguments
+from .ops import IN_PLACE_FUNCTIONS, META_FUNCTIONS, META_METHODS, OpKind, is_in_place, is_subtraction
 from .tracing import MODEL_PREFIX, call_target, module_path
 from .vocabulary import ComponentKind
 
@@ -343,7 +343,6 @@ def frozen_row_scale(node: fx.Node, real: dict) -> torch.Tensor | None:
 
 
 def _layer_norm(node: fx.Node, real: dict, components: torch.Tensor):
-    x = norm_argument(node, real, "input")
     dims = tuple(range(-len(tuple(norm_argument(node, real, "normalized_shape"))), 0))
     scale = frozen_row_scale(node, real)
     weight = norm_argument(node, real, "weight")
