@@ -23,7 +23,7 @@ from .keyed_files import APPLICATIONS_HELP, read_table
 from .options import add_image_folder_option, add_model_options, add_store_options, device_of
 
 
-def _safe_name(image_id: str) -> str:
+def safe_file_name(image_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", image_id)
 
 
@@ -45,7 +45,7 @@ def _command_heatmap(args) -> int:
     for batch in _progress(source.batches(ids, args.batch_size, keep), ids, args.batch_size, "heatmaps"):
         shown = read_images(source.folder, batch.ids, pictures) if pictures else [None] * len(batch.ids)
         for image_id, heatmap, picture in zip(batch.ids, batch.heatmaps, shown):
-            path = out / f"{_safe_name(image_id)}.png"
+            path = out / f"{safe_file_name(image_id)}.png"
             heatmap_overlay(picture, heatmap, args.alpha).save(path)
             low, high = float(heatmap.min()), float(heatmap.max())
             index.append({"id": image_id, "file": path.name, "min": low, "max": high})
