@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -68,7 +69,7 @@ def read_image(path: Path, transform: Callable):
     try:
         with Image.open(path) as image:
             return transform(image.convert("RGB")), None
-    except Exception as error:  # not an image, truncated, unreadable
+    except Exception as error:  # noqa: BLE001  (not an image, truncated, unreadable)
         return None, f"{type(error).__name__}: {error}"
 
 

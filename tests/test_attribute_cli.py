@@ -6,6 +6,7 @@ The images, the tiny random-weight ViT without a classifier (a local checkpoint)
 tiny CLIP are ``tests/test_heatmap_streaming.py``'s; a classifier of the same shape is saved here."""
 import csv
 import json
+from argparse import Namespace
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from decompose.dataset import evaluation_transform
 from tests.test_heatmap_streaming import IMAGES, KWARGS, MODEL, world  # noqa: F401  (the module fixture)
 from vit_decompose import attribute_command
+from vit_decompose.attribution_targets import classifier_classes
 from vit_decompose.cli import main
 
 CLASSES = {"b": "bird", "a": "cat", "c": "dog"}          # the classifier's order: b = 0, a = 1, c = 2
@@ -151,6 +153,7 @@ def test_bad_targets_are_refused_naming_the_problem(world, classifier, tmp_path,
     root, images = world["root"], ["--images", str(world["images"])]
     np.save(tmp_path / "short.npy", np.ones(5, np.float32))
     np.save(tmp_path / "matrix.npy", np.ones((2, 192), np.float32))
+    (tmp_path / "foreign.pt").write_text("not a tensor")
     (tmp_path / "two.json").write_text(json.dumps({"a": "cat", "b": "bird"}))
     (tmp_path / "other.json").write_text(json.dumps({"b": "bird", "c": "dog", "d": "fish"}))
     features = [*world["model_options"], "--device", "cpu"]
@@ -168,6 +171,7 @@ def test_bad_targets_are_refused_naming_the_problem(world, classifier, tmp_path,
         ([*features, *images, "--vector", str(tmp_path / "short.npy")], "has width 5, but the representation"),
         ([*features, *images, "--vector", str(tmp_path / "matrix.npy")], "must be one direction [D]"),
         ([*features, *images, "--vector", str(tmp_path / "absent.npy")], "absent.npy does not exist"),
+        ([*features, *images, "--vector", str(tmp_path / "foreign.pt")], "foreign.pt could not be read"),
         ([*features, *images, "--text", "a dog"], "give --aligner ALIGNER"),
         ([*features, "--image", str(root / "absent.png"), "--class", "1"], "absent.png does not exist"),
         ([*features, "--class", "1"], "give --images DIR"),
@@ -176,3 +180,14 @@ def test_bad_targets_are_refused_naming_the_problem(world, classifier, tmp_path,
         assert main(["attribute", *arguments, "--out", str(tmp_path / "out")]) == 2, message
         error = capsys.readouterr().err
         assert message in error, error
+
+
+def test_class_names_come_from_the_file_or_the_model(classifier):
+    imagenet = timm.create_model(MODEL, pretrained=False, **dict(KWARGS, num_classes=1000))
+    names = classifier_classes(Namespace(class_names=None), imagenet)        # timm's ImageNet names
+    assert [names.index(name, "--class") for name in ("tench", "n01443537", "Goldfish")] == [0, 1, 1]
+    with pytest.raises(ValueError, match=r"names several classes .*134 \(n02012849\), 517 \(n03126707\)"):
+        names.index("crane", "--class")
+    assert classifier_classes(Namespace(class_names=None), classifier["model"]) is None       # 3 classes: none
+    listed = classifier_classes(Namespace(class_names=classifier["names"]), classifier["model"])
+    assert listed.keys == list(CLASSES) and listed.index("cat", "--class") == 1

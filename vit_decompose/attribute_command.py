@@ -58,8 +58,8 @@ class ModelAttribution:
     """``--model`` traced for the target's output, with the aligner and CLIP of a text target."""
 
     def __init__(self, args, device: torch.device):
-        model, self.config = model_and_data_config(args)
-        self.transform, self.preprocessing = evaluation_transform(self.config)
+        model, config = model_and_data_config(args)
+        self.transform, self.preprocessing = evaluation_transform(config)
         probe = torch.zeros((1, *self.preprocessing["input_size"]), device=device)
         decomposers = {}
 
@@ -69,7 +69,7 @@ class ModelAttribution:
             return decomposers[output].output_width(probe)
 
         self.targets: ImageTargets = image_targets(args, model, width)
-        width(self.targets.output)
+        width(self.targets.output)                                   # traced here if the target needed no width
         self.decomposer = decomposers[self.targets.output]
         self.aligner = self.clip = None
         if self.targets.kind is TargetKind.TEXT:
@@ -94,9 +94,9 @@ class ModelAttribution:
         return result, totals.float().cpu()
 
 
-def _image_record(image_id: str, target: dict, result: Attribution, b: int, total: float, top: int) -> dict:
+def _image_record(image_id: str, target: dict, result: Attribution, b: int, total: float, top: int,
+                  kinds: dict[str, str]) -> dict:
     """One image's JSON: target, total, top components (key, kind, score), the rest's score, top positions."""
-    kinds = {label.key: str(label.kind) for label in result.labels}
     listed = result.top_components(top, image=b)
     record = {"id": image_id, "target": target, "total": total,
               "top_components": [{"component": key, "kind": kinds[key], "score": score} for key, score in listed],
@@ -137,8 +137,9 @@ def _command_attribute(args) -> int:
     for batch_ids, images in tqdm(batches, total=math.ceil(len(ids) / args.batch_size), desc="attribute",
                                   unit="batch"):
         result, totals = scorer(batch_ids, images)
-        records = [_image_record(image_id, scorer.targets.describe(image_id), result, b, float(totals[b]), args.top)
-                   for b, image_id in enumerate(batch_ids)]
+        kinds = {label.key: str(label.kind) for label in result.labels}
+        records = [_image_record(image_id, scorer.targets.describe(image_id), result, b, float(totals[b]), args.top,
+                                 kinds) for b, image_id in enumerate(batch_ids)]
         files.add(records)
         for record in records:
             print(f"{record['id']:40s} {record['total']:10.4f}  {record['top_components'][0]['component']}")

@@ -129,12 +129,13 @@ def read_vector(path: str) -> torch.Tensor:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"--vector file {path} does not exist")
-    if file.suffix == ".npy":
-        vector = torch.from_numpy(np.load(file, allow_pickle=False))
-    elif file.suffix in (".pt", ".pth"):
-        vector = torch.load(file, weights_only=True)
-    else:
+    if file.suffix not in (".npy", ".pt", ".pth"):
         raise ValueError(f"--vector {path}: expected a .npy file or a torch .pt / .pth file of one tensor [D]")
+    try:
+        vector = torch.from_numpy(np.load(file, allow_pickle=False)) if file.suffix == ".npy" else \
+            torch.load(file, weights_only=True)
+    except Exception as error:  # noqa: BLE001  (a foreign or truncated file: the unpicklers raise any kind)
+        raise ValueError(f"--vector {path} could not be read ({type(error).__name__}: {error})") from None
     if not isinstance(vector, torch.Tensor) or vector.dim() != 1 or not vector.is_floating_point():
         shape = tuple(vector.shape) if isinstance(vector, torch.Tensor) else type(vector).__name__
         raise ValueError(f"--vector {path} holds {shape}; it must be one direction [D] of floats")

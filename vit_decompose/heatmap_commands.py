@@ -139,7 +139,7 @@ def _squashed_transforms(pretrained_cfg: dict) -> tuple:
     from timm.data import create_transform, resolve_data_config
 
     config = resolve_data_config({}, pretrained_cfg=pretrained_cfg)
-    common = dict(input_size=config["input_size"], crop_pct=1.0, crop_mode="squash", is_training=False)
+    common = {"input_size": config["input_size"], "crop_pct": 1.0, "crop_mode": "squash", "is_training": False}
     image = create_transform(**common, interpolation=config["interpolation"], mean=config["mean"], std=config["std"])
     mask = create_transform(**common, interpolation="nearest", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     return image, mask
@@ -178,8 +178,8 @@ def _segment_imagenet_file(args, device) -> tuple[int, dict]:
 
 def add_heatmap_commands(subparsers) -> None:
     """Register ``heatmap`` and ``segment``."""
-    for name, help_text in (("heatmap", "token heatmaps of a text (PNG overlays), from a token-level store or "
-                                         "--model on --images"),
+    for name, help_text in (("heatmap", ("token heatmaps of a text (PNG overlays), from a token-level store or "
+                                          "--model on --images")),
                             ("segment", "zero-shot segmentation from token heatmaps, scored against masks")):
         command = subparsers.add_parser(name, help=help_text, description=APPLICATIONS_HELP,
                                         formatter_class=argparse.RawDescriptionHelpFormatter)
