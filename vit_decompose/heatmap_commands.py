@@ -23,7 +23,7 @@ from .keyed_files import APPLICATIONS_HELP, read_table
 from .options import add_image_folder_option, add_model_options, add_store_options, device_of
 
 
-def _safe_name(image_id: str) -> str:
+def safe_file_name(image_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", image_id)
 
 
@@ -45,7 +45,7 @@ def _command_heatmap(args) -> int:
     for batch in _progress(source.batches(ids, args.batch_size, keep), ids, args.batch_size, "heatmaps"):
         shown = read_images(source.folder, batch.ids, pictures) if pictures else [None] * len(batch.ids)
         for image_id, heatmap, picture in zip(batch.ids, batch.heatmaps, shown):
-            path = out / f"{_safe_name(image_id)}.png"
+            path = out / f"{safe_file_name(image_id)}.png"
             heatmap_overlay(picture, heatmap, args.alpha).save(path)
             low, high = float(heatmap.min()), float(heatmap.max())
             index.append({"id": image_id, "file": path.name, "min": low, "max": high})
@@ -139,7 +139,7 @@ def _squashed_transforms(pretrained_cfg: dict) -> tuple:
     from timm.data import create_transform, resolve_data_config
 
     config = resolve_data_config({}, pretrained_cfg=pretrained_cfg)
-    common = dict(input_size=config["input_size"], crop_pct=1.0, crop_mode="squash", is_training=False)
+    common = {"input_size": config["input_size"], "crop_pct": 1.0, "crop_mode": "squash", "is_training": False}
     image = create_transform(**common, interpolation=config["interpolation"], mean=config["mean"], std=config["std"])
     mask = create_transform(**common, interpolation="nearest", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     return image, mask
@@ -178,8 +178,8 @@ def _segment_imagenet_file(args, device) -> tuple[int, dict]:
 
 def add_heatmap_commands(subparsers) -> None:
     """Register ``heatmap`` and ``segment``."""
-    for name, help_text in (("heatmap", "token heatmaps of a text (PNG overlays), from a token-level store or "
-                                         "--model on --images"),
+    for name, help_text in (("heatmap", ("token heatmaps of a text (PNG overlays), from a token-level store or "
+                                          "--model on --images")),
                             ("segment", "zero-shot segmentation from token heatmaps, scored against masks")):
         command = subparsers.add_parser(name, help=help_text, description=APPLICATIONS_HELP,
                                         formatter_class=argparse.RawDescriptionHelpFormatter)

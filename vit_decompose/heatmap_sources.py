@@ -9,7 +9,6 @@ Both give the same heatmaps for the same model, preprocessing and images (``test
 """
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +20,12 @@ from align.compalign import AlignerMismatch, CompAlign
 from align.heatmaps import token_heatmaps
 from align.parent_maps import aligner_directions, text_contributions
 from decompose import ComponentLabel, DecompositionStore, trace_and_decompose
-from decompose.dataset import ImageFiles, evaluation_transform
+from decompose.dataset import evaluation_transform
 from decompose.directions import DirectionError
 from decompose.store import preprocessing_transform
 
 from .decompose_commands import model_and_data_config
+from .image_batches import ImageBatches
 from .options import model_from_arguments, open_store_and_aligner
 from .text_queries import text_direction
 
@@ -114,6 +114,12 @@ class StoreHeatmaps:
         return self._decomposer
 
 
+def aligner_misfit(args, aligner: CompAlign, error: Exception) -> AlignerMismatch:
+    """The error of an ``--aligner`` whose components or width are not those of ``--model``."""
+    return AlignerMismatch(f"the aligner {args.aligner} (model {aligner.model_name!r}, d_model {aligner.d_model}) "
+                           f"does not fit --model {args.model} {args.model_kwargs or ''}: {error}")
+
+
 class ModelHeatmaps:
     """``--model``'s token heatmaps along the ``--text``: scores along the ``--aligner``'s directions W_i t."""
 
@@ -133,9 +139,7 @@ class ModelHeatmaps:
         try:
             dec = self.decomposer(images, level="token", directions=self.directions)
         except (AlignerMismatch, DirectionError) as error:
-            raise AlignerMismatch(f"the aligner {self.args.aligner} (model {self.aligner.model_name!r}, d_model "
-                                  f"{self.aligner.d_model}) does not fit --model {self.args.model} "
-                                  f"{self.args.model_kwargs or ''}: {error}") from None
+            raise aligner_misfit(self.args, self.aligner, error) from None
         return token_heatmaps(dec.scores[..., 0].cpu(), dec.labels, tuple(images.shape[-2:]), keep)
 
 
@@ -145,10 +149,9 @@ class FolderHeatmaps:
     def __init__(self, args, device: torch.device):
         if not args.images:
             raise ValueError("give --images DIR (the folder to decompose with --model), or a token-level --store")
-        self.files = _image_files(Path(args.images))                                 # refused before loading
+        self.files = ImageBatches(args.images)                                          # refused before loading
         self.model = ModelHeatmaps(args, device)
         self.files.transform, self.preprocessing = evaluation_transform(self.model.config)
-        self.index = {self.files.identifier(i): i for i in range(len(self.files))}
         self.image_size = tuple(int(v) for v in self.preprocessing["input_size"][-2:])
         self.folder = self.files.root
 
@@ -156,44 +159,16 @@ class FolderHeatmaps:
         return preprocessing_transform(self.preprocessing, normalise, nearest)
 
     def first_ids(self, count: int | None) -> list[str]:
-        return list(self.index)[:count]
+        return self.files.ids()[:count]
 
     def batches(self, ids: list[str], batch_size: int, keep: Keep, with_images: bool = False
                 ) -> Iterator[HeatmapBatch]:
         """Batches of the readable images among ``ids`` (an unreadable file is skipped with a note)."""
-        missing = [image_id for image_id in ids if image_id not in self.index]
-        if missing:
-            raise FileNotFoundError(f"{len(missing)} images are not under {self.folder} (first: {missing[:3]})")
-        errors = []
-        for start in range(0, len(ids), batch_size):
-            read, batch_ids = [], []
-            for image_id in ids[start:start + batch_size]:
-                tensor, _, error = self.files[self.index[image_id]]
-                if error is not None:
-                    print(f"skipped {image_id}: {error}", file=sys.stderr)
-                    errors.append(f"{image_id}: {error}")
-                    continue
-                read.append(tensor)
-                batch_ids.append(image_id)
-            if read:
-                images = torch.stack(read)                                              # [b, 3, H, W]
-                yield HeatmapBatch(batch_ids, self.model(images, keep), images if with_images else None)
-        if ids and len(errors) == len(ids):
-            raise ValueError(f"no images under {self.folder}: none of its {len(ids)} files is a readable image "
-                             f"(first: {errors[0]})")
+        for batch_ids, images in self.files.batches(ids, batch_size):                   # [b, 3, H, W]
+            yield HeatmapBatch(batch_ids, self.model(images, keep), images if with_images else None)
 
     def decomposer(self):
         return self.model.decomposer
-
-
-def _image_files(folder: Path) -> ImageFiles:
-    """The files under ``folder`` (their transform is set once the model's preprocessing is known)."""
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {folder} does not exist")
-    try:
-        return ImageFiles(folder, transform=None)
-    except ValueError:
-        raise ValueError(f"no images under {folder}: the folder is empty") from None
 
 
 def heatmap_source(args, device: torch.device) -> StoreHeatmaps | FolderHeatmaps:
