@@ -15,6 +15,7 @@ from .ablation import (
     store_component_means,
 )
 from .alignment_data import StoreAlignmentData, StreamingAlignmentData, TensorAlignmentData
+from .attribution import Attribution, AttributionTargetError, attribute
 from .classifiers import fit_linear_probe, predict, zero_shot_classifier
 from .clip_models import ClipLoadError, ClipModel, load_clip, wrap_clip
 from .compalign import AlignerMismatch, CompAlign
@@ -27,7 +28,6 @@ from .debias import (
     spurious_order,
     spurious_scores,
 )
-from .attribution import Attribution, AttributionTargetError, attribute
 from .drawing import heatmap_figure, heatmap_overlay, line_plot
 from .heatmaps import attention_heatmaps, branch_grids, grid_layout, head_selector, token_heatmaps
 from .image_targets import clip_image_targets

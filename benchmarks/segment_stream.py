@@ -56,9 +56,9 @@ def _stream(target, count, batch, seed, fit_images, queue):
     from align import aligner_directions, encode_descriptions, token_heatmaps
     from align.segmentation import SegmentationTally
     from benchmarks.overhead import _peak_resident_bytes, _release_free_memory, _reset_peak, _resident_bytes
+    from toyworld.demo import TEXT_TEMPLATES
     from toyworld.experiments import object_directions
     from toyworld.models import target_preprocess
-    from toyworld.demo import TEXT_TEMPLATES
 
     torch.manual_seed(seed)
     model, decomposer, clip, aligner, report = _aligner(target, fit_images, seed)

@@ -30,13 +30,13 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .ops import OpKind, attention_value_input, is_multihead_attention, op_kind
 from .node_calls import ValueOverlay, node_arguments
+from .ops import OpKind, attention_value_input, is_multihead_attention, op_kind
 from .progress import progress
 from .receptive_fields import key_supports
 from .roles import Role, TrunkPlan
-from .vocabulary import ComponentKind
 from .tracing import call_target
+from .vocabulary import ComponentKind
 
 Position = tuple[int, int] | str | None
 

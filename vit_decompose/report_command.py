@@ -28,8 +28,15 @@ from decompose.store import atomic_write_text
 
 from .ablation_commands import ablation_on_table, add_label_options, labels_table
 from .heatmap_sources import labels_with_positions, read_images
-from .options import add_model_options, add_store_options, clip_for_aligner, device_of, model_from_arguments, \
-    open_store_and_aligner, text_cache
+from .options import (
+    add_model_options,
+    add_store_options,
+    clip_for_aligner,
+    device_of,
+    model_from_arguments,
+    open_store_and_aligner,
+    text_cache,
+)
 from .text_queries import encode_texts, mean_direction
 
 MODEL_CHECK_TOLERANCE = 1e-3   # relative: the --model's representation of an image vs the store's
