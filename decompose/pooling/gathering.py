@@ -227,11 +227,14 @@ def _token_scores(run: BranchRun, slots: _SlotWeights, matrix: torch.Tensor, fac
         inside = ((slots.window >= first) & (slots.window < last)).nonzero().flatten()
         groups = slots.used[inside]
         own = torch.take_along_dim(run.values[groups], gather.expand(len(groups), heads, keys, width), dim=3)
-        through = torch.einsum("nhjw,hwq->nhjq", own, per_head).view(len(groups), heads, keys, count, outputs)
-        reached = torch.einsum("nkhj,nhjko->nhjo", slots.summed[groups], through)           # [n, H, Nk, k]
-        out = reached.new_zeros(batch * (last - first), heads, keys, outputs)
-        out.index_copy_(0, slots.image[inside] * (last - first) + slots.window[inside] - first, reached)
-        out = out.view(batch, last - first, heads, keys, outputs).permute(2, 1, 3, 0, 4)  # [H, w, Nk, B, k]
+        # heads lead throughout: one batched product per head, no copy of the [H, n, Nk, K, k] products
+        own = own.transpose(0, 1).reshape(heads, -1, width)                                # [H, n·Nk, W]
+        through = torch.bmm(own, per_head).view(heads, len(groups), keys, count, outputs)  # [H, n, Nk, K, k]
+        weights = slots.summed[groups].permute(2, 0, 3, 1).unsqueeze(-2)                  # [H, n, Nk, 1, K]
+        reached = (weights @ through).squeeze(-2)                                           # [H, n, Nk, k]
+        out = reached.new_zeros(heads, batch * (last - first), keys, outputs)
+        out.index_copy_(1, slots.image[inside] * (last - first) + slots.window[inside] - first, reached)
+        out = out.view(heads, batch, last - first, keys, outputs).permute(0, 2, 3, 1, 4)  # [H, w, Nk, B, k]
         ids = [i for h in range(heads) for i in run.ids[(h * run.windows + first) * keys:
                                                         (h * run.windows + last) * keys]]
         yield ids, out.reshape(-1, batch, outputs)
