@@ -121,7 +121,9 @@ def _heatmaps(report: Report, results: list[TargetResult], sample: ToySample, se
                                          [(r.segmentation.heatmaps[i], "token heatmap"),
                                           (r.segmentation.baseline[i], "attention baseline")],
                                          [(sample.masks[row].float().unsqueeze(-1).expand(-1, -1, 3), "object mask")])
-                              for i, row in enumerate(rows[:4].tolist())])
+                              for i, row in enumerate(rows[:4].tolist())],
+                     meaning="high = tokens pushing most along the object text (token heatmap), most attended "
+                             "(attention baseline)")
     report.section("segmentation", "Zero-shot segmentation from the heatmaps")
     report.paragraph("Binarised at the mean of the clipped, max-normalised map; scored against the object masks.")
     table = []

@@ -140,7 +140,7 @@ def _command_report(args) -> int:
     findings = StoreFindings(store.manifest.get("model", "?"), store.level, len(store), len(store.labels),
                              clip.identity, aligner.training_summary.get("heldout_cosine"), errors, rankings,
                              constant, described, top_images, heatmaps, heatmap_note, ablation, ablation_note,
-                             watch.seconds)
+                             watch.seconds, clip.description)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "report.html", build_store_report(findings).render())
