@@ -44,7 +44,7 @@ def _apply_map(gm: fx.GraphModule, node: fx.Node, carrier: fx.Node, inputs: dict
 
 # a branch split by token is taken to the output in pieces of at most this many elements of its
 # widest intermediate ([windows, keys, K, head features] pooled, before the tail's matrix)
-PIECE_ELEMENTS = 2 ** 24
+PIECE_ELEMENTS = 2 ** 22
 
 
 @dataclass
