@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from tracer.attention import own_storage
 from tracer.ops import is_multihead_attention
 from tracer.relevance import Slice
 from tracer.roles import Birth
@@ -39,9 +40,9 @@ class BirthScores:
             self.split = None
         if self.split is not None and self.split.parts is not None:  # kept until the backward pass: not as
             parts = self.split.parts                                   # views of the whole qkv projection
-            self.split.parts = type(parts)(_own_storage(parts.weights), _own_storage(parts.values))
+            self.split.parts = type(parts)(own_storage(parts.weights), own_storage(parts.values))
         if self.split is not None:
-            self.split.value = _own_storage(self.split.value)
+            self.split.value = own_storage(self.split.value)
         if self.split is None:
             born = split_birth(gm, birth, real, level, spec, batch_size)
             values = born.values[0] if isinstance(born.values, tuple) else born.values
@@ -124,10 +125,3 @@ def _elements(tensor: torch.Tensor, lead: torch.Size, chosen: torch.Tensor | Non
     shape = tensor.shape[:leading] + lead + tensor.shape[-2:]
     flat = tensor.expand(shape).reshape(*tensor.shape[:leading], -1, *tensor.shape[-2:])
     return flat if chosen is None else flat.index_select(leading, chosen)
-
-
-def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor``, copied when it is a view into a larger tensor (which keeping it would keep alive)."""
-    if tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size():
-        return tensor.clone()
-    return tensor

@@ -218,8 +218,10 @@ def _token_scores(run: BranchRun, slots: _SlotWeights, matrix: torch.Tensor, fac
     features = torch.stack([(head_of == h).nonzero().flatten() for h in range(heads)])  # [H, W]
     width, outputs = features.shape[1], factors.shape[-1]
     # [H, W, K·k]: each head's features through every slot's matrix and the head's directions
-    per_head = torch.einsum("khwo,hop->hwkp", matrix[:, features.flatten()].view(count, heads, width, -1),
-                            factors.to(matrix)).reshape(heads, width, count * outputs)
+    order = features.flatten()
+    by_head = matrix if torch.equal(order, torch.arange(len(order), device=order.device)) else matrix[:, order]
+    per_head = torch.einsum("khwo,hop->hwkp", by_head.view(count, heads, width, -1),   # (heads in column blocks:
+                            factors.to(matrix)).reshape(heads, width, count * outputs)  # no copy of the matrix)
     gather = within[features].view(1, heads, 1, width)
     step = max(1, PIECE_ELEMENTS // (keys * count * max(outputs, 1) * batch * heads))   # windows per piece
     for first in range(0, run.windows, step):

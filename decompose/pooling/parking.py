@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from tracer.attention import AttentionParts
+from tracer.attention import AttentionParts, own_storage
 from tracer.linear_rules import (
     Evaluator,
     apply_affine,
@@ -274,8 +274,8 @@ class Parking:
         """Keep the birth's weights and values by head, start its source code (``value`` [N, *heads, Nq, d])."""
         rows, queries, width = value.shape[0], value.shape[-2], value.shape[-1]
         keys = parts.weights.shape[-1]
-        run.weights = parts.weights.expand(*value.shape[:-1], keys).reshape(rows, -1, queries, keys)
-        run.values = parts.values.expand(*value.shape[:-2], keys, width).reshape(rows, -1, keys, width)
+        run.weights = own_storage(parts.weights.expand(*value.shape[:-1], keys).reshape(rows, -1, queries, keys))
+        run.values = own_storage(parts.values.expand(*value.shape[:-2], keys, width).reshape(rows, -1, keys, width))
         # as ``births.split_birth``: rows b·windows + w when the batch axis holds several per image
         run.windows = attention_groups(rows, batch_size)
         run.birth_shape = tuple(value.shape)
