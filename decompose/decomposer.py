@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tracer.composed_supports import SupportChain
 from tracer.head_axes import plan_attention_axes
 from tracer.positions import attention_key_positions, fork_of, support_positions, value_input
 from tracer.probe import ModelRunError, run_probe
@@ -271,10 +272,13 @@ def key_positions_for(gm, plan: TrunkPlan, probe, image: torch.Tensor) -> dict:
             gradients are zero matters there, and float64 convolutions are many times slower)."""
             with restored(original):
                 if not model_dtype:
-                    model_dtype.append(_fork_components(gm, plan, image, forks))
-                leaf, found = model_dtype[0]
-                embedding = found.get(fork, {}).get("embedding")
-                return None if embedding is None else support_positions(leaf, embedding, element_keys, keys)
+                    leaf, found = _fork_components(gm, plan, image, forks)
+                    model_dtype.append((None if leaf is None else SupportChain(leaf), found))
+                chain, found = model_dtype[0]
+                if "embedding" not in found.get(fork, {}):   # (always so without a grid leaf)
+                    return None
+                carried, row = found[fork]["carried"]
+                return support_positions(chain.key_centroids(carried, row, element_keys, keys))
 
         return attention_key_positions(gm, plan, values, probe.data_nodes, grid_leaf, fork_components,
                                        supports=supports)
@@ -317,6 +321,7 @@ def _fork_components(gm, plan: TrunkPlan, image: torch.Tensor, forks: set) -> tu
                 if (label is None or label.kind is ComponentKind.EMBEDDING) and grid is not None and grid.dim() == 5:
                     # [1, B, C, H, W]
                     parts["embedding"] = chunk.values[row]
+                    parts["carried"] = (chunk.values, row)      # the tensor it is a row of
                 elif label is not None and label.kind is ComponentKind.CONSTANT:
                     parts["constants"][label.name] = chunk.values[row].detach()
         fork_components[fork] = parts

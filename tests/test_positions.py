@@ -39,9 +39,9 @@ def test_perturbing_one_patch_changes_only_its_own_token_components():
 
 
 @pytest.mark.parametrize("name, kwargs, size, roles", [
-    ("vit_small_patch14_reg4_dinov2", dict(depth=1, embed_dim=32, num_heads=2, img_size=56), 56,
+    ("vit_small_patch14_reg4_dinov2", {"depth": 1, "embed_dim": 32, "num_heads": 2, "img_size": 56}, 56,
      ["cls_token"] + ["reg_token"] * 4),
-    ("deit_tiny_distilled_patch16_224", dict(depth=1, img_size=48), 48, ["cls_token", "dist_token"]),
+    ("deit_tiny_distilled_patch16_224", {"depth": 1, "img_size": 48}, 48, ["cls_token", "dist_token"]),
 ])
 def test_special_tokens_are_named_by_their_parameter(name, kwargs, size, roles):
     torch.manual_seed(0)
@@ -187,3 +187,67 @@ def test_keys_read_from_a_tuple_valued_trunk_node_have_unknown_positions():
     assert dec.relative_error() <= 1e-5
     positions = [label.position for label in dec.labels if label.token is not None]
     assert None in positions and all(p is None or isinstance(p, tuple) for p in positions)
+
+
+class _ConvolvedTrunk(torch.nn.Module):
+    """A strided convolutional stem (overlapping receptive fields), then blocks whose trunk adds a depthwise
+    convolution of itself (``x + dwconv(x)``, as DaViT's position encodings: every block widens the receptive
+    fields) before an attention branch over the tokens."""
+
+    def __init__(self, dim: int = 16, depth: int = 3, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.stem = torch.nn.Conv2d(3, dim, 5, stride=2, padding=2)
+        self.convs = torch.nn.ModuleList(torch.nn.Conv2d(dim, dim, 3, padding=1, groups=dim) for _ in range(depth))
+        self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(dim) for _ in range(depth))
+        self.qkvs = torch.nn.ModuleList(torch.nn.Linear(dim, 3 * dim) for _ in range(depth))
+        self.projs = torch.nn.ModuleList(torch.nn.Linear(dim, dim) for _ in range(depth))
+
+    def forward(self, x):
+        x = self.stem(x)                                                    # [B, C, H, W]
+        batch, channels, height, width = x.shape
+        for conv, norm, qkv, proj in zip(self.convs, self.norms, self.qkvs, self.projs):
+            x = x + conv(x)
+            tokens = x.flatten(2).transpose(1, 2)                           # [B, N, C]
+            q, k, v = qkv(norm(tokens)).reshape(batch, -1, 3, self.heads, channels // self.heads
+                                                ).permute(2, 0, 3, 1, 4)
+            attended = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            tokens = tokens + proj(attended.transpose(1, 2).reshape(batch, -1, channels))
+            x = tokens.transpose(1, 2).reshape(batch, channels, height, width)
+        return x.mean((2, 3))
+
+
+def test_supports_composed_through_an_earlier_fork_give_the_direct_positions(monkeypatch):
+    """Each block's keys reach the image only through the previous block's embedding, so their supports are
+    composed from that block's tokens (passes ending there). Every key's support centroid equals the one
+    found by passes to the image, and each attention's keys cover the 16×16 token grid once."""
+    import tracer.composed_supports as composed
+
+    torch.manual_seed(0)
+    model = _ConvolvedTrunk().eval()
+    images = torch.randn(1, 3, 32, 32)
+    compositions, centroids = [], []
+    compose, key_centroids = composed.SupportChain._composed, composed.SupportChain.key_centroids
+
+    def counted(self, *args):
+        result = compose(self, *args)
+        compositions.append(result is not None)
+        return result
+
+    def recorded(self, *args):
+        centroids.append(key_centroids(self, *args))
+        return centroids[-1]
+
+    monkeypatch.setattr(composed.SupportChain, "_composed", counted)
+    monkeypatch.setattr(composed.SupportChain, "key_centroids", recorded)
+    decomposer = trace_and_decompose(model)
+    found = decomposer.key_positions(decomposer.plan(images))
+    assert compositions == [True, True]                     # blocks 1 and 2, through blocks 0 and 1
+    composed_centroids, centroids[:] = list(centroids), []
+    monkeypatch.setattr(composed, "only_through", lambda *args: False)
+    direct = trace_and_decompose(model)
+    expected = direct.key_positions(direct.plan(images))
+    assert len(centroids) == 3 and composed_centroids == centroids
+    assert list(found.values()) == list(expected.values())
+    for positions in found.values():
+        assert sorted(positions) == [(r, c) for r in range(16) for c in range(16)]

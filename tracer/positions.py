@@ -28,12 +28,11 @@ from functools import partial
 from typing import Any
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from .node_calls import ValueOverlay, node_arguments
 from .ops import OpKind, attention_value_input, is_multihead_attention, op_kind
 from .progress import progress
-from .receptive_fields import key_supports
 from .roles import Role, TrunkPlan
 from .tracing import call_target
 from .vocabulary import ComponentKind
@@ -148,19 +147,10 @@ def source_codes(shape: torch.Size, key_axis: int, window_axis: int, device: tor
     return (windows * shape[key_axis] + keys + 1).expand(shape)
 
 
-def support_positions(image: torch.Tensor, embedding: torch.Tensor, element_keys: torch.Tensor, keys: int
-                      ) -> list[tuple[int, int] | None]:
-    """(row, col) per key from the centroid of the grid cells its elements depend on (``image`` [..., H, W]),
-    used when receptive fields overlap; the cells come from few grouped backward passes
-    (``tracer.receptive_fields``)."""
-    width = image.shape[-1]
-    centroids: list[tuple[float, float] | None] = []
-    for cells in key_supports(image, embedding, element_keys, keys):
-        if len(cells) == 0:
-            centroids.append(None)
-            continue
-        rows_cols = torch.stack([cells // width, cells % width], 1).double()
-        centroids.append((float(rows_cols[:, 0].mean()), float(rows_cols[:, 1].mean())))
+def support_positions(centroids: list[tuple[float, float] | None]) -> list[tuple[int, int] | None]:
+    """(row, col) per key in the grid of the centroids of the grid cells its elements depend on, used when
+    receptive fields overlap; the cells come from few grouped backward passes (``tracer.receptive_fields``,
+    ``tracer.composed_supports``)."""
     return _rank_centroids(centroids)
 
 
@@ -194,12 +184,14 @@ def attention_key_positions(gm: fx.GraphModule, plan: TrunkPlan, values: dict, d
     {"embedding": the image's component at the fork (computed from ``image``),
     "constants": {name: component value at the fork}}, from one linear pass. supports:
     (fork, element keys, keys) -> ``support_positions`` for that fork, used where receptive fields
-    overlap. Forks with the same embedding whose keys are the same element sets share their grid
-    positions.
+    overlap (called in graph order). Forks with the same embedding whose keys are the same element sets
+    share their grid positions.
     """
     positions: dict[fx.Node, list[Position]] = {}
     known: list[tuple[torch.Tensor, torch.Tensor, list[Position]]] = []  # embedding, element keys, result
-    for birth_node, birth in progress(plan.births.items(), "token key positions", total=len(plan.births)):
+    order = {node: index for index, node in enumerate(gm.graph.nodes)}
+    in_graph_order = sorted(plan.births.items(), key=lambda item: order[item[0]])   # earlier forks first:
+    for birth_node, birth in progress(in_graph_order, "token key positions"):      # later ones compose on them
         if birth.kind is not ComponentKind.ATTENTION:
             continue
         found = value_input(gm, birth_node)

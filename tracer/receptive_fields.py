@@ -31,6 +31,7 @@ import math
 import torch
 
 from .progress import progress
+from .support_cells import GridCells, LabelledCells
 
 STAGE = "token key positions: receptive fields"
 PER_KEY = 64          # at most this many keys: one pass per key (grouping would not pay)
@@ -46,53 +47,67 @@ def key_supports(grid: torch.Tensor, embedding: torch.Tensor, element_keys: torc
     ``element_keys`` (key + 1 per element, 0: no key). The supports one backward pass per key with the
     same random direction finds (keys with no element: empty).
     """
+    return cell_supports(grid, embedding, element_keys, keys, GridCells(grid))[0]
+
+
+def cell_supports(source: torch.Tensor, embedding: torch.Tensor, element_keys: torch.Tensor, keys: int,
+                  cells: GridCells | LabelledCells) -> tuple[list[torch.Tensor], set[int]]:
+    """``key_supports`` in the ``cells`` of ``source`` (a tensor requiring grad that ``embedding`` is computed
+    from), and the keys that reach some cell only partly (their supports hold those cells too)."""
     generator = torch.Generator().manual_seed(2)
     direction = (torch.rand(embedding.shape, generator=generator, dtype=torch.float64, device="cpu") + 0.5
                  ).to(embedding)
     present = torch.bincount(element_keys.flatten().cpu(), minlength=keys + 1)[1:keys + 1] > 0
     supports = [torch.zeros(0, dtype=torch.long) for _ in range(keys)]
+    partly: set[int] = set()
     pending = [k for k in range(keys) if bool(present[k])]
-    passes = _Passes(grid, embedding, element_keys, keys)
+    passes = _Passes(source, embedding, element_keys, keys, cells)
     located = _located_cells(passes, direction, pending) if len(pending) > PER_KEY else None
-    known = {key: [cells] for key, cells in (located or {}).items()}   # pending key -> cells found its own
-    layout = _GroupLayout(grid.shape[-1], known)
+    known = {key: [found] for key, found in (located or {}).items()}   # pending key -> cells found its own
+    layout = _GroupLayout(cells.places, known)
     pooled = set(pending) if located is None else set()                 # keys no more to group unlocated
     while pending:
         groups = layout.next_groups(pending, known, pooled)
         key_sets, tests = _bit_passes(groups)
-        positive = torch.stack([passes.positive_cells(direction, keys) for keys in progress(key_sets, STAGE)])
+        reached = [passes.positive_cells(direction, keys) for keys in progress(key_sets, STAGE)]
+        positive = torch.stack([cells_reached for cells_reached, _ in reached])             # [passes, cells]
+        partial = None if reached[0][1] is None else torch.stack([part for _, part in reached])
         pending = []
         for group, rows, bitwise in tests:
             found, unresolved = (_decode(positive[rows], group) if bitwise
                                  else (dict(zip(group, (row.nonzero().flatten() for row in positive[rows]))), set()))
-            for key, cells in found.items():
+            for key, cells_found in found.items():
                 if key not in unresolved:
-                    supports[key] = cells
+                    supports[key] = cells_found
+                    if partial is not None and bool(partial[rows][:, cells_found].any()):
+                        partly.add(key)   # in its passes no other key reaches these cells
                     continue
                 pending.append(key)
-                if len(cells):
-                    known.setdefault(key, []).append(cells)
-    return supports
+                if len(cells_found):
+                    known.setdefault(key, []).append(cells_found)
+    return supports, partly
 
 
 class _Passes:
-    """Backward passes from the embedding to the grid, for directions weighted per key."""
+    """Backward passes from the embedding to the source's cells, for directions weighted per key."""
 
-    def __init__(self, grid: torch.Tensor, embedding: torch.Tensor, element_keys: torch.Tensor, keys: int):
-        self.grid, self.embedding, self.element_keys, self.keys = grid, embedding, element_keys, keys
+    def __init__(self, source: torch.Tensor, embedding: torch.Tensor, element_keys: torch.Tensor, keys: int,
+                 cells: GridCells | LabelledCells):
+        self.source, self.embedding, self.element_keys, self.keys = source, embedding, element_keys, keys
+        self.cells = cells
 
     def gradient(self, direction: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """``[channels, H * W]``: the gradient of ⟨embedding, direction ⊙ weights[element key]⟩ (weights
+        """Shaped like the source: the gradient of ⟨embedding, direction ⊙ weights[element key]⟩ (weights
         ``[keys]``; elements of no key weigh 0). One backward pass (batching them with vmap was no faster)."""
         per_code = torch.cat([weights.new_zeros(1), weights]).to(self.embedding)
-        grad, = torch.autograd.grad(self.embedding, self.grid, direction * per_code[self.element_keys],
+        grad, = torch.autograd.grad(self.embedding, self.source, direction * per_code[self.element_keys],
                                     retain_graph=True)
-        return grad.flatten(0, -3).flatten(1)
+        return grad
 
-    def positive_cells(self, direction: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """``[H * W]`` bool: the cells some of ``keys`` reaches (a nonzero gradient in some channel)."""
+    def positive_cells(self, direction: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``[cells]`` bool: the cells some of ``keys`` reaches, and those reached only partly (None: a grid)."""
         weights = torch.zeros(self.keys).index_fill_(0, keys, 1.0)
-        return (self.gradient(direction, weights).abs().amax(0) > 0).cpu()
+        return self.cells.reached(self.gradient(direction, weights))
 
 
 def _located_cells(passes: _Passes, direction: torch.Tensor, pending: list[int]) -> dict[int, torch.Tensor] | None:
@@ -100,33 +115,51 @@ def _located_cells(passes: _Passes, direction: torch.Tensor, pending: list[int])
 
     Keys in random groups; a cell's key is read from the ratio of the gradients of a coded direction (the
     key's number in its group) and of the plain one, at the cell's largest channel, where two random
-    directions agree on one whole number. Only a guess where keys are (grouping uses it, supports do not),
+    directions agree on one whole number (a cell that one key of the group alone reaches). When most keys
+    are read, those left unread (too many keys of their group reach each of their cells) are read again in
+    groups four times smaller, while that reads most of them. Only a guess where keys are (grouping uses it, supports do not),
     so the model's dtype is enough; a cell read wrong costs passes, not correctness.
     """
     generator = torch.Generator().manual_seed(3)
     second = (torch.rand(direction.shape, generator=generator, dtype=torch.float64, device="cpu") + 0.5
               ).to(direction)
     order = torch.tensor(pending)[torch.randperm(len(pending), generator=generator)]
-    tolerance = 64 * torch.finfo(direction.dtype).eps    # relative error of a ratio where one key alone acts
     located: dict[int, torch.Tensor] = {}
     for index, group in enumerate(progress(order.tensor_split(LOCATING_GROUPS), STAGE)):
         if index == 2 and sum(len(c) > 0 for c in located.values()) < DENSE * len(located):
             return None
-        codes = torch.zeros(passes.keys)
-        codes[group] = torch.arange(1, len(group) + 1, dtype=codes.dtype)
-        numbers = []
-        for random_direction in (direction, second):
-            plain = passes.gradient(random_direction, (codes > 0).to(codes))     # [channels, cells]
-            coded = passes.gradient(random_direction, codes)
-            largest = plain.abs().argmax(0, keepdim=True)
-            ratio = (coded.gather(0, largest) / plain.gather(0, largest)).squeeze(0).double().cpu()
-            number = ratio.round()
-            whole = (ratio - number).abs() <= tolerance * number.abs()
-            numbers.append(torch.where(whole, number, torch.full_like(number, -1)))
-        agreed = (numbers[0] == numbers[1]) & (numbers[0] >= 1) & (numbers[0] <= len(group))
-        cells = _cells_by_code(agreed.nonzero().flatten(), numbers[0][agreed].long() - 1, len(group))
-        located.update(zip(group.tolist(), cells))
+        located.update(_read_keys(passes, (direction, second), group))
+    groups = LOCATING_GROUPS
+    unlocated = order[torch.tensor([len(located[key]) == 0 for key in order.tolist()], dtype=torch.bool)]
+    while PER_KEY < len(unlocated) < len(order) / 2 and groups < len(unlocated):   # smaller groups read more
+        groups *= 4
+        found: dict[int, torch.Tensor] = {}
+        for group in progress(unlocated.tensor_split(min(groups, len(unlocated))), STAGE):
+            found.update(_read_keys(passes, (direction, second), group))
+        located.update(found)
+        still = torch.tensor([len(found[key]) == 0 for key in unlocated.tolist()], dtype=torch.bool)
+        if 2 * int(still.sum()) > len(unlocated):                    # most still unread: too dense
+            break
+        unlocated = unlocated[still]
     return {key: cells for key, cells in located.items() if len(cells)}
+
+
+def _read_keys(passes: _Passes, directions: tuple[torch.Tensor, torch.Tensor], group: torch.Tensor
+               ) -> dict[int, torch.Tensor]:
+    """Per key of ``group``, the cells read as its own (four passes: plain and coded in two directions)."""
+    tolerance = 64 * torch.finfo(directions[0].dtype).eps    # relative error of a ratio where one key alone acts
+    codes = torch.zeros(passes.keys)
+    codes[group] = torch.arange(1, len(group) + 1, dtype=codes.dtype)
+    numbers = []
+    for random_direction in directions:
+        plain = passes.gradient(random_direction, (codes > 0).to(codes))
+        ratio = passes.cells.ratio(plain, passes.gradient(random_direction, codes))     # [cells]
+        number = ratio.round()
+        whole = (ratio - number).abs() <= tolerance * number.abs()
+        numbers.append(torch.where(whole, number, torch.full_like(number, -1)))
+    agreed = (numbers[0] == numbers[1]) & (numbers[0] >= 1) & (numbers[0] <= len(group))
+    cells = _cells_by_code(agreed.nonzero().flatten(), numbers[0][agreed].long() - 1, len(group))
+    return dict(zip(group.tolist(), cells))
 
 
 def _cells_by_code(cells: torch.Tensor, codes: torch.Tensor, count: int) -> tuple[torch.Tensor, ...]:
@@ -192,26 +225,28 @@ class _GroupLayout:
     (``half``: the largest half size of a known box): the support lies in the known box grown to that
     size on both sides. Two keys conflict when these regions meet. A key that stays unresolved grows its
     region by a margin (1, 2, 4, ... cells) each round. Known cells far from the rest of their key's
-    (a located cell read wrong) are left out of its box."""
+    (a located cell read wrong) are left out of its box; cells without a place (not finite) are not
+    counted as known."""
 
-    def __init__(self, width: int, known: dict[int, list[torch.Tensor]]):
-        self.width = width
+    def __init__(self, places: torch.Tensor, known: dict[int, list[torch.Tensor]]):
+        self.places = places                                            # [cells, 2] (row, col)
         self.margin: dict[int, float] = {}
-        halves = [self._box(self._points(cells))[1] for cells in known.values()]
+        placed = [cells for cells in known.values() if self._located(cells)]
+        halves = [self._box(self._points(cells))[1] for cells in placed]
         typical = float(torch.stack(halves).amax(1).median()) if halves else 0.0
         self.outlier = 4 * typical + 2      # cells farther than this from their key's median cell
-        trimmed = [self._box(self._points(cells, trim=True))[1] for cells in known.values()]
+        trimmed = [self._box(self._points(cells, trim=True))[1] for cells in placed]
         self.half = torch.stack(trimmed).amax(0) if trimmed else torch.zeros(2, dtype=torch.float64)
 
     def next_groups(self, pending: list[int], known: dict[int, list[torch.Tensor]], pooled: set[int]
                     ) -> list[list[int]]:
         """Located keys coloured apart (one pass each when the colouring would take more than half as many
         passes); keys with no known cell in one group the first time (when many), else alone."""
-        located = [key for key in pending if known.get(key)]
+        located = [key for key in pending if self._located(known.get(key))]
         groups = self._colouring([self._region(key, known[key]) for key in located])
         if 2 * sum(_pass_count(len(group)) for group in groups) > len(located):
             groups = [[key] for key in located]
-        unlocated = [key for key in pending if not known.get(key)]
+        unlocated = [key for key in pending if not self._located(known.get(key))]
         fresh = [key for key in unlocated if key not in pooled]
         if len(fresh) > PER_KEY:
             pooled.update(fresh)
@@ -224,10 +259,13 @@ class _GroupLayout:
         self.margin[key] = max(1.0, 2 * self.margin[key]) if key in self.margin else 0.0
         return float(centre[0]), float(centre[1]), key, 2 * self.half - half + self.margin[key]
 
+    def _located(self, cells: list[torch.Tensor] | None) -> bool:
+        return bool(cells) and len(self._points(cells)) > 0
+
     def _points(self, cells: list[torch.Tensor], trim: bool = False) -> torch.Tensor:
-        """``[cells, 2]`` (row, col) of a key's known cells, without far outliers when ``trim``."""
-        flat = torch.cat(cells)
-        points = torch.stack([flat // self.width, flat % self.width], 1).double()
+        """``[cells, 2]`` (row, col) of a key's known cells with a place, without far outliers when ``trim``."""
+        points = self.places[torch.cat(cells)]
+        points = points[points.isfinite().all(1)]
         if trim:
             points = points[((points - points.median(0).values).abs() <= self.outlier).all(1)]
         return points
