@@ -101,6 +101,8 @@ def compile_decomposition(decomposer, level: Level | str, example: torch.Tensor)
                 f"the decomposition at level {level} reads a value of the batch that decides what it computes, "
                 f"at {_read_site(error)}: it cannot be recorded as one graph; call the decomposer itself") from error
     _check_inputs_first(traced, example)
+    traced.graph.eliminate_dead_code()  # values the walk computed but no output needs (ops that write are kept)
+    traced.recompile()
     return DecompositionGraph(traced, decomposer, plan, level, labels, record)
 
 
@@ -128,4 +130,3 @@ def _check_inputs_first(traced: fx.GraphModule, example: torch.Tensor) -> None:
         checked = graph.call_function(refuse_other_inputs,
                                       (images, tuple(example.shape), example.dtype, str(example.device)))
     images.replace_all_uses_with(checked, delete_user_cb=lambda user: user is not checked)
-    traced.recompile()
