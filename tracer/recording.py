@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-import torch
 from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 
 

@@ -283,7 +283,7 @@ def _token_components(pooling: EarlyPooling, run: BranchRun, join: _JoinRows, ma
             yield from _token_scores(run, slots, matrix, torch.stack(factors), batch)
             return
     for h in range(heads):
-        features = structural(lambda: (head_of == h).nonzero().flatten(), HEAD_FEATURES)
+        features = structural(lambda h=h: (head_of == h).nonzero().flatten(), HEAD_FEATURES)
         own = values[used, h][..., within[features]]                                      # [n, Nk, W]
         head_matrix = matrix[:, features].reshape(-1, matrix.shape[-1])                   # [K·W, O]
         head_ids = run.ids[h * run.windows * keys: (h + 1) * run.windows * keys]
@@ -298,7 +298,8 @@ def _token_components(pooling: EarlyPooling, run: BranchRun, join: _JoinRows, ma
         step = max(1, PIECE_ELEMENTS // (keys * count * max(min(width, outputs), 1) * batch))  # windows per piece
         for first in range(0, run.windows, step):
             last = min(first + step, run.windows)
-            inside = structural(lambda: ((window >= first) & (window < last)).nonzero().flatten(), PIECE_GROUPS)
+            inside = structural(lambda first=first, last=last: ((window >= first) & (window < last)).nonzero().flatten(),
+                                PIECE_GROUPS)
             slot_weights = summed[used[inside], :, h].transpose(1, 2).contiguous()        # [n, Nk, K]
             if by_slot is not None:
                 through = (own[inside] @ by_slot).view(len(inside), keys, count, outputs)  # [n, Nk, K, O]
