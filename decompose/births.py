@@ -28,6 +28,7 @@ from tracer.head_axes import AttentionAxes
 from tracer.linear_rules import Offset
 from tracer.node_calls import node_arguments
 from tracer.ops import is_multihead_attention
+from tracer.recording import check
 from tracer.relevance import Slice, index_tensor
 from tracer.roles import Birth
 from tracer.vocabulary import ComponentKind, Level
@@ -232,7 +233,8 @@ def _split_multihead(gm: fx.GraphModule, node: fx.Node, real: dict, level: str,
             tokens = [j for _ in range(count) for j in range(keys)]
     if spec is not None:
         values, real_out = spec.take(values, leading=1), spec.take(real_out)
-    _check_multihead(real_out, values.sum(0), mha, node)
+    check(lambda: _check_multihead(real_out, values.sum(0), mha, node),
+          "births: nn.MultiheadAttention's heads re-computed equal its output")
     offsets = []
     if mha.out_proj.bias is not None:
         bias = mha.out_proj.bias.expand(real_out.shape)  # MHA returns (output, weights)

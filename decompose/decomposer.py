@@ -121,6 +121,13 @@ class Decomposer(nn.Module):
         positions = self.key_positions(plan) if level is Level.TOKEN else None
         if table is not None:
             return self._scores(plan, images, level, table, positions)
+        representation, components, labels = self._components(plan, images, level, positions)
+        return self.checked(plan, images, level, representation, components, labels)
+
+    def _components(self, plan: RunPlan, images: torch.Tensor, level: Level, positions: dict | None
+                    ) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """(representation [B, *D], components [C, B, *D], their C labels) of ``images``: the pass, with no
+        check (``decompose.compiled`` records it as one graph)."""
         registry = ComponentRegistry()
         parking = _parking(plan, level)
         representation, carried = propagate(self.graph_module, plan, images, level, registry,
@@ -128,13 +135,25 @@ class Decomposer(nn.Module):
         if parking is not None:
             carried = pooled_components(self.graph_module, plan.pooling, parking, carried)
         ids, components = carried.drain()  # in creation order: stable labels
-        labels = [registry.labels[i] for i in ids]
+        return representation, components, [registry.labels[i] for i in ids]
+
+    def checked(self, plan: RunPlan, images: torch.Tensor, level: Level, representation: torch.Tensor,
+                components: torch.Tensor, labels: list) -> Decomposition:
+        """The ``Decomposition`` of a components pass once its sum is checked (``check_sum``)."""
         error = check_sum(components.sum(0), representation, what=f"{self.output} output, {describe(plan.target)}",
                           tolerance=tolerance_for(representation.dtype, self.sum_tolerance),
                           on_inexact=self.on_inexact_sum,
                           diagnose=lambda image: self._first_inexact_node(plan, images[image: image + 1], level))
         return Decomposition(components, labels, representation, level, plan.target.name,
                              plan.describe_stop(), sum_error=error)
+
+    def compiled(self, level: Level | str, example_images: torch.Tensor):
+        """The decomposition at ``level`` of images shaped like ``example_images`` as one ``torch.fx`` graph
+        (``decompose.compiled.DecompositionGraph``): ``graph(images) -> (representation, components)``,
+        ``graph.decompose(images) -> Decomposition`` (the sum checked), ``graph.labels``."""
+        from .compiled import compile_decomposition
+
+        return compile_decomposition(self, level, example_images)
 
     def _scores(self, plan: RunPlan, images: torch.Tensor, level: Level, directions: Directions,
                 positions: dict | None) -> Decomposition:

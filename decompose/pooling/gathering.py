@@ -17,6 +17,7 @@ from tracer.linear_rules import (
     bias_free_call,
     has_bias_argument,
 )
+from tracer.recording import structural
 from tracer.vocabulary import Level
 
 from ..carried import Carried, Chunk
@@ -36,12 +37,12 @@ def _apply_map(gm: fx.GraphModule, node: fx.Node, carrier: fx.Node, inputs: dict
     else:
         evaluate = Evaluator(gm, node, inputs)
         out = evaluate({carrier: flat})
-        at_zero = evaluate({carrier: torch.zeros_like(flat[:, :1])})
-        if bool(at_zero.any()):
-            out = out - at_zero
+        out = out - evaluate({carrier: torch.zeros_like(flat[:, :1])})  # its offset (zero or not: no read-back)
     return out.reshape(*rows.shape[:-1], out.shape[-1])
 
 
+HEAD_FEATURES = "pooling.gathering: the features of each head of a pooled branch"
+PIECE_GROUPS = "pooling.gathering: the attention groups of each piece of a branch split by token"
 # a branch split by token is taken to the output in pieces of at most this many elements of its
 # widest intermediate ([windows, keys, K, head features] pooled, before the tail's matrix)
 PIECE_ELEMENTS = 2 ** 22
@@ -66,8 +67,7 @@ def _join_rows(pooling: EarlyPooling, run: BranchRun, gamma: torch.Tensor, dtype
     pooled_join = pooling.nodes[spec.join]
     count = pooled_join.slot_count
     batch, tokens = gamma.shape
-    fed = run.targets >= 0
-    rows = None if bool(fed.all()) else fed.nonzero().flatten()
+    rows = structural(lambda: _fed_rows(run.targets), "pooling.gathering: the rows a pooled branch feeds its join by")
     join_rows = run.targets if rows is None else run.targets[rows]
     image, token = join_rows // tokens, join_rows % tokens
     unscaled = gamma[image, token]
@@ -82,6 +82,12 @@ def _join_rows(pooling: EarlyPooling, run: BranchRun, gamma: torch.Tensor, dtype
     totals = per_slot(unscaled)
     scaled = totals if run.row_scale is None else per_slot(weight)
     return _JoinRows(rows, image, slot, weight.to(dtype), totals, scaled, target, _join_sign(spec))
+
+
+def _fed_rows(targets: torch.Tensor) -> torch.Tensor | None:
+    """[R] the rows whose join row ``targets`` gives (-1: none; a row map of the shapes), None: all."""
+    fed = targets >= 0
+    return None if bool(fed.all()) else fed.nonzero().flatten()
 
 
 def _join_sign(spec: PooledBranch) -> float:
@@ -134,15 +140,15 @@ def _head_rows_mapped(gm: fx.GraphModule, run: BranchRun, pooled: torch.Tensor) 
     A first map that is a linear layer over heads laid out as equal consecutive column blocks
     (``x.transpose(1, 2).reshape(B, N, C)`` before ``proj``) takes each head's block of its weight: one
     batched product, H times smaller than the linear layer on H masked copies."""
-    groups = run.groups.to(pooled.device)
     heads = len(run.ids)
     if run.maps and pooled.shape[-1] % heads == 0:
         node, carrier, inputs, kind = run.maps[0]
         width = pooled.shape[-1] // heads
         weight = inputs.get(node.args[1]) if kind is RowStep.MAP and node.target is F.linear and \
             has_bias_argument(node, carrier) and isinstance(node.args[1], fx.Node) else None
-        blocks = torch.arange(heads, device=groups.device).repeat_interleave(width)
-        if weight is not None and weight.shape[-1] == pooled.shape[-1] and torch.equal(groups, blocks):
+        if weight is not None and weight.shape[-1] == pooled.shape[-1] and structural(
+                lambda: torch.equal(run.groups.cpu(), torch.arange(heads).repeat_interleave(width)),
+                "pooling.gathering: whether a pooled branch's heads are consecutive column blocks"):
             per_head = torch.einsum("bkhd,ohd->hbko", pooled.unflatten(-1, (heads, width)),
                                     weight.to(pooled.dtype).unflatten(-1, (heads, width)))
             return _mapped(gm, run, per_head, first=1)
@@ -195,11 +201,20 @@ class _SlotWeights:
         summed = per_row.new_zeros(groups * (count + 1), heads, keys).index_add_(
             0, group * (count + 1) + join.slot, per_row)
         summed = summed.view(groups, count + 1, heads, keys)[:, :count]
-        image_of = torch.full((groups,), -1, dtype=torch.long, device=group.device).scatter_(0, group, join.image)
-        if not bool((image_of[group] == join.image).all()):
-            raise RuntimeError(f"internal: an attention group of {spec.birth.name} feeds several images")
-        used = (image_of >= 0).nonzero().flatten()                                        # groups that feed the join
-        return cls(summed, used, used % run.windows, image_of[used], count, keys)
+        used, image = structural(lambda: _groups_used(group, join.image, groups, spec.birth.name),
+                                 "pooling.gathering: the attention groups a pooled branch feeds its join from")
+        return cls(summed, used, used % run.windows, image, count, keys)
+
+
+def _groups_used(group: torch.Tensor, image: torch.Tensor, groups: int, name: str
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """([n] the attention groups that rows of ``group`` [R] come from, [n] the image of each (``image`` [R],
+    the image of each row); from the row maps, so from the shapes only."""
+    image_of = torch.full((groups,), -1, dtype=torch.long, device=group.device).scatter_(0, group, image)
+    if not bool((image_of[group] == image).all()):
+        raise RuntimeError(f"internal: an attention group of {name} feeds several images")
+    used = (image_of >= 0).nonzero().flatten()
+    return used, image_of[used]
 
 
 def _all_heads_at_once(factors: list, head_of: torch.Tensor, heads: int) -> bool:
@@ -270,7 +285,7 @@ def _token_components(pooling: EarlyPooling, run: BranchRun, join: _JoinRows, ma
             yield from _token_scores(run, slots, matrix, torch.stack(factors), batch)
             return
     for h in range(heads):
-        features = (head_of == h).nonzero().flatten()
+        features = structural(lambda h=h: (head_of == h).nonzero().flatten(), HEAD_FEATURES)
         own = values[used, h][..., within[features]]                                      # [n, Nk, W]
         head_matrix = matrix[:, features].reshape(-1, matrix.shape[-1])                   # [K·W, O]
         head_ids = run.ids[h * run.windows * keys: (h + 1) * run.windows * keys]
@@ -285,7 +300,8 @@ def _token_components(pooling: EarlyPooling, run: BranchRun, join: _JoinRows, ma
         step = max(1, PIECE_ELEMENTS // (keys * count * max(min(width, outputs), 1) * batch))  # windows per piece
         for first in range(0, run.windows, step):
             last = min(first + step, run.windows)
-            inside = ((window >= first) & (window < last)).nonzero().flatten()
+            inside = structural(lambda first=first, last=last: ((window >= first) & (window < last)).nonzero().flatten(),
+                                PIECE_GROUPS)
             slot_weights = summed[used[inside], :, h].transpose(1, 2).contiguous()        # [n, Nk, K]
             if by_slot is not None:
                 through = (own[inside] @ by_slot).view(len(inside), keys, count, outputs)  # [n, Nk, K, O]

@@ -1,0 +1,116 @@
+"""The decomposition recorded as one graph (``decomposer.compiled``) equals the interpreter on new images,
+for the model matrix at every level; the graph reads nothing back, refuses other inputs, and a read of the
+batch that decides what is computed refuses to record."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from decompose import trace_and_decompose
+from decompose.compiled import GraphCaptureError, InputMismatchError
+from decompose.sum_check import InexactSumError
+from tests.models import TIMM_MODELS, input_size, tiny_open_clip_vision
+
+LEVELS = ("branch", "head", "token")
+SYNCING_TAGS = {torch.Tag.dynamic_output_shape, torch.Tag.data_dependent_output}
+
+
+def _matrix_model(name):
+    if name == "open_clip":
+        return tiny_open_clip_vision().double().eval(), (3, 64, 64)
+    kwargs = TIMM_MODELS[name]
+    model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs).double().eval()
+    return model, input_size(model, kwargs)
+
+
+def syncing_ops(graph: torch.fx.Graph) -> list[str]:
+    """The graph's ops whose output shape or value is read back from the device (``nonzero``, ``item``,
+    boolean-mask indexing, ...); indexing by integer tensors is not one."""
+    found = []
+    for node in graph.nodes:
+        target = node.target
+        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or \
+                not SYNCING_TAGS & set(target.tags):
+            continue
+        if target is torch.ops.aten.index.Tensor and \
+                all(i is None or i.meta["val"].dtype != torch.bool for i in node.args[1]):
+            continue
+        found.append(str(target))
+    return found
+
+
+@pytest.mark.parametrize("name", sorted(TIMM_MODELS) + ["open_clip"])
+def test_the_graph_equals_the_interpreter_on_new_images(name):
+    torch.manual_seed(0)
+    model, size = _matrix_model(name)
+    decomposer = trace_and_decompose(model)
+    example, images = torch.randn(2, *size, dtype=torch.float64), torch.randn(2, *size, dtype=torch.float64)
+    for level in LEVELS:
+        graph = decomposer.compiled(level, example)
+        assert syncing_ops(graph.graph) == [], level
+        representation, components = graph(images)
+        expected = decomposer(images, level=level)
+        assert [label.key for label in graph.labels] == expected.keys
+        scale = float(expected.representation.norm())
+        assert float((representation - expected.representation).norm()) <= 1e-12 * scale
+        assert components.shape == expected.components.shape
+        assert float((components - expected.components).norm()) <= 1e-12 * scale, level
+        checked = graph.decompose(images)
+        assert checked.keys == expected.keys and checked.sum_error <= 1e-10
+
+
+@pytest.fixture(scope="module")
+def vit_graph():
+    torch.manual_seed(1)
+    model, size = _matrix_model("vit_tiny_patch16_224")
+    decomposer = trace_and_decompose(model)
+    return decomposer, decomposer.compiled("head", torch.randn(2, *size, dtype=torch.float64)), size
+
+
+def test_other_inputs_are_refused(vit_graph):
+    _, graph, size = vit_graph
+    for images in (torch.randn(3, *size, dtype=torch.float64), torch.randn(2, 3, 32, 32, dtype=torch.float64),
+                   torch.randn(2, *size)):
+        with pytest.raises(InputMismatchError, match=r"recorded for images \(2, 3, 64, 64\) torch.float64"):
+            graph(images)
+
+
+def test_the_sum_check_still_runs(vit_graph):
+    _, graph, size = vit_graph
+    images = torch.randn(2, *size, dtype=torch.float64)
+    representation, components = graph(images)
+    assert graph.wrap(images, representation, components).sum_error <= 1e-10
+    wrong = components.clone()
+    wrong[3] *= 1.01
+    with pytest.raises(InexactSumError, match="do not sum"):
+        graph.wrap(images, representation, wrong)
+
+
+def test_structural_reads_are_listed(vit_graph):
+    _, graph, _ = vit_graph
+    assert any("blockwise_linear" in site for site in graph.structural)
+
+
+class _Gate(nn.Module):
+    def forward(self, x):
+        return torch.relu(x) if x.sum() > 0 else 2 * x  # decided by the batch's values
+
+
+class _GatedBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 4, 4, 4)
+        self.gate = _Gate()
+
+    def forward(self, images):
+        x = self.embed(images).flatten(2).transpose(1, 2)
+        return (x + self.gate(x)).mean(1)
+
+
+def test_a_decision_on_the_batch_refuses_to_record():
+    with pytest.warns(UserWarning, match="could not trace into gate"):
+        decomposer = trace_and_decompose(_GatedBranch().eval())
+    with pytest.raises(GraphCaptureError, match=r"reads a value of the batch.*test_compiled.py:\d+ \(forward"):
+        decomposer.compiled("head", torch.randn(2, 3, 8, 8))
