@@ -93,11 +93,9 @@ def attention_split(gm: fx.GraphModule, birth: Birth, real: dict, level: Level |
     full = real[node].shape
     heads = Grouping(_sliced(axes.head_index(full, value.device), spec), axes.head_count(full),
                      axes.splits_heads(full))
-    parts = attention_parts(node, real) if level is Level.TOKEN else None
+    parts = attention_parts(node, real, spec) if level is Level.TOKEN else None
     if parts is None:
         return AttentionSplit(value, heads)
-    if spec is not None:
-        parts = _slice_parts(parts, spec, real[node].dim())
     windows = Grouping(_sliced(axes.window_index(full, value.device), spec), axes.window_count(full), True)
     return AttentionSplit(value, heads, windows, parts)
 
@@ -143,17 +141,28 @@ def attention_groups(rows: int, batch_size: int | None) -> int:
     return rows // batch_size if batch_size and rows % batch_size == 0 else 1
 
 
-def attention_parts(node: fx.Node, real: dict) -> AttentionParts | None:
-    """Weights [..., Nq, Nk] and values [..., Nk, d] of an attention birth, None if it has none."""
+def attention_parts(node: fx.Node, real: dict, spec: Slice | None = None) -> AttentionParts | None:
+    """Weights [..., Nq, Nk] and values [..., Nk, d] of an attention birth, None if it has none; with
+    ``spec``, restricted to the positions it keeps of the output (an SDPA kept on a few query rows, e.g. a
+    class token, computes only those rows' weights)."""
     args, kwargs = node_arguments(node, real)
     if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
         bound = sdpa_arguments(args, kwargs)
-        return AttentionParts(sdpa_weights(**bound), sdpa_values(bound["value"], bound["query"],
-                                                                 bound.get("enable_gqa", False)))
-    weights, values = args[0], args[1]
-    if weights.dim() < 2 or values.dim() < 2:
-        return None
-    return AttentionParts(weights, values)
+        values = sdpa_values(bound["value"], bound["query"], bound.get("enable_gqa", False))
+        if spec is not None and spec.axis - real[node].dim() == -2 and not bound.get("is_causal", False):
+            index = index_tensor(spec.index, bound["query"].device)
+            mask = bound.get("attn_mask")
+            if isinstance(mask, torch.Tensor) and mask.dim() >= 2 and mask.shape[-2] == spec.full:
+                bound["attn_mask"] = mask.index_select(-2, index)
+            bound["query"] = bound["query"].index_select(-2, index)
+            return AttentionParts(sdpa_weights(**bound), values)
+        parts = AttentionParts(sdpa_weights(**bound), values)
+    else:
+        weights, values = args[0], args[1]
+        if weights.dim() < 2 or values.dim() < 2:
+            return None
+        parts = AttentionParts(weights, values)
+    return parts if spec is None else _slice_parts(parts, spec, real[node].dim())
 
 
 def _slice_parts(parts: AttentionParts, spec: Slice, ndim: int) -> AttentionParts:
