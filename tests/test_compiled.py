@@ -1,6 +1,7 @@
 """The decomposition recorded as one graph (``decomposer.compiled``) equals the interpreter on new images,
-for the model matrix at every level; the graph reads nothing back, refuses other inputs, and a read of the
-batch that decides what is computed refuses to record."""
+for the model matrix at every level, and so do its scores along directions (shared and per component); the
+graph reads nothing back, refuses other inputs, and a read of the batch that decides what is computed
+refuses to record."""
 from __future__ import annotations
 
 import pytest
@@ -10,6 +11,7 @@ from torch import nn
 
 from decompose import trace_and_decompose
 from decompose.compiled import GraphCaptureError, InputMismatchError
+from decompose.directions import per_component
 from decompose.sum_check import InexactSumError
 from tests.models import TIMM_MODELS, input_size, tiny_open_clip_vision
 
@@ -59,6 +61,60 @@ def test_the_graph_equals_the_interpreter_on_new_images(name):
         assert float((components - expected.components).norm()) <= 1e-12 * scale, level
         checked = graph.decompose(images)
         assert checked.keys == expected.keys and checked.sum_error <= 1e-10
+
+
+def assert_same_scores(graph, decomposer, images, level, directions, rel=1e-12):
+    """The graph's scores on ``images`` equal the interpreter's, and its sum check along the check column holds."""
+    got, expected = graph.decompose(images), decomposer(images, level=level, directions=directions)
+    assert got.keys == expected.keys and got.scores.shape == expected.scores.shape
+    scale = float(expected.scores.norm())
+    assert float((got.scores - expected.scores).norm()) <= rel * scale, level
+    assert float((got.representation - expected.representation).norm()) <= rel * float(expected.representation.norm())
+    assert got.sum_error <= (1e-10 if images.dtype == torch.float64 else 1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(TIMM_MODELS) + ["open_clip"])
+def test_scores_on_the_graph_equal_the_interpreter(name):
+    torch.manual_seed(0)
+    model, size = _matrix_model(name)
+    decomposer = trace_and_decompose(model)
+    example, images = torch.randn(2, *size, dtype=torch.float64), torch.randn(2, *size, dtype=torch.float64)
+    directions = torch.randn(3, decomposer.output_width(example), dtype=torch.float64)
+    for level in ("head", "token"):
+        graph = decomposer.compiled(level, example, directions=directions)
+        assert syncing_ops(graph.graph) == [], level
+        representation, scores = graph(images)
+        assert scores.shape == (len(graph.labels), 2, 4)  # the check direction rides along
+        assert_same_scores(graph, decomposer, images, level, directions)
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "swin_tiny_patch4_window7_224"])
+def test_per_component_directions_on_the_graph(name):
+    """Rows by token parity: a head's components use several rows (each piece projected on its own)."""
+    torch.manual_seed(2)
+    model, size = _matrix_model(name)
+    decomposer = trace_and_decompose(model)
+    example, images = torch.randn(2, *size, dtype=torch.float64), torch.randn(2, *size, dtype=torch.float64)
+    table = torch.randn(3, 2, decomposer.output_width(example), dtype=torch.float64)
+    directions = per_component(table, lambda label: 2 if label.token is None else label.token % 2)
+    graph = decomposer.compiled("token", example, directions=directions)
+    assert syncing_ops(graph.graph) == []
+    assert_same_scores(graph, decomposer, images, "token", directions)
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "maxvit_tiny_tf_224"])
+def test_float32_graph(name):
+    torch.manual_seed(4)
+    model, size = _matrix_model(name)
+    decomposer = trace_and_decompose(model.float())
+    example, images = torch.randn(2, *size), torch.randn(2, *size)
+    graph = decomposer.compiled("head", example)
+    got, expected = graph.decompose(images), decomposer(images, level="head")
+    assert got.keys == expected.keys and got.components.dtype == torch.float32
+    assert float((got.components - expected.components).norm()) <= 1e-5 * float(expected.representation.norm())
+    directions = torch.randn(2, decomposer.output_width(example))
+    assert_same_scores(decomposer.compiled("head", example, directions=directions), decomposer, images, "head",
+                       directions, rel=1e-5)
 
 
 @pytest.fixture(scope="module")
