@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from decompose import trace_and_decompose
@@ -14,6 +16,17 @@ from decompose.compiled import GraphCaptureError, InputMismatchError
 from decompose.directions import per_component
 from decompose.sum_check import InexactSumError
 from tests.models import TIMM_MODELS, input_size, tiny_open_clip_vision
+from tests.test_properties import (
+    FAMILIES,
+    PROPERTY_SETTINGS,
+    assert_heads_sum_to_branch,
+    assert_sums_to,
+    assert_tokens_sum_to_head,
+    build,
+    images_for,
+    pre_logits,
+)
+from tests.test_scores import assert_scores_match
 
 LEVELS = ("branch", "head", "token")
 SYNCING_TAGS = {torch.Tag.dynamic_output_shape, torch.Tag.data_dependent_output}
@@ -115,6 +128,26 @@ def test_float32_graph(name):
     directions = torch.randn(2, decomposer.output_width(example))
     assert_same_scores(decomposer.compiled("head", example, directions=directions), decomposer, images, "head",
                        directions, rel=1e-5)
+
+
+@FAMILIES
+@settings(PROPERTY_SETTINGS, max_examples=3)
+@given(data=st.data())
+def test_properties_hold_on_the_graph(configs, data):
+    """``tests/test_properties``'s additivity and refinement, and ``tests/test_scores``'s scores, on graphs
+    recorded on another batch of the same shape (random ViT and Swin configs)."""
+    case = data.draw(configs, label="case")
+    model = build(case)
+    images, example = images_for(model, case), images_for(model, case, seed_offset=500)
+    decomposer = trace_and_decompose(model)
+    found = {level: decomposer.compiled(level, example).decompose(images) for level in LEVELS}
+    expected = pre_logits(model, images)
+    for level, dec in found.items():
+        assert_sums_to(dec, expected, level)
+    assert_heads_sum_to_branch(model, found["branch"], found["head"])
+    assert_tokens_sum_to_head(model, found["head"], found["token"])
+    assert_scores_match(decomposer, images, data.draw(st.sampled_from(LEVELS)), k=data.draw(st.integers(1, 4)),
+                        compiled=True)
 
 
 @pytest.fixture(scope="module")
