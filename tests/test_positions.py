@@ -10,10 +10,12 @@ from decompose import trace_and_decompose
 from tests.models import tiny_open_clip_vision
 
 
-def test_perturbing_one_patch_changes_only_its_own_token_components():
+@pytest.mark.parametrize("compiled", [False, True], ids=["interpreter", "compiled"])
+def test_perturbing_one_patch_changes_only_its_own_token_components(compiled):
     """One attention layer: token j's component is A[cls, j] · V[j]. Changing the pixels of patch p
     changes V[p] and (through the softmax normaliser) rescales every A[cls, j] of a head by one
-    common factor, so all other token components of that head are scaled copies of themselves."""
+    common factor, so all other token components of that head are scaled copies of themselves.
+    ``compiled``: both batches decomposed by one graph recorded on a third (``decomposer.compiled``)."""
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32, patch_size=8,
                               embed_dim=32, num_heads=2).eval().double()
@@ -21,7 +23,9 @@ def test_perturbing_one_patch_changes_only_its_own_token_components():
     perturbed = images.clone()
     perturbed[:, :, 8:16, 16:24] += torch.randn(1, 3, 8, 8, dtype=torch.float64)  # patch row 1, col 2
     decomposer = trace_and_decompose(model)
-    before, after = decomposer(images, level="token"), decomposer(perturbed, level="token")
+    decompose = decomposer.compiled("token", torch.randn_like(images)).decompose if compiled else \
+        (lambda batch: decomposer(batch, level="token"))
+    before, after = decompose(images), decompose(perturbed)
     assert before.keys == after.keys
     assert before.relative_error() < 1e-10 and after.relative_error() < 1e-10
     for head in (0, 1):
@@ -73,7 +77,9 @@ def test_windowed_attention_token_positions_are_image_positions():
     perturbed = images.clone()
     perturbed[:, :, 4:8, 24:28] += 1.0                       # token (1, 6): window (0, 1)
     decomposer = trace_and_decompose(model)
-    before, after = decomposer(images, level="token"), decomposer(perturbed, level="token")
+    decompose = decomposer.compiled("token", torch.randn_like(images)).decompose if compiled else \
+        (lambda batch: decomposer(batch, level="token"))
+    before, after = decompose(images), decompose(perturbed)
     assert before.relative_error() < 1e-10 and after.relative_error() < 1e-10
     rows = [i for i, label in enumerate(before.labels) if label.head == 0 and label.token is not None]
     positions = [before.labels[i].position for i in rows]
@@ -98,7 +104,9 @@ def test_later_stage_token_positions_are_image_positions():
     perturbed = images.clone()
     perturbed[:, :, 8:16, 40:48] += 1.0                       # stage-0 token (1, 5): window (0, 1)
     decomposer = trace_and_decompose(model)
-    before, after = decomposer(images, level="token"), decomposer(perturbed, level="token")
+    decompose = decomposer.compiled("token", torch.randn_like(images)).decompose if compiled else \
+        (lambda batch: decomposer(batch, level="token"))
+    before, after = decompose(images), decompose(perturbed)
     assert before.relative_error() < 1e-10 and after.relative_error() < 1e-10
     stage1 = [i for i, label in enumerate(before.labels) if label.token is not None and label.layer == 1]
     assert {before.labels[i].head for i in stage1} == {0, 1}
