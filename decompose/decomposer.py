@@ -12,9 +12,9 @@ from tracer.composed_supports import SupportChain
 from tracer.head_axes import plan_attention_axes
 from tracer.positions import attention_key_positions, fork_of, support_positions, value_input
 from tracer.probe import ModelRunError, run_probe
+from tracer.recording import check
 from tracer.relevance import CompactPlan, plan_compaction
 from tracer.roles import TrunkPlan, plan_trunk
-from tracer.recording import check
 from tracer.tracing import describe, frozen_eval_copy, trace_representation
 from tracer.vocabulary import ComponentKind, Level
 

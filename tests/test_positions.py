@@ -67,7 +67,8 @@ def test_open_clip_token_positions():
     assert head0 == ["class_embedding"] + [(r, c) for r in range(4) for c in range(4)]
 
 
-def test_windowed_attention_token_positions_are_image_positions():
+@pytest.mark.parametrize("compiled", [False, True], ids=["interpreter", "compiled"])
+def test_windowed_attention_token_positions_are_image_positions(compiled):
     """Swin with padding (10×10 tokens, 4×4 windows): every real position once per head, padded keys
     named, and a perturbed patch leaves every token component of the other windows unchanged."""
     torch.manual_seed(0)
@@ -92,7 +93,8 @@ def test_windowed_attention_token_positions_are_image_positions():
     assert not torch.allclose(after.components[same_window], before.components[same_window])
 
 
-def test_later_stage_token_positions_are_image_positions():
+@pytest.mark.parametrize("compiled", [False, True], ids=["interpreter", "compiled"])
+def test_later_stage_token_positions_are_image_positions(compiled):
     """Two-stage Swin (64 px, patch 8: an 8×8 grid in four 4×4 windows, then a 4×4 grid). Perturbing
     pixels of the top-right window changes only that window's stage-0 values, hence only the stage-1
     tokens merged from it (rows 0-1, cols 2-3 of the 4×4 grid): every other stage-1 token component is a
