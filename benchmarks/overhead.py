@@ -20,7 +20,7 @@ behaviour (then the forward runs once before it is measured, as the decomposer p
 Scores along directions are levels too: ``token@k8`` is level token with 8 shared random directions,
 ``token@aligner`` with per-component directions (a random CompAlign map per head and branch, one
 text), e.g. ``--levels token@k1 token@k8 token@k64 token@aligner``. ``head@compiled`` runs level head as one
-recorded graph (``decomposer.compiled``; recording it is not timed).
+recorded graph (``decomposer.compiled``; recording it is not timed), ``token@k8@compiled`` its scores.
 
 Targets (docs/design.md §4, Cost): head ≤ 1.3× time and ≤ 1.5× memory of a plain forward;
 token ≤ 3× time; scores along ≤ 8 shared directions at level token ≤ 1.5× time, an aligner's ≤ 3×.
@@ -72,14 +72,16 @@ def _runner(model, images, level):
                 return model.forward_head(model.forward_features(images), pre_logits=True)
         return run
     decomposer = trace_and_decompose(model)
-    level, _, scored = level.partition("@")
+    level, *variants = level.split("@")
+    compiled = "compiled" in variants
+    scored = next((variant for variant in variants if variant != "compiled"), None)
     decomposer(images[:1], level=level)  # graph analysis for this input shape (cached, once per shape)
-    if not scored:
-        return lambda: decomposer(images, level=level)
-    if scored == "compiled":  # the decomposition recorded as one graph, its sum checked as the interpreter's
-        graph = decomposer.compiled(level, images)
+    directions = _directions(decomposer, images, level, scored) if scored else None
+    if compiled:  # the decomposition recorded as one graph, its sum checked as the interpreter's
+        graph = decomposer.compiled(level, images, directions=directions)
         return lambda: graph.decompose(images)
-    directions = _directions(decomposer, images, level, scored)
+    if directions is None:
+        return lambda: decomposer(images, level=level)
     decomposer(images[:1], level=level, directions=directions)
     return lambda: decomposer(images, level=level, directions=directions)
 

@@ -17,6 +17,7 @@ from torch import fx
 
 from tracer.attention import own_storage
 from tracer.ops import is_multihead_attention
+from tracer.recording import structural
 from tracer.relevance import Slice
 from tracer.roles import Birth
 from tracer.vocabulary import Level
@@ -66,9 +67,11 @@ class BirthScores:
         groupings = [split.heads] + ([split.windows] if split.windows is not None else [])
         return all(g.index.dim() == dims and tuple(g.index.shape[-2:]) == (1, 1) for g in groupings)
 
-    def scores(self, adjoint: torch.Tensor, needed: torch.Tensor | None = None) -> torch.Tensor:
+    def scores(self, adjoint: torch.Tensor, needed: list[bool] | None = None) -> torch.Tensor:
         """[K, B, k] for ``adjoint`` [k, *value shape] (the birth's value as the pass carried it); with
-        ``needed`` (bool [K]) only those components are computed (the others are 0)."""
+        ``needed`` (K flags, from the labels) only those components are computed (the others are 0)."""
+        if needed is not None:
+            needed = torch.tensor(needed, dtype=torch.bool, device=adjoint.device)
         if self.split is None:
             scores = self._contracted(adjoint)
             return scores if needed is None else scores * needed.view(-1, 1, 1).to(scores)
@@ -89,7 +92,8 @@ class BirthScores:
         if needed is not None:
             sources = len(self.heads) // count
             wanted = needed.to(group_of.device).view(count, sources).any(1)
-            chosen = wanted[group_of].nonzero().flatten()
+            chosen = structural(lambda: wanted[group_of].nonzero().flatten(),
+                                "birth_scores: the attentions a row of per-component directions needs")
             group_of, image_of = group_of[chosen], image_of[chosen]
         g = _elements(adjoint, lead, chosen, leading=1)            # [k, E', Nq, d]
         if split.windows is None:  # by head: Σ value·G over each head's elements

@@ -8,10 +8,13 @@ structural or checks (``tracer.recording``); any other read stops the recording 
 
 The graph maps images of the example's shape, dtype and device to ``(representation [B, *D], components
 [C, B, *D])``; ``DecompositionGraph.decompose`` wraps them with their labels and checks the sum, as the
-interpreter's call does.
+interpreter's call does. With directions (``compiled(level, example, directions=U)``) it records the scores
+pass instead, ``(representation, scores [C, B, k + 1])``: the directions and the random check column are
+constants of the graph, so other directions need another recording.
 """
 from __future__ import annotations
 
+import math
 import traceback
 from pathlib import Path
 
@@ -24,6 +27,8 @@ from tracer.vocabulary import Level
 
 from .births import LEVELS
 from .decomposition import Decomposition
+from .directions import Directions, as_directions
+from .scoring import with_check_direction
 
 TORCH = str(Path(torch.__file__).parent)
 PACKAGES = tuple(str(Path(__file__).resolve().parents[1] / name) for name in ("decompose", "tracer"))
@@ -51,43 +56,63 @@ def refuse_other_inputs(images: torch.Tensor, shape: tuple, dtype: torch.dtype, 
 
 
 class DecompositionGraph(fx.GraphModule):
-    """``graph(images) -> (representation [B, *D], components [C, B, *D])`` for images shaped like the example.
+    """``graph(images) -> (representation [B, *D], components [C, B, *D])`` for images shaped like the example;
+    recorded with directions, ``(representation, scores [C, B, k + 1])``, the last column along the check
+    direction (``scoring.with_check_direction``).
 
     labels:     the C component labels, the interpreter's list for the same level
     level:      the level it decomposes at
+    directions: the directions and the check column it scores along (``Directions`` [M, k + 1, D]), constants
+                of the graph: other directions need another recording; None: it gives components
     structural: the read-backs whose values became constants of the graph (``tracer.recording``)
     checks:     the checks that ran on the example only; on other batches the sum check covers them
     ``decompose(images)`` returns the checked ``Decomposition``.
     """
 
-    def __init__(self, traced: fx.GraphModule, decomposer, plan, level: Level, labels: list, record):
+    def __init__(self, traced: fx.GraphModule, decomposer, plan, level: Level, labels: list, record,
+                 directions: Directions | None = None):
         super().__init__(traced, traced.graph, class_name="DecompositionGraph")
         self.labels, self.level = labels, level
         self.structural, self.checks = sorted(record.structural), sorted(record.checks)
         self.__dict__["_decomposer"], self.__dict__["_plan"] = decomposer, plan  # not submodules
+        self.__dict__["directions"] = directions
 
     def decompose(self, images: torch.Tensor) -> Decomposition:
         """The graph's outputs on ``images`` with their labels, the sum checked (``Decomposer.checked``)."""
-        representation, components = self(images)
-        return self.wrap(images, representation, components)
+        representation, values = self(images)
+        return self.wrap(images, representation, values)
 
-    def wrap(self, images: torch.Tensor, representation: torch.Tensor, components: torch.Tensor) -> Decomposition:
-        """A ``Decomposition`` of outputs the graph (or a compiled copy of it) gave for ``images``."""
-        return self._decomposer.checked(self._plan, images, self.level, representation, components, self.labels)
+    def wrap(self, images: torch.Tensor, representation: torch.Tensor, values: torch.Tensor) -> Decomposition:
+        """A ``Decomposition`` of outputs the graph (or a compiled copy of it) gave for ``images``: ``values``
+        are its components, or its scores when it was recorded with directions."""
+        if self.directions is None:
+            return self._decomposer.checked(self._plan, images, self.level, representation, values, self.labels)
+        return self._decomposer.checked_scores(self._plan, images, self.level, self.directions, representation,
+                                               values, self.labels)
 
 
-def compile_decomposition(decomposer, level: Level | str, example: torch.Tensor) -> DecompositionGraph:
-    """Record ``decomposer``'s components pass on ``example`` [B, C, H, W] at ``level`` as one graph."""
+def compile_decomposition(decomposer, level: Level | str, example: torch.Tensor,
+                          directions: Directions | torch.Tensor | None = None) -> DecompositionGraph:
+    """Record ``decomposer``'s components pass on ``example`` [B, C, H, W] at ``level`` as one graph; with
+    ``directions``, its scores pass along them (they become constants of the graph)."""
     if level not in LEVELS:
         raise ValueError(f"level must be one of {[str(known) for known in LEVELS]}, got {level!r}")
     level = Level(level)
-    decomposer(example, level=level)  # plans, checks the example and its sum
+    table = as_directions(directions) if directions is not None else None
+    decomposer(example, level=level, directions=table)  # plans, checks the example and its sum
     plan = decomposer.plan(example)
     positions = decomposer.key_positions(plan) if level is Level.TOKEN else None
+    checked = None
+    if table is not None:
+        width = math.prod(plan.output_shape)
+        checked = with_check_direction(table.checked(width, example), width, example)
     labels: list = []
 
     def components(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        representation, values, found = decomposer._components(plan, images, level, positions)
+        if checked is None:
+            representation, values, found = decomposer._components(plan, images, level, positions)
+        else:
+            representation, values, found = decomposer._score_pass(plan, images, level, checked, positions)
         labels[:] = found
         return representation, values
 
@@ -103,7 +128,7 @@ def compile_decomposition(decomposer, level: Level | str, example: torch.Tensor)
     _check_inputs_first(traced, example)
     traced.graph.eliminate_dead_code()  # values the walk computed but no output needs (ops that write are kept)
     traced.recompile()
-    return DecompositionGraph(traced, decomposer, plan, level, labels, record)
+    return DecompositionGraph(traced, decomposer, plan, level, labels, record, checked)
 
 
 def _read_site(error: BaseException) -> str:

@@ -12,6 +12,7 @@ from tracer.composed_supports import SupportChain
 from tracer.head_axes import plan_attention_axes
 from tracer.positions import attention_key_positions, fork_of, support_positions, value_input
 from tracer.probe import ModelRunError, run_probe
+from tracer.recording import check
 from tracer.relevance import CompactPlan, plan_compaction
 from tracer.roles import TrunkPlan, plan_trunk
 from tracer.tracing import describe, frozen_eval_copy, trace_representation
@@ -147,13 +148,16 @@ class Decomposer(nn.Module):
         return Decomposition(components, labels, representation, level, plan.target.name,
                              plan.describe_stop(), sum_error=error)
 
-    def compiled(self, level: Level | str, example_images: torch.Tensor):
+    def compiled(self, level: Level | str, example_images: torch.Tensor,
+                 directions: Directions | torch.Tensor | None = None):
         """The decomposition at ``level`` of images shaped like ``example_images`` as one ``torch.fx`` graph
         (``decompose.compiled.DecompositionGraph``): ``graph(images) -> (representation, components)``,
-        ``graph.decompose(images) -> Decomposition`` (the sum checked), ``graph.labels``."""
+        ``graph.decompose(images) -> Decomposition`` (the sum checked), ``graph.labels``. With ``directions``
+        it records the scores along them (``forward``'s ``directions``), which become constants of the graph:
+        other directions need another recording."""
         from .compiled import compile_decomposition
 
-        return compile_decomposition(self, level, example_images)
+        return compile_decomposition(self, level, example_images, directions)
 
     def _scores(self, plan: RunPlan, images: torch.Tensor, level: Level, directions: Directions,
                 positions: dict | None) -> Decomposition:
@@ -161,35 +165,52 @@ class Decomposer(nn.Module):
         width = math.prod(plan.output_shape)
         directions = directions.checked(width, images)
         checked = with_check_direction(directions, width, images)
-        what = f"{self.output} output, {describe(plan.target)}"
-        tolerance = tolerance_for(images.dtype, self.sum_tolerance)
+        representation, scores, labels = self._score_pass(plan, images, level, checked, positions)
+        return self.checked_scores(plan, images, level, checked, representation, scores, labels)
 
-        def diagnose(image: int) -> str:
-            return self._first_inexact_node(plan, images[image: image + 1], level)
-
+    def _score_pass(self, plan: RunPlan, images: torch.Tensor, level: Level, checked: Directions,
+                    positions: dict | None) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """(representation [B, *D], scores [C, B, k + 1], their C labels) along ``checked`` (the directions
+        and the check column, ``with_check_direction``): the pass, its final sum not checked
+        (``decompose.compiled`` records it as one graph)."""
         if plan.pooling is None:
             scored = score_by_adjoints(
                 self.graph_module, plan, images, level, checked, positions,
-                check_sum=lambda total, representation: check_sum(
-                    total, representation, what=what, tolerance=tolerance, on_inexact=self.on_inexact_sum,
-                    diagnose=diagnose))
-            representation, labels, scores = scored.representation, scored.labels, scored.scores
-        else:
-            registry, parking = ComponentRegistry(), _parking(plan, level)
-            representation, carried = propagate(self.graph_module, plan, images, level, registry,
-                                                compact=plan.compact, positions=positions, parking=parking)
-            carried = pooled_components(self.graph_module, plan.pooling, parking, carried,
-                                        project=Projection(checked, registry))
-            ids, scores = carried.drain()
-            labels = [registry.labels[i] for i in ids]
-        check = checked.table[0, -1]
-        if plan.pooling is None:  # the branch-level sum was checked: the pull-back is what failed
-            def diagnose(image: int) -> str:
+                check_sum=lambda total, representation: check(
+                    lambda: self._check_branch_sum(plan, images, level, total, representation),
+                    "scoring.score_by_adjoints: the branch-level components' sum"))
+            return scored.representation, scored.scores, scored.labels
+        registry, parking = ComponentRegistry(), _parking(plan, level)
+        representation, carried = propagate(self.graph_module, plan, images, level, registry,
+                                            compact=plan.compact, positions=positions, parking=parking)
+        carried = pooled_components(self.graph_module, plan.pooling, parking, carried,
+                                    project=Projection(checked, registry))
+        ids, scores = carried.drain()
+        return representation, scores, [registry.labels[i] for i in ids]
+
+    def _check_branch_sum(self, plan: RunPlan, images: torch.Tensor, level: Level, total: torch.Tensor,
+                          representation: torch.Tensor) -> None:
+        check_sum(total, representation, what=f"{self.output} output, {describe(plan.target)}",
+                  tolerance=tolerance_for(images.dtype, self.sum_tolerance), on_inexact=self.on_inexact_sum,
+                  diagnose=lambda image: self._first_inexact_node(plan, images[image: image + 1], level))
+
+    def checked_scores(self, plan: RunPlan, images: torch.Tensor, level: Level, checked: Directions,
+                       representation: torch.Tensor, scores: torch.Tensor, labels: list) -> Decomposition:
+        """The ``Decomposition`` of a scores pass once the scores along the check direction (the last
+        column of ``scores`` [C, B, k + 1]) are checked to sum to the representation's."""
+        what = f"{self.output} output, {describe(plan.target)}"
+
+        def diagnose(image: int) -> str:
+            if plan.pooling is None:  # the branch-level sum was checked: the pull-back is what failed
                 return ("The branch-level components sum to the output (checked in the same pass), so scoring "
                         "the finer components from the births' adjoints is where the sum breaks.")
-        error = check_sum(scores[..., -1].sum(0), representation, what=what + " along a random direction",
-                          tolerance=tolerance, on_inexact=self.on_inexact_sum, diagnose=diagnose,
-                          errors=direction_errors(scores[..., -1].sum(0), representation, check))
+            return self._first_inexact_node(plan, images[image: image + 1], level)
+
+        along = scores[..., -1].sum(0)
+        error = check_sum(along, representation, what=what + " along a random direction",
+                          tolerance=tolerance_for(images.dtype, self.sum_tolerance), on_inexact=self.on_inexact_sum,
+                          diagnose=diagnose, errors=direction_errors(along, representation, checked.table[0, -1]))
+        directions = Directions(checked.table[:, :-1], checked.row_of)
         return Decomposition(None, labels, representation, level, plan.target.name, plan.describe_stop(),
                              sum_error=error, scores=scores[..., :-1], directions=directions)
 

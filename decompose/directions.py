@@ -37,9 +37,13 @@ class Directions:
 
     def rows(self, labels: Sequence[ComponentLabel]) -> torch.Tensor:
         """Long [C]: the table row each label uses."""
+        return torch.tensor(self.row_list(labels), dtype=torch.long)
+
+    def row_list(self, labels: Sequence[ComponentLabel]) -> list[int]:
+        """The table row each label uses, from the labels alone (never a value read back from a tensor)."""
         if self.row_of is None:
-            return torch.zeros(len(labels), dtype=torch.long)
-        return torch.tensor([self.row_of(label) for label in labels], dtype=torch.long)
+            return [0] * len(labels)
+        return [self.row_of(label) for label in labels]
 
     def checked(self, width: int, like: torch.Tensor) -> Directions:
         """These directions for an output of ``width`` numbers per image, in ``like``'s dtype and device."""

@@ -108,13 +108,13 @@ def score_by_adjoints(gm: fx.GraphModule, plan: RunPlan, images: torch.Tensor, l
     check_sum(components.detach().sum(0), representation)
     directions = directions.checked(representation[0].numel(), representation)
     labels: list[ComponentLabel] = []
-    rows_of: dict[int, torch.Tensor] = {}
+    rows_of: dict[int, list[int]] = {}
     for i in ids:
         own = leaves.leaves[i][2] if i in leaves.leaves else [registry.labels[i]]
-        rows_of[i] = directions.rows(own)
+        rows_of[i] = directions.row_list(own)
         labels.extend(own)
     born = [i for i in ids if i in leaves.leaves]
-    rows = [rows_of[i].unique().tolist() for i in born]                     # each birth's table rows
+    rows = [sorted(set(rows_of[i])) for i in born]                          # each birth's table rows
     adjoints = _adjoints(components, [ids.index(i) for i in born], [leaves.leaves[i][0] for i in born], rows,
                          directions)
     parts = []
@@ -126,7 +126,8 @@ def score_by_adjoints(gm: fx.GraphModule, plan: RunPlan, images: torch.Tensor, l
         if len(rows[n]) == 1:
             parts.append(split.scores(adjoints.pop((n, rows[n][0]))))
             continue
-        parts.append(sum(split.scores(adjoints.pop((n, row)), needed=rows_of[i] == row) for row in rows[n]))
+        parts.append(sum(split.scores(adjoints.pop((n, row)), needed=[r == row for r in rows_of[i]])
+                         for row in rows[n]))
     return Scored(representation, labels, torch.cat(parts))
 
 
@@ -176,7 +177,7 @@ class Projection:
         return self.directions.project(values, [self.registry.labels[i] for i in ids])
 
     def factor(self, ids: list[int]) -> torch.Tensor | None:
-        rows = self.directions.rows([self.registry.labels[i] for i in ids]).unique()
-        return self.directions.table[int(rows[0])].T if len(rows) == 1 else None
+        rows = set(self.directions.row_list([self.registry.labels[i] for i in ids]))
+        return self.directions.table[rows.pop()].T if len(rows) == 1 else None
 
 

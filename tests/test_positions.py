@@ -10,10 +10,12 @@ from decompose import trace_and_decompose
 from tests.models import tiny_open_clip_vision
 
 
-def test_perturbing_one_patch_changes_only_its_own_token_components():
+@pytest.mark.parametrize("compiled", [False, True], ids=["interpreter", "compiled"])
+def test_perturbing_one_patch_changes_only_its_own_token_components(compiled):
     """One attention layer: token j's component is A[cls, j] · V[j]. Changing the pixels of patch p
     changes V[p] and (through the softmax normaliser) rescales every A[cls, j] of a head by one
-    common factor, so all other token components of that head are scaled copies of themselves."""
+    common factor, so all other token components of that head are scaled copies of themselves.
+    ``compiled``: both batches decomposed by one graph recorded on a third (``decomposer.compiled``)."""
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32, patch_size=8,
                               embed_dim=32, num_heads=2).eval().double()
@@ -21,7 +23,9 @@ def test_perturbing_one_patch_changes_only_its_own_token_components():
     perturbed = images.clone()
     perturbed[:, :, 8:16, 16:24] += torch.randn(1, 3, 8, 8, dtype=torch.float64)  # patch row 1, col 2
     decomposer = trace_and_decompose(model)
-    before, after = decomposer(images, level="token"), decomposer(perturbed, level="token")
+    decompose = decomposer.compiled("token", torch.randn_like(images)).decompose if compiled else \
+        (lambda batch: decomposer(batch, level="token"))
+    before, after = decompose(images), decompose(perturbed)
     assert before.keys == after.keys
     assert before.relative_error() < 1e-10 and after.relative_error() < 1e-10
     for head in (0, 1):
@@ -63,7 +67,8 @@ def test_open_clip_token_positions():
     assert head0 == ["class_embedding"] + [(r, c) for r in range(4) for c in range(4)]
 
 
-def test_windowed_attention_token_positions_are_image_positions():
+@pytest.mark.parametrize("compiled", [False, True], ids=["interpreter", "compiled"])
+def test_windowed_attention_token_positions_are_image_positions(compiled):
     """Swin with padding (10×10 tokens, 4×4 windows): every real position once per head, padded keys
     named, and a perturbed patch leaves every token component of the other windows unchanged."""
     torch.manual_seed(0)
@@ -73,7 +78,9 @@ def test_windowed_attention_token_positions_are_image_positions():
     perturbed = images.clone()
     perturbed[:, :, 4:8, 24:28] += 1.0                       # token (1, 6): window (0, 1)
     decomposer = trace_and_decompose(model)
-    before, after = decomposer(images, level="token"), decomposer(perturbed, level="token")
+    decompose = decomposer.compiled("token", torch.randn_like(images)).decompose if compiled else \
+        (lambda batch: decomposer(batch, level="token"))
+    before, after = decompose(images), decompose(perturbed)
     assert before.relative_error() < 1e-10 and after.relative_error() < 1e-10
     rows = [i for i, label in enumerate(before.labels) if label.head == 0 and label.token is not None]
     positions = [before.labels[i].position for i in rows]
@@ -86,7 +93,8 @@ def test_windowed_attention_token_positions_are_image_positions():
     assert not torch.allclose(after.components[same_window], before.components[same_window])
 
 
-def test_later_stage_token_positions_are_image_positions():
+@pytest.mark.parametrize("compiled", [False, True], ids=["interpreter", "compiled"])
+def test_later_stage_token_positions_are_image_positions(compiled):
     """Two-stage Swin (64 px, patch 8: an 8×8 grid in four 4×4 windows, then a 4×4 grid). Perturbing
     pixels of the top-right window changes only that window's stage-0 values, hence only the stage-1
     tokens merged from it (rows 0-1, cols 2-3 of the 4×4 grid): every other stage-1 token component is a
@@ -98,7 +106,9 @@ def test_later_stage_token_positions_are_image_positions():
     perturbed = images.clone()
     perturbed[:, :, 8:16, 40:48] += 1.0                       # stage-0 token (1, 5): window (0, 1)
     decomposer = trace_and_decompose(model)
-    before, after = decomposer(images, level="token"), decomposer(perturbed, level="token")
+    decompose = decomposer.compiled("token", torch.randn_like(images)).decompose if compiled else \
+        (lambda batch: decomposer(batch, level="token"))
+    before, after = decompose(images), decompose(perturbed)
     assert before.relative_error() < 1e-10 and after.relative_error() < 1e-10
     stage1 = [i for i, label in enumerate(before.labels) if label.token is not None and label.layer == 1]
     assert {before.labels[i].head for i in stage1} == {0, 1}

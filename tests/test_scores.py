@@ -17,12 +17,18 @@ from tests.test_properties import FAMILIES, PROPERTY_SETTINGS, build, images_for
 LEVELS = ("branch", "head", "token")
 
 
-def assert_scores_match(decomposer, images, level, k=3, rel=1e-10):
+def assert_scores_match(decomposer, images, level, k=3, rel=1e-10, compiled=False):
+    """Scores along k random directions equal the components projected; ``compiled``: scored by a graph
+    recorded on another batch of the same shape (``decomposer.compiled``)."""
     full = decomposer(images, level=level)
     width = full.representation[0].numel()
     generator = torch.Generator().manual_seed(7)
     directions = torch.randn(k, width, generator=generator, dtype=torch.float64).to(images.dtype)
-    scored = decomposer(images, level=level, directions=directions)
+    if compiled:
+        example = torch.randn(images.shape, generator=generator, dtype=images.dtype)
+        scored = decomposer.compiled(level, example, directions=directions).decompose(images)
+    else:
+        scored = decomposer(images, level=level, directions=directions)
     assert [label.key for label in scored.labels] == [label.key for label in full.labels]
     expected = torch.einsum("cbd,kd->cbk", full.components.flatten(2), directions)
     scale = full.representation.flatten(1).norm(dim=1).max() * directions.norm(dim=1).max()

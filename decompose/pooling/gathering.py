@@ -221,7 +221,8 @@ def _all_heads_at_once(factors: list, head_of: torch.Tensor, heads: int) -> bool
     """Whether every head has a factor of one width and as many features (``_token_scores``)."""
     if any(f is None for f in factors) or len({tuple(f.shape) for f in factors}) != 1:
         return False
-    return bool((torch.bincount(head_of, minlength=heads) == head_of.numel() // heads).all())
+    return structural(lambda: bool((torch.bincount(head_of, minlength=heads) == head_of.numel() // heads).all()),
+                      "pooling.gathering: whether every head has as many features")
 
 
 def _token_scores(run: BranchRun, slots: _SlotWeights, matrix: torch.Tensor, factors: torch.Tensor, batch: int
@@ -230,18 +231,21 @@ def _token_scores(run: BranchRun, slots: _SlotWeights, matrix: torch.Tensor, fac
     directions), pieces ``[c, B, k]`` of the ``H·S`` components in order."""
     head_of, within = run.spec.heads.to(slots.used.device), run.spec.within.to(slots.used.device)
     heads, keys, count = factors.shape[0], slots.keys, slots.count
-    features = torch.stack([(head_of == h).nonzero().flatten() for h in range(heads)])  # [H, W]
+    features = structural(lambda: torch.stack([(head_of == h).nonzero().flatten() for h in range(heads)]),
+                          HEAD_FEATURES)                                                   # [H, W]
     width, outputs = features.shape[1], factors.shape[-1]
     # [H, W, K·k]: each head's features through every slot's matrix and the head's directions
     order = features.flatten()
-    by_head = matrix if torch.equal(order, torch.arange(len(order), device=order.device)) else matrix[:, order]
+    in_order = structural(lambda: torch.equal(order, torch.arange(len(order), device=order.device)), HEAD_FEATURES)
+    by_head = matrix if in_order else matrix[:, order]
     per_head = torch.einsum("khwo,hop->hwkp", by_head.view(count, heads, width, -1),   # (heads in column blocks:
                             factors.to(matrix)).reshape(heads, width, count * outputs)  # no copy of the matrix)
     gather = within[features].view(1, heads, 1, width)
     step = max(1, PIECE_ELEMENTS // (keys * count * max(outputs, 1) * batch * heads))   # windows per piece
     for first in range(0, run.windows, step):
         last = min(first + step, run.windows)
-        inside = ((slots.window >= first) & (slots.window < last)).nonzero().flatten()
+        inside = structural(lambda first=first, last=last:
+                            ((slots.window >= first) & (slots.window < last)).nonzero().flatten(), PIECE_GROUPS)
         groups = slots.used[inside]
         own = torch.take_along_dim(run.values[groups], gather.expand(len(groups), heads, keys, width), dim=3)
         # heads lead throughout: one batched product per head, no copy of the [H, n, Nk, K, k] products
