@@ -5,17 +5,15 @@ refuses to record."""
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
 
 from decompose import trace_and_decompose
 from decompose.compiled import GraphCaptureError, InputMismatchError
 from decompose.directions import per_component
 from decompose.sum_check import InexactSumError
-from tests.models import TIMM_MODELS, input_size, tiny_open_clip_vision
+from tests.models import TIMM_MODELS, gated_model, matrix_decomposer, matrix_model
 from tests.test_properties import (
     FAMILIES,
     PROPERTY_SETTINGS,
@@ -30,14 +28,6 @@ from tests.test_scores import assert_scores_match
 
 LEVELS = ("branch", "head", "token")
 SYNCING_TAGS = {torch.Tag.dynamic_output_shape, torch.Tag.data_dependent_output}
-
-
-def _matrix_model(name):
-    if name == "open_clip":
-        return tiny_open_clip_vision().double().eval(), (3, 64, 64)
-    kwargs = TIMM_MODELS[name]
-    model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs).double().eval()
-    return model, input_size(model, kwargs)
 
 
 def syncing_ops(graph: torch.fx.Graph) -> list[str]:
@@ -58,9 +48,7 @@ def syncing_ops(graph: torch.fx.Graph) -> list[str]:
 
 @pytest.mark.parametrize("name", sorted(TIMM_MODELS) + ["open_clip"])
 def test_the_graph_equals_the_interpreter_on_new_images(name):
-    torch.manual_seed(0)
-    model, size = _matrix_model(name)
-    decomposer = trace_and_decompose(model)
+    decomposer, size = matrix_decomposer(name)
     example, images = torch.randn(2, *size, dtype=torch.float64), torch.randn(2, *size, dtype=torch.float64)
     for level in LEVELS:
         graph = decomposer.compiled(level, example)
@@ -88,9 +76,7 @@ def assert_same_scores(graph, decomposer, images, level, directions, rel=1e-12):
 
 @pytest.mark.parametrize("name", sorted(TIMM_MODELS) + ["open_clip"])
 def test_scores_on_the_graph_equal_the_interpreter(name):
-    torch.manual_seed(0)
-    model, size = _matrix_model(name)
-    decomposer = trace_and_decompose(model)
+    decomposer, size = matrix_decomposer(name)
     example, images = torch.randn(2, *size, dtype=torch.float64), torch.randn(2, *size, dtype=torch.float64)
     directions = torch.randn(3, decomposer.output_width(example), dtype=torch.float64)
     for level in ("head", "token"):
@@ -104,7 +90,7 @@ def test_scores_on_the_graph_equal_the_interpreter(name):
 def test_per_component_directions_on_the_graph(name):
     """Rows by token parity: a head's components use several rows (each piece projected on its own)."""
     torch.manual_seed(2)
-    model, size = _matrix_model(name)
+    model, size = matrix_model(name)
     decomposer = trace_and_decompose(model)
     example, images = torch.randn(2, *size, dtype=torch.float64), torch.randn(2, *size, dtype=torch.float64)
     table = torch.randn(3, 2, decomposer.output_width(example), dtype=torch.float64)
@@ -117,7 +103,7 @@ def test_per_component_directions_on_the_graph(name):
 @pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "maxvit_tiny_tf_224"])
 def test_float32_graph(name):
     torch.manual_seed(4)
-    model, size = _matrix_model(name)
+    model, size = matrix_model(name)
     decomposer = trace_and_decompose(model.float())
     example, images = torch.randn(2, *size), torch.randn(2, *size)
     graph = decomposer.compiled("head", example)
@@ -152,7 +138,7 @@ def test_properties_hold_on_the_graph(configs, data):
 @pytest.fixture(scope="module")
 def vit_graph():
     torch.manual_seed(1)
-    model, size = _matrix_model("vit_tiny_patch16_224")
+    model, size = matrix_model("vit_tiny_patch16_224")
     decomposer = trace_and_decompose(model)
     return decomposer, decomposer.compiled("head", torch.randn(2, *size, dtype=torch.float64)), size
 
@@ -181,24 +167,8 @@ def test_structural_reads_are_listed(vit_graph):
     assert any("blockwise_linear" in site for site in graph.structural)
 
 
-class _Gate(nn.Module):
-    def forward(self, x):
-        return torch.relu(x) if x.sum() > 0 else 2 * x  # decided by the batch's values
-
-
-class _GatedBranch(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Conv2d(3, 4, 4, 4)
-        self.gate = _Gate()
-
-    def forward(self, images):
-        x = self.embed(images).flatten(2).transpose(1, 2)
-        return (x + self.gate(x)).mean(1)
-
-
 def test_a_decision_on_the_batch_refuses_to_record():
     with pytest.warns(UserWarning, match="could not trace into gate"):
-        decomposer = trace_and_decompose(_GatedBranch().eval())
-    with pytest.raises(GraphCaptureError, match=r"reads a value of the batch.*test_compiled.py:\d+ \(forward"):
+        decomposer = trace_and_decompose(gated_model())
+    with pytest.raises(GraphCaptureError, match=r"reads a value of the batch.*models.py:\d+ \(forward"):
         decomposer.compiled("head", torch.randn(2, 3, 8, 8))

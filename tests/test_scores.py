@@ -3,7 +3,6 @@ Hypothesis configs; bad directions get clear errors."""
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -11,7 +10,7 @@ from hypothesis import strategies as st
 from decompose import trace_and_decompose
 from decompose.decomposition import VectorsNotComputed
 from decompose.directions import DirectionError, per_component
-from tests.models import TIMM_MODELS, input_size, tiny_open_clip_vision
+from tests.models import TIMM_MODELS, matrix_decomposer, matrix_model
 from tests.test_properties import FAMILIES, PROPERTY_SETTINGS, build, images_for
 
 LEVELS = ("branch", "head", "token")
@@ -41,19 +40,9 @@ def assert_scores_match(decomposer, images, level, k=3, rel=1e-10, compiled=Fals
     return scored
 
 
-def _matrix_model(name):
-    if name == "open_clip":
-        return tiny_open_clip_vision().double().eval(), (3, 64, 64)
-    kwargs = TIMM_MODELS[name]
-    model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs).double().eval()
-    return model, input_size(model, kwargs)
-
-
 @pytest.mark.parametrize("name", sorted(TIMM_MODELS) + ["open_clip"])
 def test_scores_equal_projected_components_on_the_model_matrix(name):
-    torch.manual_seed(0)
-    model, size = _matrix_model(name)
-    decomposer = trace_and_decompose(model)
+    decomposer, size = matrix_decomposer(name)
     images = torch.randn(2, *size, dtype=torch.float64)
     for level in LEVELS:
         assert_scores_match(decomposer, images, level)
@@ -62,7 +51,7 @@ def test_scores_equal_projected_components_on_the_model_matrix(name):
 @pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "swin_tiny_patch4_window7_224"])
 def test_float32_scores(name):
     torch.manual_seed(1)
-    model, size = _matrix_model(name)
+    model, size = matrix_model(name)
     decomposer = trace_and_decompose(model.float())
     images = torch.randn(2, *size)
     for level in LEVELS:
@@ -77,7 +66,7 @@ def test_float32_scores(name):
 def test_without_early_pooling_the_adjoint_path_serves_an_averaged_model():
     """Swin with prune=False: no early pooling, every birth scored through its adjoint at full size."""
     torch.manual_seed(2)
-    model, size = _matrix_model("swin_tiny_patch4_window7_224")
+    model, size = matrix_model("swin_tiny_patch4_window7_224")
     decomposer = trace_and_decompose(model, prune=False)
     images = torch.randn(1, *size, dtype=torch.float64)
     for level in LEVELS:
@@ -101,7 +90,7 @@ def test_per_component_directions_use_each_components_row(name, by_token):
     """Rows by head (a head's tokens share one row: early pooling folds it into the head's matrix) or by
     token parity (rows differ inside a head: each piece is projected)."""
     torch.manual_seed(3)
-    model, size = _matrix_model(name)
+    model, size = matrix_model(name)
     decomposer = trace_and_decompose(model)
     images = torch.randn(2, *size, dtype=torch.float64)
     full = decomposer(images, level="token")
@@ -121,7 +110,7 @@ def test_per_component_directions_use_each_components_row(name, by_token):
 
 
 def test_vectors_are_not_built_and_say_so():
-    model, size = _matrix_model("vit_tiny_patch16_224")
+    model, size = matrix_model("vit_tiny_patch16_224")
     decomposer = trace_and_decompose(model)
     images = torch.randn(1, *size, dtype=torch.float64)
     scored = decomposer(images, level="head", directions=torch.randn(192, dtype=torch.float64))
@@ -138,14 +127,14 @@ def test_vectors_are_not_built_and_say_so():
     (torch.randn(2, 2, 192, dtype=torch.float64), r"\[k, D\]"),
 ])
 def test_bad_directions_are_named(directions, message):
-    model, size = _matrix_model("vit_tiny_patch16_224")
+    model, size = matrix_model("vit_tiny_patch16_224")
     decomposer = trace_and_decompose(model)
     with pytest.raises(DirectionError, match=message):
         decomposer(torch.randn(1, *size, dtype=torch.float64), level="head", directions=directions)
 
 
 def test_a_component_without_a_row_is_named():
-    model, size = _matrix_model("vit_tiny_patch16_224")
+    model, size = matrix_model("vit_tiny_patch16_224")
     decomposer = trace_and_decompose(model)
     table = torch.randn(1, 192, dtype=torch.float64)
     directions = per_component(table, lambda label: 0 if label.head is None else 5)
@@ -160,7 +149,7 @@ def test_aligner_directions_equal_text_contributions():
     from align.parent_maps import aligner_directions, text_contributions
 
     torch.manual_seed(4)
-    model, size = _matrix_model("vit_tiny_patch16_224")
+    model, size = matrix_model("vit_tiny_patch16_224")
     decomposer = trace_and_decompose(model)
     images = torch.randn(2, *size, dtype=torch.float64)
     heads = decomposer(images[:1], level="head").labels
@@ -183,7 +172,7 @@ def test_directions_split_over_several_backward_passes(monkeypatch):
     from decompose import scoring
 
     torch.manual_seed(5)
-    model, size = _matrix_model("vit_tiny_patch16_224")
+    model, size = matrix_model("vit_tiny_patch16_224")
     decomposer = trace_and_decompose(model)
     images = torch.randn(2, *size, dtype=torch.float64)
     table = torch.randn(3, 2, 192, dtype=torch.float64)
