@@ -217,6 +217,16 @@ def _groups_used(group: torch.Tensor, image: torch.Tensor, groups: int, name: st
     return used, image_of[used]
 
 
+def _head_features(head_of: torch.Tensor, heads: int) -> list[torch.Tensor]:
+    """Per head, its features (indices into the value's last axis) of a branch split by token."""
+    return structural(lambda: [(head_of == h).nonzero().flatten() for h in range(heads)], HEAD_FEATURES)
+
+
+def _piece_groups(window: torch.Tensor, first: int, last: int) -> torch.Tensor:
+    """The attention groups (indices into ``window`` [n]) of windows ``first`` to ``last`` - 1: one piece."""
+    return structural(lambda: ((window >= first) & (window < last)).nonzero().flatten(), PIECE_GROUPS)
+
+
 def _all_heads_at_once(factors: list, head_of: torch.Tensor, heads: int) -> bool:
     """Whether every head has a factor of one width and as many features (``_token_scores``)."""
     if any(f is None for f in factors) or len({tuple(f.shape) for f in factors}) != 1:
@@ -231,12 +241,12 @@ def _token_scores(run: BranchRun, slots: _SlotWeights, matrix: torch.Tensor, fac
     directions), pieces ``[c, B, k]`` of the ``H·S`` components in order."""
     head_of, within = run.spec.heads.to(slots.used.device), run.spec.within.to(slots.used.device)
     heads, keys, count = factors.shape[0], slots.keys, slots.count
-    features = structural(lambda: torch.stack([(head_of == h).nonzero().flatten() for h in range(heads)]),
-                          HEAD_FEATURES)                                                   # [H, W]
+    features = torch.stack(_head_features(head_of, heads))                               # [H, W]
     width, outputs = features.shape[1], factors.shape[-1]
     # [H, W, K·k]: each head's features through every slot's matrix and the head's directions
     order = features.flatten()
-    in_order = structural(lambda: torch.equal(order, torch.arange(len(order), device=order.device)), HEAD_FEATURES)
+    in_order = structural(lambda: torch.equal(order, torch.arange(len(order), device=order.device)),
+                          "pooling.gathering: whether the heads' features are the matrix's column order")
     by_head = matrix if in_order else matrix[:, order]
     per_head = torch.einsum("khwo,hop->hwkp", by_head.view(count, heads, width, -1),   # (heads in column blocks:
                             factors.to(matrix)).reshape(heads, width, count * outputs)  # no copy of the matrix)
@@ -244,8 +254,7 @@ def _token_scores(run: BranchRun, slots: _SlotWeights, matrix: torch.Tensor, fac
     step = max(1, PIECE_ELEMENTS // (keys * count * max(outputs, 1) * batch * heads))   # windows per piece
     for first in range(0, run.windows, step):
         last = min(first + step, run.windows)
-        inside = structural(lambda first=first, last=last:
-                            ((slots.window >= first) & (slots.window < last)).nonzero().flatten(), PIECE_GROUPS)
+        inside = _piece_groups(slots.window, first, last)
         groups = slots.used[inside]
         own = torch.take_along_dim(run.values[groups], gather.expand(len(groups), heads, keys, width), dim=3)
         # heads lead throughout: one batched product per head, no copy of the [H, n, Nk, K, k] products
@@ -288,8 +297,9 @@ def _token_components(pooling: EarlyPooling, run: BranchRun, join: _JoinRows, ma
         if _all_heads_at_once(factors, head_of, heads):
             yield from _token_scores(run, slots, matrix, torch.stack(factors), batch)
             return
+    features_of = _head_features(head_of, heads)
     for h in range(heads):
-        features = structural(lambda h=h: (head_of == h).nonzero().flatten(), HEAD_FEATURES)
+        features = features_of[h]
         own = values[used, h][..., within[features]]                                      # [n, Nk, W]
         head_matrix = matrix[:, features].reshape(-1, matrix.shape[-1])                   # [K·W, O]
         head_ids = run.ids[h * run.windows * keys: (h + 1) * run.windows * keys]
@@ -304,8 +314,7 @@ def _token_components(pooling: EarlyPooling, run: BranchRun, join: _JoinRows, ma
         step = max(1, PIECE_ELEMENTS // (keys * count * max(min(width, outputs), 1) * batch))  # windows per piece
         for first in range(0, run.windows, step):
             last = min(first + step, run.windows)
-            inside = structural(lambda first=first, last=last: ((window >= first) & (window < last)).nonzero().flatten(),
-                                PIECE_GROUPS)
+            inside = _piece_groups(window, first, last)
             slot_weights = summed[used[inside], :, h].transpose(1, 2).contiguous()        # [n, Nk, K]
             if by_slot is not None:
                 through = (own[inside] @ by_slot).view(len(inside), keys, count, outputs)  # [n, Nk, K, O]
