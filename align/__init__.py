@@ -15,6 +15,7 @@ from .ablation import (
     store_component_means,
 )
 from .alignment_data import StoreAlignmentData, StreamingAlignmentData, TensorAlignmentData
+from .attribution import Attribution, AttributionTargetError, attribute
 from .classifiers import fit_linear_probe, predict, zero_shot_classifier
 from .clip_models import ClipLoadError, ClipModel, load_clip, wrap_clip
 from .compalign import AlignerMismatch, CompAlign
@@ -30,7 +31,7 @@ from .debias import (
 from .drawing import heatmap_figure, heatmap_overlay, line_plot
 from .heatmaps import attention_heatmaps, branch_grids, grid_layout, head_selector, token_heatmaps
 from .image_targets import clip_image_targets
-from .parent_maps import aligner_rows, map_components_by_parent, text_contributions
+from .parent_maps import aligner_directions, aligner_rows, map_components_by_parent, text_contributions
 from .properties import property_descriptions, shipped_properties
 from .retrieval import (
     RetrievalChoice,
@@ -58,11 +59,11 @@ from .text_bank import TextEmbeddingCache, encode_descriptions, imagenet_templat
 from .textspan import TextSpanResult, text_span
 from .training import AlignmentReport, TrainingOptions, evaluate_alignment, train_compalign
 
-__all__ = ["AblationCurve", "AlignerMismatch", "AlignmentReport", "ClipLoadError", "ClipModel", "CompAlign",
+__all__ = ["AblationCurve", "AlignerMismatch", "AlignmentReport", "Attribution", "AttributionTargetError", "ClipLoadError", "ClipModel", "CompAlign",
            "DebiasResult", "GroupAccuracy", "LabelledSplit", "PropertyScorer", "Ranking", "RetrievalChoice",
            "SegmentationScores", "StoreAlignmentData", "StreamingAlignmentData", "TensorAlignmentData",
-           "TextEmbeddingCache", "TextSpanResult", "TrainingOptions", "ablate", "ablation_curve", "aligner_rows",
-           "attention_heatmaps", "average_precision", "binarize", "branch_grids", "choose_retrieval",
+           "TextEmbeddingCache", "TextSpanResult", "TrainingOptions", "ablate", "ablation_curve", "aligner_directions", "aligner_rows",
+           "attention_heatmaps", "attribute", "average_precision", "binarize", "branch_grids", "choose_retrieval",
            "clip_image_targets", "component_indices", "component_means", "describe_store_component",
            "encode_descriptions", "evaluate_alignment", "fit_linear_probe", "grid_layout", "group_accuracy",
            "head_selector", "heatmap_figure", "heatmap_overlay", "image_retrieval_scores", "imagenet_templates",

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,6 +51,25 @@ class ClipModel:
             with torch.no_grad():
                 projection = self.encode_texts(["a"]).shape[-1]
         return int(projection)
+
+    @property
+    def description(self) -> str:
+        """A name a reader can interpret: the architecture and pretrained tag, or an open_clip config's main sizes;
+        the weights file's name; the precision unless fp32. ``identity`` when ``spec`` is empty (``wrap_clip``)."""
+        spec = self.spec
+        if "config" in spec:
+            parts = ["open_clip config", *_config_sizes(spec["config"])]
+        elif spec.get("name"):
+            parts = [f"{spec['name']} ({spec['pretrained']})" if spec.get("pretrained") else spec["name"]]
+        else:
+            return self.identity
+        if spec.get("checkpoint"):
+            parts.append(f"weights {Path(spec['checkpoint']).name}")
+        elif not spec.get("pretrained"):
+            parts.append("random weights")
+        if spec.get("precision"):
+            parts.append(spec["precision"])
+        return ", ".join(parts)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -104,6 +124,16 @@ def load_clip(name: str | None = None, pretrained: str | None = None, checkpoint
                                            "bf16": torch.bfloat16}[precision]).eval()
     tokenizer = _tokenizer(name, model)
     return ClipModel(model, tokenizer, clip_preprocess(model), identity, spec)
+
+
+def _config_sizes(config: dict) -> list[str]:
+    """The main sizes of an open_clip config: the image tower's width and depth, the joint embedding's width."""
+    vision = config.get("vision_cfg", {})
+    layers = vision.get("layers")            # an int for a ViT tower, a list of stage depths for a ResNet
+    depth = f"{layers} layer{'' if layers == 1 else 's'}" if isinstance(layers, int) else f"layers {layers}"
+    sizes = [f"width {vision['width']}" if "width" in vision else "", depth if layers is not None else "",
+             f"embed {config['embed_dim']}" if "embed_dim" in config else ""]
+    return [size for size in sizes if size]
 
 
 def wrap_clip(model: nn.Module, tokenizer: Callable | None = None, identity: str | None = None) -> ClipModel:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from decompose import ComponentLabel
+from decompose.directions import Directions, per_component
 
 from .compalign import AlignerMismatch, CompAlign
 
@@ -61,6 +62,29 @@ def pulled_back_directions(aligner: CompAlign, labels: Sequence[ComponentLabel],
     rows = aligner_rows(aligner, labels).to(aligner.weights.device)
     per_map = aligner.weights @ direction.to(aligner.weights)          # [C_aligner, d_model]
     return per_map[rows]
+
+
+def aligner_directions(aligner: CompAlign, directions: torch.Tensor) -> Directions:
+    """Per-component directions for a decomposer (``decomposer(images, level, directions=...)``): component i
+    is scored along W_{row(i)} t for each CLIP-space direction t of ``directions`` [k, d_clip] (or [d_clip]),
+    so its scores are ⟨a_i(x), t⟩ without building the components. A component the aligner has no map for
+    (not even its head's or branch's) raises ``AlignerMismatch`` naming it."""
+    directions = directions.unsqueeze(0) if directions.dim() == 1 else directions
+    if directions.dim() != 2 or directions.shape[-1] != aligner.weights.shape[-1]:
+        raise AlignerMismatch(f"CLIP directions must be [k, {aligner.weights.shape[-1]}] for this aligner, "
+                              f"got {tuple(directions.shape)}")
+    with torch.no_grad():
+        table = torch.einsum("cde,ke->ckd", aligner.weights, directions.to(aligner.weights))   # [C_aligner, k, d]
+    index = {key: i for i, key in enumerate(aligner.keys)}
+
+    def row_of(label: ComponentLabel) -> int:
+        row = next((index[key] for key in coarser_keys(label) if key in index), None)
+        if row is None:
+            raise AlignerMismatch(f"component {label.key} has no map in the aligner, not even its head's or "
+                                  "branch's; train an aligner for this model and level")
+        return row
+
+    return per_component(table, row_of)
 
 
 @torch.no_grad()

@@ -56,23 +56,45 @@ class SegmentationScores:
         return asdict(self)
 
 
+class SegmentationTally:
+    """``segmentation_scores`` over batches: running pixel counts and per-image APs, one batch in memory."""
+
+    def __init__(self) -> None:
+        self.correct = self.pixels = self.images = 0
+        self.intersections, self.unions = [0, 0], [0, 0]       # foreground, background
+        self.precisions: list[float] = []
+
+    def add(self, heatmaps: torch.Tensor, masks: torch.Tensor) -> None:
+        """Count heatmaps [B, H, W] against bool masks [B, H, W] (heatmaps are resized bilinearly if needed)."""
+        masks = masks.bool()
+        if heatmaps.shape[0] != masks.shape[0]:
+            raise ValueError(f"{heatmaps.shape[0]} heatmaps for {masks.shape[0]} masks")
+        if heatmaps.shape[-2:] != masks.shape[-2:]:
+            heatmaps = torch.nn.functional.interpolate(heatmaps.unsqueeze(1).float(), size=masks.shape[-2:],
+                                                       mode="bilinear", align_corners=False).squeeze(1)
+        predicted = binarize(heatmaps)
+        self.correct += int((predicted == masks).sum())
+        self.pixels += masks.numel()
+        self.images += int(masks.shape[0])
+        for index, foreground in enumerate((True, False)):
+            p, m = predicted == foreground, masks == foreground
+            self.intersections[index] += int((p & m).sum())
+            self.unions[index] += int((p | m).sum())
+        self.precisions += [average_precision(h, m) for h, m in zip(heatmaps, masks) if bool(m.any())]
+
+    def scores(self) -> SegmentationScores:
+        if not self.images:
+            raise ValueError("no images were scored")
+        ious = [i / u if u > 0 else float("nan") for i, u in zip(self.intersections, self.unions)]
+        precisions = self.precisions
+        return SegmentationScores(pixel_accuracy=self.correct / self.pixels, foreground_iou=ious[0],
+                                  mean_iou=sum(ious) / 2,
+                                  mean_average_precision=sum(precisions) / len(precisions) if precisions else float("nan"),
+                                  images=self.images)
+
+
 def segmentation_scores(heatmaps: torch.Tensor, masks: torch.Tensor) -> SegmentationScores:
     """Scores of heatmaps [B, H, W] against bool masks [B, H, W] (heatmaps are resized bilinearly if needed)."""
-    masks = masks.bool()
-    if heatmaps.shape[0] != masks.shape[0]:
-        raise ValueError(f"{heatmaps.shape[0]} heatmaps for {masks.shape[0]} masks")
-    if heatmaps.shape[-2:] != masks.shape[-2:]:
-        heatmaps = torch.nn.functional.interpolate(heatmaps.unsqueeze(1).float(), size=masks.shape[-2:],
-                                                   mode="bilinear", align_corners=False).squeeze(1)
-    predicted = binarize(heatmaps)
-    correct = (predicted == masks).sum()
-    ious = []
-    for foreground in (True, False):
-        p, m = predicted == foreground, masks == foreground
-        union = (p | m).sum()
-        ious.append(float((p & m).sum() / union) if union > 0 else float("nan"))
-    precisions = [average_precision(h, m) for h, m in zip(heatmaps, masks) if bool(m.any())]
-    return SegmentationScores(pixel_accuracy=float(correct / masks.numel()), foreground_iou=ious[0],
-                              mean_iou=sum(ious) / 2,
-                              mean_average_precision=sum(precisions) / len(precisions) if precisions else float("nan"),
-                              images=int(masks.shape[0]))
+    tally = SegmentationTally()
+    tally.add(heatmaps, masks)
+    return tally.scores()

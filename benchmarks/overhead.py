@@ -17,8 +17,13 @@ process. ``--allocator fixed`` (default) pins the threshold in the memory childr
 resident peak is the live peak of every call alike; ``--allocator default`` keeps glibc's
 behaviour (then the forward runs once before it is measured, as the decomposer plans once).
 
+Scores along directions are levels too: ``token@k8`` is level token with 8 shared random directions,
+``token@aligner`` with per-component directions (a random CompAlign map per head and branch, one
+text), e.g. ``--levels token@k1 token@k8 token@k64 token@aligner``. ``head@compiled`` runs level head as one
+recorded graph (``decomposer.compiled``; recording it is not timed), ``token@k8@compiled`` its scores.
+
 Targets (docs/design.md §4, Cost): head ≤ 1.3× time and ≤ 1.5× memory of a plain forward;
-token ≤ 3× time.
+token ≤ 3× time; scores along ≤ 8 shared directions at level token ≤ 1.5× time, an aligner's ≤ 3×.
 """
 from __future__ import annotations
 
@@ -67,8 +72,34 @@ def _runner(model, images, level):
                 return model.forward_head(model.forward_features(images), pre_logits=True)
         return run
     decomposer = trace_and_decompose(model)
+    level, *variants = level.split("@")
+    compiled = "compiled" in variants
+    scored = next((variant for variant in variants if variant != "compiled"), None)
     decomposer(images[:1], level=level)  # graph analysis for this input shape (cached, once per shape)
-    return lambda: decomposer(images, level=level)
+    directions = _directions(decomposer, images, level, scored) if scored else None
+    if compiled:  # the decomposition recorded as one graph, its sum checked as the interpreter's
+        graph = decomposer.compiled(level, images, directions=directions)
+        return lambda: graph.decompose(images)
+    if directions is None:
+        return lambda: decomposer(images, level=level)
+    decomposer(images[:1], level=level, directions=directions)
+    return lambda: decomposer(images, level=level, directions=directions)
+
+
+def _directions(decomposer, images, level: str, scored: str):
+    """``kN``: N shared random directions; ``aligner``: a random CompAlign's per-component directions."""
+    width = decomposer(images[:1], level="branch").representation[0].numel()
+    generator = torch.Generator().manual_seed(0)
+    if scored.startswith("k"):
+        return torch.randn(int(scored[1:]), width, generator=generator).to(images)
+    if scored != "aligner":
+        raise SystemExit(f"unknown scores variant {scored!r}: use @kN or @aligner")
+    from align.compalign import CompAlign
+    from align.parent_maps import aligner_directions
+
+    labels = decomposer(images[:1], level="head").labels
+    aligner = CompAlign(labels, width, 512, generator=generator)
+    return aligner_directions(aligner, torch.randn(512, generator=generator))
 
 
 def _timings(name, batch, levels, repeats, image_size, depth, device, queue):

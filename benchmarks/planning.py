@@ -3,6 +3,7 @@
     python -m benchmarks.planning                                  # default models, all levels
     python -m benchmarks.planning --models davit_tiny --timeout 900
     python -m benchmarks.planning --models maxvit_tiny_tf_224 --levels token
+    python -m benchmarks.planning --threads 1 --max-memory 10    # a call needing more fails fast
 
 Each model runs in a fresh process at its timm default input size, random weights, batch 2.
 Stages are timed by wrapping the planning functions ``Decomposer.plan`` calls (no change to the
@@ -10,13 +11,14 @@ code measured): trace, probe, roles (``plan_trunk``), relevance masks and compac
 and, on the first token-level call, the token key positions. ``first <level>`` is the whole first
 call at that level (the first one includes the plan); ``then`` the second call (the plan cached).
 A model that runs past ``--timeout`` shows the stage it was in as ``>N``; a call that fails (out of
-memory) shows ``error`` and its message goes to stderr.
+memory, or past ``--max-memory`` GiB of address space) shows ``error`` and its message goes to stderr.
 """
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
 import queue as queue_module
+import resource
 import sys
 import time
 import warnings
@@ -31,8 +33,12 @@ TIMED_FUNCTIONS = {"run_probe": "probe", "plan_trunk": "roles", "relevance_masks
                    "plan_compaction": "compaction", "early_pooling_for": "pooling"}
 
 
-def _measure(name: str, batch: int, levels: list[str], threads: int, events) -> None:
+def _measure(name: str, batch: int, levels: list[str], threads: int, max_memory: float | None, cut: bool,
+             events) -> None:
     """Child process: put ("start", stage), ("done", stage, seconds) and ("result", row) on ``events``."""
+    if max_memory:  # an allocation past it raises (caught below) instead of swapping a shared host
+        limit = int(max_memory * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     warnings.simplefilter("ignore")
     sys.path.insert(0, ".")
     import timm
@@ -65,7 +71,7 @@ def _measure(name: str, batch: int, levels: list[str], threads: int, events) -> 
     decomposer_module.Decomposer.key_positions = lambda self, plan: (
         timed("positions", positions)(self, plan) if plan.key_positions is None else positions(self, plan))
     events.put(("start", "trace"))
-    decomposer = decomposer_module.trace_and_decompose(model)
+    decomposer = decomposer_module.trace_and_decompose(model, cut_nonlinear_trunk=cut)
     seconds["trace"] = decomposer.trace_seconds
     events.put(("done", "trace", decomposer.trace_seconds))
     for level in levels:
@@ -85,11 +91,12 @@ def _measure(name: str, batch: int, levels: list[str], threads: int, events) -> 
     events.put(("result", seconds))
 
 
-def measure(name: str, batch: int, levels: list[str], threads: int, timeout: float) -> tuple[dict, list[str]]:
+def measure(name: str, batch: int, levels: list[str], threads: int, timeout: float, max_memory: float | None = None,
+            cut: bool = False) -> tuple[dict, list[str]]:
     """Stage -> seconds for ``name`` in a fresh process; and the stages it was in when it timed out."""
     context = mp.get_context("spawn")
     events = context.Queue()
-    process = context.Process(target=_measure, args=(name, batch, levels, threads, events))
+    process = context.Process(target=_measure, args=(name, batch, levels, threads, max_memory, cut, events))
     started = time.perf_counter()
     process.start()
     seconds: dict[str, float] = {}
@@ -133,12 +140,16 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per model")
+    parser.add_argument("--cut-nonlinear-trunk", action="store_true",
+                        help="trace_and_decompose(model, cut_nonlinear_trunk=True) (Hiera's max-pooled shortcuts)")
+    parser.add_argument("--max-memory", type=float, default=None, help="GiB of address space per model process")
     args = parser.parse_args(argv)
     columns = STAGES + [f"{call} {level}" for level in args.levels for call in ("first", "then")]
     print("| model | " + " | ".join(columns) + " |")
     print("|---" * (len(columns) + 1) + "|", flush=True)
     for name in args.models:
-        seconds, unfinished = measure(name, args.batch, args.levels, args.threads, args.timeout)
+        seconds, unfinished = measure(name, args.batch, args.levels, args.threads, args.timeout, args.max_memory,
+                                      args.cut_nonlinear_trunk)
         note = f" (stopped in {unfinished[-1]})" if unfinished else ""
         print(f"| {name}{note} | " + " | ".join(_cell(seconds, c, unfinished) for c in columns) + " |", flush=True)
 

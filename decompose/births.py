@@ -26,8 +26,9 @@ from tracer.attention import (
 )
 from tracer.head_axes import AttentionAxes
 from tracer.linear_rules import Offset
-from tracer.ops import is_multihead_attention
 from tracer.node_calls import node_arguments
+from tracer.ops import is_multihead_attention
+from tracer.recording import check
 from tracer.relevance import Slice, index_tensor
 from tracer.roles import Birth
 from tracer.vocabulary import ComponentKind, Level
@@ -57,24 +58,46 @@ def split_birth(gm: fx.GraphModule, birth: Birth, real: dict, level: Level | str
         # an opaque op with several outputs, e.g. an LSTM's (out, (h, c)): one component
         return BornComponents(tree_map(lambda v: v.unsqueeze(0) if torch.is_tensor(v) and v.is_floating_point()
                                        else v, real[node]), [None], [None], [])
-    value = real[node] if spec is None else spec.take(real[node])
-    if birth.kind is not ComponentKind.ATTENTION or (level is Level.BRANCH and not is_multihead_attention(node, gm)):
-        return BornComponents(value.unsqueeze(0), [None], [None], [])
+    split = attention_split(gm, birth, real, level, spec, batch_size)
+    if split is not None and split.windows is not None:
+        return _split_tokens(split.parts, split.value, split.heads, split.windows)
+    if split is not None:
+        return _split_heads(split.value, split.heads)
     if is_multihead_attention(node, gm):
         return _split_multihead(gm, node, real, level, spec)
+    value = real[node] if spec is None else spec.take(real[node])
+    return BornComponents(value.unsqueeze(0), [None], [None], [])
+
+
+@dataclass
+class AttentionSplit:
+    """How an attention birth ``weights @ values`` splits: its value ``[rows, *middle, Nq, d]`` (``spec``
+    taken), the head of each attention, and at level token the window of each and the weights and values."""
+
+    value: torch.Tensor
+    heads: Grouping
+    windows: Grouping | None = None       # level token only
+    parts: AttentionParts | None = None   # level token only
+
+
+def attention_split(gm: fx.GraphModule, birth: Birth, real: dict, level: Level | str, spec: Slice | None = None,
+                    batch_size: int | None = None) -> AttentionSplit | None:
+    """The split of an attention birth at ``level`` (head or token), None where the birth is one component
+    or an ``nn.MultiheadAttention``. Without weights and values the split is by head only."""
+    node, level = birth.node, Level(level)
+    if birth.kind is not ComponentKind.ATTENTION or level is Level.BRANCH or is_multihead_attention(node, gm) \
+            or not isinstance(real[node], torch.Tensor):
+        return None
+    value = real[node] if spec is None else spec.take(real[node])
     axes = _planned_axes(birth, real[node].shape, batch_size)
     full = real[node].shape
     heads = Grouping(_sliced(axes.head_index(full, value.device), spec), axes.head_count(full),
                      axes.splits_heads(full))
-    if level is Level.HEAD:
-        return _split_heads(value, heads)
-    parts = attention_parts(node, real)
+    parts = attention_parts(node, real, spec) if level is Level.TOKEN else None
     if parts is None:
-        return _split_heads(value, heads)
-    if spec is not None:
-        parts = _slice_parts(parts, spec, real[node].dim())
+        return AttentionSplit(value, heads)
     windows = Grouping(_sliced(axes.window_index(full, value.device), spec), axes.window_count(full), True)
-    return _split_tokens(parts, value, heads, windows)
+    return AttentionSplit(value, heads, windows, parts)
 
 
 @dataclass
@@ -118,17 +141,28 @@ def attention_groups(rows: int, batch_size: int | None) -> int:
     return rows // batch_size if batch_size and rows % batch_size == 0 else 1
 
 
-def attention_parts(node: fx.Node, real: dict) -> AttentionParts | None:
-    """Weights [..., Nq, Nk] and values [..., Nk, d] of an attention birth, None if it has none."""
+def attention_parts(node: fx.Node, real: dict, spec: Slice | None = None) -> AttentionParts | None:
+    """Weights [..., Nq, Nk] and values [..., Nk, d] of an attention birth, None if it has none; with
+    ``spec``, restricted to the positions it keeps of the output (an SDPA kept on a few query rows, e.g. a
+    class token, computes only those rows' weights)."""
     args, kwargs = node_arguments(node, real)
     if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
         bound = sdpa_arguments(args, kwargs)
-        return AttentionParts(sdpa_weights(**bound), sdpa_values(bound["value"], bound["query"],
-                                                                 bound.get("enable_gqa", False)))
-    weights, values = args[0], args[1]
-    if weights.dim() < 2 or values.dim() < 2:
-        return None
-    return AttentionParts(weights, values)
+        values = sdpa_values(bound["value"], bound["query"], bound.get("enable_gqa", False))
+        if spec is not None and spec.axis - real[node].dim() == -2 and not bound.get("is_causal", False):
+            index = index_tensor(spec.index, bound["query"].device)
+            mask = bound.get("attn_mask")
+            if isinstance(mask, torch.Tensor) and mask.dim() >= 2 and mask.shape[-2] == spec.full:
+                bound["attn_mask"] = mask.index_select(-2, index)
+            bound["query"] = bound["query"].index_select(-2, index)
+            return AttentionParts(sdpa_weights(**bound), values)
+        parts = AttentionParts(sdpa_weights(**bound), values)
+    else:
+        weights, values = args[0], args[1]
+        if weights.dim() < 2 or values.dim() < 2:
+            return None
+        parts = AttentionParts(weights, values)
+    return parts if spec is None else _slice_parts(parts, spec, real[node].dim())
 
 
 def _slice_parts(parts: AttentionParts, spec: Slice, ndim: int) -> AttentionParts:
@@ -208,7 +242,8 @@ def _split_multihead(gm: fx.GraphModule, node: fx.Node, real: dict, level: str,
             tokens = [j for _ in range(count) for j in range(keys)]
     if spec is not None:
         values, real_out = spec.take(values, leading=1), spec.take(real_out)
-    _check_multihead(real_out, values.sum(0), mha, node)
+    check(lambda: _check_multihead(real_out, values.sum(0), mha, node),
+          "births: nn.MultiheadAttention's heads re-computed equal its output")
     offsets = []
     if mha.out_proj.bias is not None:
         bias = mha.out_proj.bias.expand(real_out.shape)  # MHA returns (output, weights)

@@ -78,12 +78,16 @@ class Carried:
         return ordered, out
 
 
-PROBE = -1  # id of the probe chunk of an ``pooling.Parking`` (never a component)
+def is_probe(chunk: Chunk) -> bool:
+    """A probe chunk: one negative id, chosen by the pass extension that made it (``pooling.Parking``'s
+    adjoint probe); never a component. Probes with the same id add up like components; they are never
+    stacked with components (they alone need grad)."""
+    return len(chunk.ids) == 1 and chunk.ids[0] < 0
 
 
-def split_probe(carried: Carried) -> tuple[list[Chunk], list[Chunk]]:
-    """(the probe chunk, if any; the components' chunks) of ``carried``."""
-    return [c for c in carried.chunks if c.ids == [PROBE]], [c for c in carried.chunks if c.ids != [PROBE]]
+def split_probes(carried: Carried) -> tuple[list[Chunk], list[Chunk]]:
+    """(the probe chunks; the components' chunks) of ``carried``."""
+    return [c for c in carried.chunks if is_probe(c)], [c for c in carried.chunks if not is_probe(c)]
 
 
 class ComponentRegistry:
@@ -119,10 +123,10 @@ STACK_CHUNKS, STACK_ELEMENTS = 8, 2**22
 
 def few_chunks(carried: Carried) -> Carried:
     """``carried`` with its chunks stacked into one when they are many but small (the constants and
-    head rows that reach a CLS model's final norm); the probe chunk of a ``Parking`` stays apart."""
+    head rows that reach a CLS model's final norm); probe chunks stay apart."""
     if len(carried.chunks) <= STACK_CHUNKS or not all(isinstance(c.values, torch.Tensor) for c in carried.chunks):
         return carried
-    probe, rest = split_probe(carried)
+    probe, rest = split_probes(carried)
     shape = rest[0].values.shape[1:]
     if sum(len(c.ids) for c in rest) * shape.numel() > STACK_ELEMENTS:
         return carried
@@ -131,11 +135,11 @@ def few_chunks(carried: Carried) -> Carried:
 
 
 def consolidated(carried: Carried) -> Carried:
-    """Bound the number of chunks (each op runs once per chunk) with an occasional copy (the probe
-    chunk of a ``Parking`` stays apart: it alone needs grad)."""
+    """Bound the number of chunks (each op runs once per chunk) with an occasional copy (probe chunks
+    stay apart: they alone need grad)."""
     if len(carried.chunks) <= MAX_CHUNKS or not all(isinstance(c.values, torch.Tensor) for c in carried.chunks):
         return carried
-    probe, rest = split_probe(carried)
+    probe, rest = split_probes(carried)
     rest = Carried(rest)
     return Carried([Chunk(rest.ids, rest.stacked())] + probe)
 
@@ -197,14 +201,20 @@ def merge_sum(a: Carried, b: Carried, sign: float) -> Carried:
 
 
 def _merge_by_index(a: Carried, b: Carried, sign: float, shape) -> Carried:
-    """General row alignment (partially overlapping id sets): one dense chunk."""
+    """General row alignment (partially overlapping id sets): one dense chunk, and probe chunks apart
+    (they alone need grad: inside the dense chunk, each backward pass from one would cost every row's ops)."""
     if not all(isinstance(c.values, torch.Tensor) for c in a.chunks + b.chunks):
         raise NotImplementedError("partially overlapping components of a tuple-valued op")
+    (a_probe, a_rest), (b_probe, b_rest) = split_probes(a), split_probes(b)
+    probes: dict[int, torch.Tensor] = {}  # probes of one id add up
+    for chunk, factor in [(c, 1.0) for c in a_probe] + [(c, sign) for c in b_probe]:
+        value = factor * chunk.values.expand(1, *shape)
+        probes[chunk.ids[0]] = value if chunk.ids[0] not in probes else probes[chunk.ids[0]] + value
+    a, b = Carried(a_rest), Carried(b_rest)
     ids = a.ids + [i for i in b.ids if i not in set(a.ids)]
     position = {i: k for k, i in enumerate(ids)}
-    first = a.chunks[0].values
-    out = first.new_zeros((len(ids),) + tuple(shape))
+    out = (a.chunks + b.chunks)[0].values.new_zeros((len(ids),) + tuple(shape))
     for carried, factor in ((a, 1.0), (b, sign)):
         for chunk in carried.chunks:
             out[[position[i] for i in chunk.ids]] += factor * chunk.values.expand(len(chunk.ids), *shape)
-    return Carried.single(ids, out)
+    return Carried([Chunk([i], value) for i, value in probes.items()] + [Chunk(ids, out)])

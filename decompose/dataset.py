@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -19,8 +20,17 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .decomposer import Decomposer
-from .store import (FORMAT_VERSION, MANIFEST, DecompositionStore, atomic_write_text, check_compatible,
-                    label_records, read_manifest, shard_path, write_shard)
+from .store import (
+    FORMAT_VERSION,
+    MANIFEST,
+    DecompositionStore,
+    atomic_write_text,
+    check_compatible,
+    label_records,
+    read_manifest,
+    shard_path,
+    write_shard,
+)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 
@@ -48,15 +58,19 @@ class ImageFiles(Dataset):
         return self.files[index].relative_to(self.root).as_posix()
 
     def __getitem__(self, index: int):
-        from PIL import Image
+        tensor, error = read_image(self.files[index], self.transform)
+        return tensor, self.identifier(index), error
 
-        path = self.files[index]
-        try:
-            with Image.open(path) as image:
-                tensor = self.transform(image.convert("RGB"))
-        except Exception as error:  # not an image, truncated, unreadable
-            return None, self.identifier(index), f"{type(error).__name__}: {error}"
-        return tensor, self.identifier(index), None
+
+def read_image(path: Path, transform: Callable):
+    """(``transform`` of the RGB image at ``path``, None), or (None, the error) when it cannot be read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return transform(image.convert("RGB")), None
+    except Exception as error:  # noqa: BLE001  (not an image, truncated, unreadable)
+        return None, f"{type(error).__name__}: {error}"
 
 
 def _collate(items):

@@ -1,32 +1,38 @@
 """``trace_and_decompose(model)``: trace once, decompose any batch."""
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
 import torch
 from torch import nn
 
+from tracer.composed_supports import SupportChain
 from tracer.head_axes import plan_attention_axes
 from tracer.positions import attention_key_positions, fork_of, support_positions, value_input
 from tracer.probe import ModelRunError, run_probe
+from tracer.recording import check
 from tracer.relevance import CompactPlan, plan_compaction
 from tracer.roles import TrunkPlan, plan_trunk
 from tracer.tracing import describe, frozen_eval_copy, trace_representation
 from tracer.vocabulary import ComponentKind, Level
 
 from .births import LEVELS
+from .carried import Carried, Chunk, ComponentRegistry
 from .decomposition import Decomposition
+from .directions import Directions, as_directions
 from .pooling import Parking, branches_for_level, early_pooling_for, pooled_components
 from .precision import Float64Values, in_float64, restored
-from .carried import PROBE, Carried, Chunk, ComponentRegistry
 from .propagate import propagate
 from .run_plan import RunPlan
+from .scoring import Projection, score_by_adjoints, with_check_direction
 from .sum_check import (
     FirstInexactNode,
     InexactSum,
     check_sum,
     describe_first_inexact,
+    direction_errors,
     image_errors,
     tolerance_for,
 )
@@ -77,12 +83,19 @@ class Decomposer(nn.Module):
                 raise ValueError(f"{error}.{hint}") from error
             plan = plan_trunk(self.graph_module, probe, self.cut_nonlinear_trunk)
             attention_axes_for(self.graph_module, plan, probe)
-            plan = RunPlan(plan, images[:1].detach().clone())  # the probe's values are not kept
+            output = probe.values.get(plan.target)
+            plan = RunPlan(plan, images[:1].detach().clone(),  # the probe's values are not kept
+                           output_shape=tuple(output.shape[1:]) if isinstance(output, torch.Tensor) else ())
             if self.prune:
                 plan.compact = compaction_for(self.graph_module, plan, probe, images[:1])
                 plan.pooling = early_pooling_for(self.graph_module, plan, probe, images[:1])
             self._plans[signature] = plan
         return self._plans[signature]
+
+    def output_width(self, images: torch.Tensor) -> int:
+        """Numbers per image of the decomposed output for inputs shaped like ``images`` (what a direction's
+        length must be)."""
+        return math.prod(self.plan(images).output_shape)
 
     def key_positions(self, plan: RunPlan) -> dict:
         """Attention birth -> the source position of each of its keys (computed once per plan, at the first
@@ -93,32 +106,113 @@ class Decomposer(nn.Module):
         return plan.key_positions
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, level: Level | str = Level.HEAD) -> Decomposition:
-        """Decompose a batch ``images`` [B, C, H, W] into ``Decomposition.components`` [C, B, *D]."""
+    def forward(self, images: torch.Tensor, level: Level | str = Level.HEAD,
+                directions: Directions | torch.Tensor | None = None) -> Decomposition:
+        """Decompose a batch ``images`` [B, C, H, W] into ``Decomposition.components`` [C, B, *D].
+
+        directions: ``[k, D]`` shared by every component, or a ``decompose.directions.Directions`` (per
+                    component): the result holds ``scores`` [C, B, k] = ⟨component, u⟩ instead of the vectors,
+                    never allocating ``[C, B, D]``."""
         _check_images(images, self.graph_module, self._expected_input)
         if level not in LEVELS:
             raise ValueError(f"level must be one of {[str(known) for known in LEVELS]}, got {level!r}")
         level = Level(level)
+        table = as_directions(directions) if directions is not None else None  # bad directions fail first
         plan = self.plan(images)
-        registry = ComponentRegistry()
         positions = self.key_positions(plan) if level is Level.TOKEN else None
-        parking = None
-        if plan.pooling is not None:
-            parking = Parking(plan.pooling.nodes, branches=branches_for_level(plan.pooling.branches, level),
-                              static=plan.pooling.static, reference=plan.pooling.reference,
-                              norm_scales=plan.pooling.norm_scales, rows=plan.rows)
+        if table is not None:
+            return self._scores(plan, images, level, table, positions)
+        representation, components, labels = self._components(plan, images, level, positions)
+        return self.checked(plan, images, level, representation, components, labels)
+
+    def _components(self, plan: RunPlan, images: torch.Tensor, level: Level, positions: dict | None
+                    ) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """(representation [B, *D], components [C, B, *D], their C labels) of ``images``: the pass, with no
+        check (``decompose.compiled`` records it as one graph)."""
+        registry = ComponentRegistry()
+        parking = _parking(plan, level)
         representation, carried = propagate(self.graph_module, plan, images, level, registry,
                                             compact=plan.compact, positions=positions, parking=parking)
         if parking is not None:
             carried = pooled_components(self.graph_module, plan.pooling, parking, carried)
         ids, components = carried.drain()  # in creation order: stable labels
-        labels = [registry.labels[i] for i in ids]
+        return representation, components, [registry.labels[i] for i in ids]
+
+    def checked(self, plan: RunPlan, images: torch.Tensor, level: Level, representation: torch.Tensor,
+                components: torch.Tensor, labels: list) -> Decomposition:
+        """The ``Decomposition`` of a components pass once its sum is checked (``check_sum``)."""
         error = check_sum(components.sum(0), representation, what=f"{self.output} output, {describe(plan.target)}",
                           tolerance=tolerance_for(representation.dtype, self.sum_tolerance),
                           on_inexact=self.on_inexact_sum,
                           diagnose=lambda image: self._first_inexact_node(plan, images[image: image + 1], level))
         return Decomposition(components, labels, representation, level, plan.target.name,
                              plan.describe_stop(), sum_error=error)
+
+    def compiled(self, level: Level | str, example_images: torch.Tensor,
+                 directions: Directions | torch.Tensor | None = None):
+        """The decomposition at ``level`` of images shaped like ``example_images`` as one ``torch.fx`` graph
+        (``decompose.compiled.DecompositionGraph``): ``graph(images) -> (representation, components)``,
+        ``graph.decompose(images) -> Decomposition`` (the sum checked), ``graph.labels``. With ``directions``
+        it records the scores along them (``forward``'s ``directions``), which become constants of the graph:
+        other directions need another recording."""
+        from .compiled import compile_decomposition
+
+        return compile_decomposition(self, level, example_images, directions)
+
+    def _scores(self, plan: RunPlan, images: torch.Tensor, level: Level, directions: Directions,
+                positions: dict | None) -> Decomposition:
+        """``forward`` with directions (``decompose.scoring``)."""
+        width = math.prod(plan.output_shape)
+        directions = directions.checked(width, images)
+        checked = with_check_direction(directions, width, images)
+        representation, scores, labels = self._score_pass(plan, images, level, checked, positions)
+        return self.checked_scores(plan, images, level, checked, representation, scores, labels)
+
+    def _score_pass(self, plan: RunPlan, images: torch.Tensor, level: Level, checked: Directions,
+                    positions: dict | None) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """(representation [B, *D], scores [C, B, k + 1], their C labels) along ``checked`` (the directions
+        and the check column, ``with_check_direction``): the pass, its final sum not checked
+        (``decompose.compiled`` records it as one graph)."""
+        if plan.pooling is None:
+            scored = score_by_adjoints(
+                self.graph_module, plan, images, level, checked, positions,
+                check_sum=lambda total, representation: check(
+                    lambda: self._check_branch_sum(plan, images, level, total, representation),
+                    "scoring.score_by_adjoints: the branch-level components' sum"))
+            return scored.representation, scored.scores, scored.labels
+        registry, parking = ComponentRegistry(), _parking(plan, level)
+        representation, carried = propagate(self.graph_module, plan, images, level, registry,
+                                            compact=plan.compact, positions=positions, parking=parking)
+        carried = pooled_components(self.graph_module, plan.pooling, parking, carried,
+                                    project=Projection(checked, registry))
+        ids, scores = carried.drain()
+        return representation, scores, [registry.labels[i] for i in ids]
+
+    def _check_branch_sum(self, plan: RunPlan, images: torch.Tensor, level: Level, total: torch.Tensor,
+                          representation: torch.Tensor) -> None:
+        check_sum(total, representation, what=f"{self.output} output, {describe(plan.target)}",
+                  tolerance=tolerance_for(images.dtype, self.sum_tolerance), on_inexact=self.on_inexact_sum,
+                  diagnose=lambda image: self._first_inexact_node(plan, images[image: image + 1], level))
+
+    def checked_scores(self, plan: RunPlan, images: torch.Tensor, level: Level, checked: Directions,
+                       representation: torch.Tensor, scores: torch.Tensor, labels: list) -> Decomposition:
+        """The ``Decomposition`` of a scores pass once the scores along the check direction (the last
+        column of ``scores`` [C, B, k + 1]) are checked to sum to the representation's."""
+        what = f"{self.output} output, {describe(plan.target)}"
+
+        def diagnose(image: int) -> str:
+            if plan.pooling is None:  # the branch-level sum was checked: the pull-back is what failed
+                return ("The branch-level components sum to the output (checked in the same pass), so scoring "
+                        "the finer components from the births' adjoints is where the sum breaks.")
+            return self._first_inexact_node(plan, images[image: image + 1], level)
+
+        along = scores[..., -1].sum(0)
+        error = check_sum(along, representation, what=what + " along a random direction",
+                          tolerance=tolerance_for(images.dtype, self.sum_tolerance), on_inexact=self.on_inexact_sum,
+                          diagnose=diagnose, errors=direction_errors(along, representation, checked.table[0, -1]))
+        directions = Directions(checked.table[:, :-1], checked.row_of)
+        return Decomposition(None, labels, representation, level, plan.target.name, plan.describe_stop(),
+                             sum_error=error, scores=scores[..., :-1], directions=directions)
 
     def _first_inexact_node(self, plan: RunPlan, image: torch.Tensor, level: Level) -> str:
         """Where a sum breaks: ``image`` [1, C, H, W] decomposed again in float64 without early pooling,
@@ -134,6 +228,15 @@ class Decomposer(nn.Module):
         except Exception as failure:  # the diagnosis must not hide the error it explains
             return f"(Looking for the node where it breaks failed: {type(failure).__name__}: {failure}.)"
         return describe_first_inexact(hook.found, error, pooled=plan.pooling is not None)
+
+
+def _parking(plan: RunPlan, level: Level) -> Parking | None:
+    """The early pooling's run inside one components pass (None: the plan pools nothing)."""
+    if plan.pooling is None:
+        return None
+    return Parking(plan.pooling.nodes, branches=branches_for_level(plan.pooling.branches, level),
+                   static=plan.pooling.static, reference=plan.pooling.reference,
+                   norm_scales=plan.pooling.norm_scales, rows=plan.rows)
 
 
 def trace_and_decompose(model: nn.Module, output: str = "pre_logits", prune: bool = True,
@@ -209,13 +312,19 @@ def key_positions_for(gm, plan: TrunkPlan, probe, image: torch.Tensor) -> dict:
             gradients are zero matters there, and float64 convolutions are many times slower)."""
             with restored(original):
                 if not model_dtype:
-                    model_dtype.append(_fork_components(gm, plan, image, forks))
-                leaf, found = model_dtype[0]
-                embedding = found.get(fork, {}).get("embedding")
-                return None if embedding is None else support_positions(leaf, embedding, element_keys, keys)
+                    leaf, found = _fork_components(gm, plan, image, forks)
+                    model_dtype.append((None if leaf is None else SupportChain(leaf), found))
+                chain, found = model_dtype[0]
+                if "embedding" not in found.get(fork, {}):   # (always so without a grid leaf)
+                    return None
+                carried, row = found[fork]["carried"]
+                return support_positions(chain.key_centroids(carried, row, element_keys, keys))
 
         return attention_key_positions(gm, plan, values, probe.data_nodes, grid_leaf, fork_components,
                                        supports=supports)
+
+
+GRID_PROBE = -2  # the key-positions pass carries the embedding's grid as a probe chunk (``carried.is_probe``)
 
 
 def _fork_components(gm, plan: TrunkPlan, image: torch.Tensor, forks: set) -> tuple[torch.Tensor | None, dict]:
@@ -232,7 +341,7 @@ def _fork_components(gm, plan: TrunkPlan, image: torch.Tensor, forks: set) -> tu
             # backward pass from a fork costs one component's ops, not every component's there
             leaf = carried.chunks[0].values.detach().clone().requires_grad_(True)
             leaves["grid"] = leaf
-            ids = [PROBE] if len(carried.chunks[0].ids) == 1 else carried.chunks[0].ids
+            ids = [GRID_PROBE] if len(carried.chunks[0].ids) == 1 else carried.chunks[0].ids
             carried = Carried([Chunk(ids, leaf)] + carried.chunks[1:])
         if node in forks:
             captured[node] = carried
@@ -248,10 +357,11 @@ def _fork_components(gm, plan: TrunkPlan, image: torch.Tensor, forks: set) -> tu
             if not isinstance(chunk.values, torch.Tensor):
                 continue
             for row, component in enumerate(chunk.ids):
-                label = registry.labels[component] if component != PROBE else None
+                label = registry.labels[component] if component != GRID_PROBE else None
                 if (label is None or label.kind is ComponentKind.EMBEDDING) and grid is not None and grid.dim() == 5:
                     # [1, B, C, H, W]
                     parts["embedding"] = chunk.values[row]
+                    parts["carried"] = (chunk.values, row)      # the tensor it is a row of
                 elif label is not None and label.kind is ComponentKind.CONSTANT:
                     parts["constants"][label.name] = chunk.values[row].detach()
         fork_components[fork] = parts

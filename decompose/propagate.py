@@ -34,13 +34,13 @@ from tracer.vocabulary import ComponentKind, Level
 
 from .births import split_birth
 from .carried import (
-    PROBE,
     Carried,
     Chunk,
     ComponentRegistry,
     consolidated,
     few_chunks,
     is_floating,
+    is_probe,
     merge_sum,
     unsqueezed,
 )
@@ -190,7 +190,7 @@ class ComponentPass(GraphRunner):
                 return Carried.single([registry.new(label)], _take(values, birth_slice) if birth_slice else values)
             born = split_birth(gm, birth, real, self.level, birth_slice, batch_size=images.shape[0])
             ids = registry.new_many(_birth_labels(plan, node, self.level, born, key_positions))
-            return _with_offsets(Carried.single(ids, born.values), born.offsets, layer, node, registry)
+            return with_offsets(Carried.single(ids, born.values), born.offsets, layer, node, registry)
         if node in plan.passthrough and node.args[0] in carried:  # the op returns its input as it is
             return carried[node.args[0]]
         kind = op_kind(node, gm)
@@ -205,7 +205,7 @@ class ComponentPass(GraphRunner):
             chunks.append(Chunk(chunk.ids, values))
             if k == 0:  # offsets do not depend on the components
                 offsets = chunk_offsets
-        return _with_offsets(Carried(chunks), offsets, layer, node, registry)
+        return with_offsets(Carried(chunks), offsets, layer, node, registry)
 
     def from_real(self, node: fx.Node, carrier: fx.Node) -> Carried:
         """Components of a node ``_follows_real`` chose, once its real value is known."""
@@ -213,7 +213,7 @@ class ComponentPass(GraphRunner):
         offsets = affine_offsets(gm, node, op_kind(node, gm), real, carrier)
         source = self.carried[carrier]
         if not source.chunks:
-            return _with_offsets(Carried([]), offsets, plan.layer(node), node, registry)
+            return with_offsets(Carried([]), offsets, plan.layer(node), node, registry)
         if not isinstance(real[node], torch.Tensor) or not all(isinstance(o.value, torch.Tensor) for o in offsets):
             return consolidated(self.compacted_components(node, plan.roles[node]))
         whole = real[node]
@@ -221,7 +221,7 @@ class ComponentPass(GraphRunner):
             whole = whole - offset.value
         if whole is real[node] and overwritten_later(node):
             whole = whole.clone()  # an in-place op writes into the real value later
-        return _with_offsets(Carried.single(source.ids, whole.unsqueeze(0)), offsets, plan.layer(node), node,
+        return with_offsets(Carried.single(source.ids, whole.unsqueeze(0)), offsets, plan.layer(node), node,
                              registry)
 
 
@@ -264,7 +264,7 @@ def _follows_real(gm, plan, node: fx.Node, role, carried: dict, real: dict, comp
     chunks = carried[inputs[0]].chunks
     if not chunks:
         return inputs[0]
-    if len(chunks) == 1 and len(chunks[0].ids) == 1 and chunks[0].ids != [PROBE] and \
+    if len(chunks) == 1 and len(chunks[0].ids) == 1 and not is_probe(chunks[0]) and \
             _is_whole(chunks[0].values, real.get(inputs[0])):
         return inputs[0]
     return None
@@ -299,7 +299,7 @@ def offset_label(offset: Offset, layer: int | None, node: fx.Node) -> ComponentL
     return ComponentLabel(offset.name, offset.kind, layer, None, None, node.name)
 
 
-def _with_offsets(result: Carried, offsets: list[Offset], layer, node, registry) -> Carried:
+def with_offsets(result: Carried, offsets: list[Offset], layer, node, registry) -> Carried:
     for offset in offsets:
         constant = Carried.single([registry.new(offset_label(offset, layer, node))], unsqueezed(offset.value))
         result = merge_sum(result, constant, 1.0)
@@ -363,7 +363,7 @@ def _zero_filled(gm, node, real, carried, layer, registry) -> Carried:
                           real[m].new_zeros(()).expand(count, *real[m].shape)) for m in sources}
             values = evaluate.over_components(inputs)
             chunks.append(Chunk(chunk.ids, values - offsets[0].value if offsets else values))
-    return _with_offsets(Carried(chunks), offsets, layer, node, registry)
+    return with_offsets(Carried(chunks), offsets, layer, node, registry)
 
 
 def _aligned(source: Carried, ids: list[int], shape) -> tuple[list[int], torch.Tensor]:
@@ -381,7 +381,7 @@ def _zero_filled_aligned(gm, node, real, sources, ids, layer, registry) -> Carri
     values = evaluate.over_components({n: s.chunks[0].values for n, s in sources.items()})
     if offsets:
         values = values - offsets[0].value
-    return _with_offsets(Carried.single(ids, values), offsets, layer, node, registry)
+    return with_offsets(Carried.single(ids, values), offsets, layer, node, registry)
 
 
 def _offset_at_zero(gm, node, real, sources, evaluate) -> list[Offset]:

@@ -29,6 +29,7 @@ class RunPlan:
     key_positions: attention birth -> image position of each source (filled at the first token call)
     labels:        (birth, level) -> its components' labels (built once, reused while the split is the same)
     rows:          early pooling's row maps of pooled branches by value shape (``pooling.Parking``)
+    output_shape:  the decomposed output's shape for one image (without the batch axis)
     """
 
     trunk: TrunkPlan
@@ -38,6 +39,7 @@ class RunPlan:
     key_positions: dict[fx.Node, list] | None = None
     labels: dict[Any, Any] = field(default_factory=dict)
     rows: dict[Any, torch.Tensor] = field(default_factory=dict)
+    output_shape: tuple[int, ...] = ()
 
     def __getattr__(self, name: str) -> Any:  # the trunk plan's facts: roles, births, target, layer() ...
         if name == "trunk":  # not set yet (copying, unpickling): no recursion

@@ -191,20 +191,26 @@ class DecompositionStore:
         return int(size[-2]), int(size[-1])
 
     def transform(self, normalise: bool = True, nearest: bool = False):
-        """The store's preprocessing rebuilt (timm's eval transform): PIL -> [3, H, W]. ``normalise=False``
-        keeps the resize / crop only (values in [0, 1]); ``nearest`` resizes without mixing pixels (masks)."""
-        from timm.data import create_transform
-
+        """The store's preprocessing rebuilt (``preprocessing_transform``): PIL -> [3, H, W]."""
         preprocessing = self.manifest.get("preprocessing", {})
         if not normalise and not preprocessing.get("input_size"):
             raise ValueError("the store records no preprocessing (input_size); it was not written by decompose_dataset")
-        fields = ("input_size", "interpolation", "crop_pct", "crop_mode") + (("mean", "std") if normalise else ())
-        settings = {k: preprocessing[k] for k in fields if k in preprocessing}
-        if nearest:
-            settings["interpolation"] = "nearest"
-        if not normalise:
-            settings.update(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-        return create_transform(**settings, is_training=False)
+        return preprocessing_transform(preprocessing, normalise, nearest)
+
+
+def preprocessing_transform(preprocessing: dict, normalise: bool = True, nearest: bool = False):
+    """timm's eval transform of a recorded ``preprocessing`` (``dataset.evaluation_transform``'s config): PIL ->
+    [3, H, W]. ``normalise=False`` keeps the resize / crop only (values in [0, 1]); ``nearest`` resizes without
+    mixing pixels (masks)."""
+    from timm.data import create_transform
+
+    fields = ("input_size", "interpolation", "crop_pct", "crop_mode") + (("mean", "std") if normalise else ())
+    settings = {k: preprocessing[k] for k in fields if k in preprocessing}
+    if nearest:
+        settings["interpolation"] = "nearest"
+    if not normalise:
+        settings.update(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    return create_transform(**settings, is_training=False)
 
 
 def read_manifest(root: Path) -> dict[str, Any] | None:

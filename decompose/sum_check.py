@@ -51,16 +51,24 @@ def image_errors(total: torch.Tensor, representation: torch.Tensor) -> torch.Ten
     return difference / scale.clamp_min(tiny)
 
 
+def direction_errors(total: torch.Tensor, representation: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """[B] |total_b − ⟨representation_b, u⟩| / (‖representation_b‖ ‖u‖) for scores ``total`` [B] along ``u``."""
+    flat = representation.reshape(representation.shape[0], -1)
+    scale = flat.norm(dim=1) * direction.norm()
+    tiny = torch.finfo(representation.dtype).tiny if representation.is_floating_point() else 1e-30
+    return (total - flat.to(direction) @ direction).abs() / scale.clamp_min(tiny)
+
+
 def check_sum(total: torch.Tensor, representation: torch.Tensor, *, what: str, tolerance: float,
-              on_inexact: InexactSum, diagnose: Callable[[int], str]) -> float:
-    """The largest per-image relative error of ``total`` [B, *D] against ``representation`` [B, *D]; above
-    ``tolerance`` (or not finite) an ``InexactSumError`` (a warning with ``InexactSum.WARN``) that names
-    ``what`` was decomposed, the error, and ``diagnose(worst image)``."""
+              on_inexact: InexactSum, diagnose: Callable[[int], str], errors: torch.Tensor | None = None) -> float:
+    """The largest per-image relative error of ``total`` [B, *D] against ``representation`` [B, *D] (or the
+    given ``errors`` [B]); above ``tolerance`` (or not finite) an ``InexactSumError`` (a warning with
+    ``InexactSum.WARN``) that names ``what`` was decomposed, the error, and ``diagnose(worst image)``."""
     if not bool(torch.isfinite(representation).all()):
         bad = (~torch.isfinite(representation)).flatten(1).any(1).nonzero().flatten().tolist()
         raise InexactSumError(f"the model's {what} itself is not finite (NaN or inf for images {bad}); "
                               "nothing can sum to it. Check the model's weights and the input's normalisation.")
-    errors = image_errors(total, representation)
+    errors = image_errors(total, representation) if errors is None else errors
     errors = torch.where(torch.isnan(errors), torch.full_like(errors, float("inf")), errors)
     worst = int(errors.argmax())
     error = float(errors[worst])

@@ -1,10 +1,12 @@
 """Open an HTML file in headless Chromium over the DevTools protocol; report what a reader would see.
 
 ``render_page(path)`` returns the console errors, uncaught exceptions, failed loads, every
-``<img>``'s load state and the ids of the page's sections.
+``<img>``'s load state and the ids of the page's sections; ``render_page(path, screenshot=png)`` also saves a
+full-page PNG of it.
 """
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import subprocess
@@ -65,7 +67,19 @@ class _Session:
             self.events.append(json.loads(self.socket.recv()))
 
 
-def render_page(path: str | Path, settle_seconds: float = 0.5) -> dict:
+def _save_full_page(session: _Session, screenshot: Path) -> None:
+    """The whole page, beyond the viewport, as a PNG at its CSS size."""
+    metrics = session.call("Page.getLayoutMetrics")
+    size = metrics.get("cssContentSize") or metrics["contentSize"]
+    clip = {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}
+    data = session.call("Page.captureScreenshot", format="png", captureBeyondViewport=True, clip=clip)["data"]
+    screenshot.write_bytes(base64.b64decode(data))
+
+
+def render_page(path: str | Path, settle_seconds: float = 0.5, screenshot: Path | None = None,
+                screenshot_width: int = 1280) -> dict:
+    """The page's state (see the module's docstring); with ``screenshot``, a PNG of the whole page laid out in a
+    window ``screenshot_width`` CSS pixels wide (without it, the browser's default window)."""
     browser = find_browser()
     if browser is None:
         raise FileNotFoundError("no Chromium found; install Debian's `chromium` (make setup does when missing)")
@@ -81,11 +95,16 @@ def render_page(path: str | Path, settle_seconds: float = 0.5) -> dict:
             session = _Session(pages[0]["webSocketDebuggerUrl"])
             for domain in ("Page", "Runtime", "Log", "Network"):
                 session.call(f"{domain}.enable")
+            if screenshot is not None:
+                session.call("Emulation.setDeviceMetricsOverride", width=screenshot_width, height=900,
+                             deviceScaleFactor=1, mobile=False)
             session.call("Page.navigate", url=Path(path).resolve().as_uri())
             session.wait_for("Page.loadEventFired")
             time.sleep(settle_seconds)
             state = json.loads(session.call("Runtime.evaluate", expression=PAGE_STATE,
                                             returnByValue=True)["result"]["value"])
+            if screenshot is not None:
+                _save_full_page(session, Path(screenshot))
             session.socket.close()
         finally:
             process.terminate()

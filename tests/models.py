@@ -29,3 +29,49 @@ def tiny_open_clip_vision():
     vision_cfg = dict(image_size=64, layers=2, width=64, head_width=32, patch_size=16)
     return open_clip.CLIP(embed_dim=32, vision_cfg=vision_cfg,
                           text_cfg=dict(context_length=8, vocab_size=100, width=32, heads=2, layers=1)).visual
+
+
+def matrix_model(name: str):
+    """(model in float64, eval mode, without a classifier; its input size [C, H, W]) of a matrix row or
+    ``"open_clip"``."""
+    import timm
+
+    if name == "open_clip":
+        return tiny_open_clip_vision().double().eval(), (3, 64, 64)
+    kwargs = TIMM_MODELS[name]
+    model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs).double().eval()
+    return model, input_size(model, kwargs)
+
+
+def matrix_decomposer(name: str, seed: int = 0):
+    """(a decomposer of ``matrix_model(name)`` built after ``torch.manual_seed(seed)``, its input size)."""
+    import torch
+
+    from decompose import trace_and_decompose
+
+    torch.manual_seed(seed)
+    model, size = matrix_model(name)
+    return trace_and_decompose(model), size
+
+
+def gated_model():
+    """A patch embedding plus a residual gate that branches on the batch's values (``x.sum() > 0``):
+    untraceable, so the tracer makes it opaque, and no graph can record it."""
+    import torch
+    from torch import nn
+
+    class ValueGate(nn.Module):
+        def forward(self, x):
+            return torch.relu(x) if x.sum() > 0 else 2 * x  # decided by the batch's values
+
+    class GatedBranch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Conv2d(3, 4, 4, 4)
+            self.gate = ValueGate()
+
+        def forward(self, images):
+            x = self.embed(images).flatten(2).transpose(1, 2)
+            return (x + self.gate(x)).mean(1)
+
+    return GatedBranch().eval()

@@ -10,9 +10,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from align import CompAlign, StreamingAlignmentData, TrainingOptions, load_clip, train_compalign
-from vit_decompose.cli import main
 from decompose import decompose_dataset, trace_and_decompose
 from decompose.dataset import evaluation_transform
+from vit_decompose.cli import main
 
 MODEL = "vit_tiny_patch16_224"
 TINY_CLIP = dict(embed_dim=32, vision_cfg=dict(image_size=32, layers=1, width=32, head_width=16, patch_size=8),

@@ -3,8 +3,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from align import (PropertyScorer, property_basis, property_scores, rank_components, specific_scores, text_span,
-                   variance_explained)
+from align import (
+    PropertyScorer,
+    property_basis,
+    property_scores,
+    rank_components,
+    specific_scores,
+    text_span,
+    variance_explained,
+)
 
 D_CLIP = 24
 

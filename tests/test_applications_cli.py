@@ -27,15 +27,13 @@ from align import (
 from decompose import decompose_dataset, trace_and_decompose
 from decompose.dataset import evaluation_transform
 from decompose.models import load_model
+from tests.test_align_clip import TINY_CLIP
 from vit_decompose.cli import main
-from vit_decompose.heatmap_commands import labels_with_positions
+from vit_decompose.heatmap_sources import labels_with_positions
 from vit_decompose.keyed_files import read_table
 
 MODEL = "vit_tiny_patch16_224"
 KWARGS = {"depth": 1, "img_size": 32, "patch_size": 8}
-TINY_CLIP = {"embed_dim": 32,
-             "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-             "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
 
 
 @pytest.fixture(scope="module")

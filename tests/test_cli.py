@@ -3,8 +3,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from vit_decompose.cli import main
 from decompose.models import load_model
+from vit_decompose.cli import main
 
 
 def test_local_checkpoint_is_loaded(tmp_path):

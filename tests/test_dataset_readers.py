@@ -1,15 +1,13 @@
-"""The paper's datasets read in their own file formats, each from a small file this test writes in the real layout:
+"""The paper's datasets read in their own file formats, each from a small file written in the real layout by
+tests/paper_datasets.py (which says where each layout comes from):
 
 * Waterbirds ``metadata.csv``: columns ``img_id,img_filename,y,split,place,place_filename`` (the file shipped with
   waterbird_complete95_forest2water2; split 0/1/2 = train/val/test, y 1 = waterbird, place 1 = water);
-* ImageNet-Segmentation ``gtsegs_ijcv.mat`` (MATLAB v7.3 = HDF5): ``/value/img`` and ``/value/gt`` hold [N, 1]
-  object references; an image reference points to uint8 [3, W, H], a mask reference to a [1, 1] cell of references
-  whose one reference points to the mask [W, H]. Source of the layout: the reference reader,
-  hila-chefer/Transformer-Explainability ``data/imagenet.py`` (``f[f['/value/img'][i, 0]]`` transposed (2, 1, 0);
-  ``f[f[f['/value/gt'][i, 0]][0, 0]]`` transposed (1, 0)), which the CLIP-decomposition papers' code reuses;
+* ImageNet-Segmentation ``gtsegs_ijcv.mat`` (MATLAB v7.3 = HDF5 after a 512-byte header): ``/value/img`` and
+  ``/value/gt`` hold [N, 1] object references; an image reference points to uint8 [3, W, H], a mask reference to
+  a [1, 1] cell of references whose one reference points to the mask [W, H];
 * ImageNet-style ImageFolder class folders (WordNet ids named from timm's ImageNet metadata).
 """
-import csv
 import json
 
 import h5py
@@ -17,13 +15,13 @@ import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 
 from align import CompAlign, load_clip
 from align.datasets import ImageNetSegmentation, class_texts, image_folder_labels, read_class_names, read_waterbirds
 from decompose import decompose_dataset, trace_and_decompose
 from decompose.dataset import evaluation_transform
+from tests.paper_datasets import SPECIES, write_gtsegs, write_waterbirds
 from vit_decompose.cli import main
 
 MODEL = "vit_tiny_patch16_224"
@@ -31,45 +29,10 @@ KWARGS = {"depth": 1, "img_size": 32, "patch_size": 8}
 TINY_CLIP = {"embed_dim": 32,
              "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
              "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-SPECIES = ("001.Black_footed_Albatross", "017.Cardinal")     # a waterbird and a landbird, as in CUB
-
-
-def write_waterbirds(root, count=24):
-    """Images ROOT/<species>/<name>.jpg and ROOT/metadata.csv in the real column layout."""
-    generator = np.random.default_rng(0)
-    with open(root / "metadata.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["img_id", "img_filename", "y", "split", "place", "place_filename"])
-        for k in range(count):
-            y, place, split = k % 2, (k // 2) % 2, (k // 4) % 3
-            filename = f"{SPECIES[1 - y]}/bird_{k:04d}.jpg"
-            (root / SPECIES[1 - y]).mkdir(parents=True, exist_ok=True)
-            picture = generator.integers(0, 255, (32, 32, 3), dtype=np.uint8)
-            picture[:, :, 2] = 200 if place else 40
-            Image.fromarray(picture).save(root / filename)
-            writer.writerow([k + 1, filename, y, split, place, f"/b/bamboo_forest/{k:08d}.jpg"])
-
-
-def write_gtsegs(path, images, masks):
-    """An HDF5 file with gtsegs_ijcv.mat's layout (MATLAB v7.3 stores arrays transposed; data under #refs#)."""
-    with h5py.File(path, "w") as f:
-        refs = f.create_group("#refs#")
-        image_refs = f.create_dataset("value/img", (len(images), 1), dtype=h5py.ref_dtype)
-        mask_refs = f.create_dataset("value/gt", (len(images), 1), dtype=h5py.ref_dtype)
-        for i, (image, mask) in enumerate(zip(images, masks)):
-            image_refs[i, 0] = refs.create_dataset(f"img{i}", data=image.transpose(2, 1, 0)).ref
-            mask_data = refs.create_dataset(f"gt{i}", data=mask.astype(np.uint8).transpose(1, 0))
-            cell = refs.create_dataset(f"cell{i}", (1, 1), dtype=h5py.ref_dtype)
-            cell[0, 0] = mask_data.ref
-            mask_refs[i, 0] = cell.ref
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("readers")
-    birds = root / "waterbirds"
-    birds.mkdir()
-    write_waterbirds(birds)
+    birds = write_waterbirds(root / "waterbirds")
     torch.manual_seed(0)
     model = timm.create_model(MODEL, pretrained=False, **KWARGS).eval()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / "vit.safetensors"))
@@ -88,8 +51,8 @@ def world(tmp_path_factory):
 def test_waterbirds_metadata_gives_labels_groups_and_splits(world):
     table = read_waterbirds(world["birds"])
     assert len(table) == 24
-    record = table[f"{SPECIES[0]}/bird_0001.jpg"]                 # k = 1: y 1, place 0, split 0
-    assert record == {"label": "waterbird", "place": "land", "group": "waterbird on land", "split": "train"}
+    record = table[f"{SPECIES[1]}/Black_Footed_Albatross_0013_113.jpg"]     # img_id 13: y 1, place 0, split 1
+    assert record == {"label": "waterbird", "place": "land", "group": "waterbird on land", "split": "val"}
     assert {r["group"] for r in table.values()} == {f"{b} on {p}" for b in ("landbird", "waterbird")
                                                     for p in ("land", "water")}
     assert {r["split"] for r in table.values()} == {"train", "val", "test"}
@@ -145,7 +108,8 @@ def test_segment_scores_the_mat_files_images_against_its_masks(world, tmp_path, 
     arguments = ["segment", "--aligner", str(root / "aligner"), "--templates", "raw", "--device", "cpu",
                  "--model", MODEL, "--model-kwargs", json.dumps(KWARGS), "--checkpoint", str(root / "vit.safetensors"),
                  "--text", "a bird", "--batch-size", "2", "--baseline"]
-    assert main([*arguments, "--imagenet-seg", str(tmp_path / "gtsegs_ijcv.mat"), "--out", str(tmp_path / "s.json")]) == 0
+    mat = str(tmp_path / "gtsegs_ijcv.mat")
+    assert main([*arguments, "--imagenet-seg", mat, "--out", str(tmp_path / "s.json")]) == 0
     assert "zero-shot segmentation of 3 images" in capsys.readouterr().out
     scores = json.loads((tmp_path / "s.json").read_text())["scores"]
     for method in ("decomposition", "attention (last layer)"):
@@ -170,7 +134,7 @@ def test_image_folder_class_names_feed_ablate(world, tmp_path, capsys):
         image_folder_labels(["loose.jpg"])
     root = world["root"]
     names = tmp_path / "names.json"
-    names.write_text(json.dumps({SPECIES[0]: "albatross", SPECIES[1]: "cardinal"}))
+    names.write_text(json.dumps({SPECIES[1]: "albatross", SPECIES[0]: "cardinal"}))
     out = tmp_path / "ablate"
     assert main(["ablate", "--store", str(world["store"].root), "--aligner", str(root / "aligner"), "--image-folder",
                  "--class-names", str(names), "--zero-shot", "--templates", "raw", "--device", "cpu",

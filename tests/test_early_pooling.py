@@ -7,11 +7,10 @@ import torch
 from torch import nn
 
 from decompose import births, trace_and_decompose
-from decompose.pooling import gathering
-from decompose.pooling import branches_for_level
-from tests.models import TIMM_MODELS, input_size
+from decompose.pooling import branches_for_level, gathering
 from decompose.pooling.norm_scales import fit_norm_scales
 from decompose.pooling.pooled_nodes import class_period
+from tests.models import TIMM_MODELS, input_size
 
 POOLED_MODELS = ["swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256", "maxvit_tiny_tf_224", "convnext_atto"]
 

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from decompose import trace_and_decompose
+from tests.models import gated_model
 from tracer import NonlinearTrunkError, TracingError
 
 
@@ -106,30 +107,14 @@ class _ValueControlFlow(nn.Module):
         return x.mean((2, 3))
 
 
-class _Gate(nn.Module):
-    def forward(self, x):
-        return torch.relu(x) if x.sum() > 0 else 2 * x  # untraceable, nonlinear
-
-
-class _UntraceableSubmodule(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Conv2d(3, 4, 4, 4)
-        self.gate = _Gate()
-
-    def forward(self, images):
-        x = self.embed(images).flatten(2).transpose(1, 2)
-        return (x + self.gate(x)).mean(1)
-
-
 def test_tracing_failure_in_own_forward_names_it():
     with pytest.raises(TracingError, match="could not trace the model's own forward.*register_notrace"):
         trace_and_decompose(_ValueControlFlow())
 
 
 def test_untraceable_submodule_is_named_and_made_opaque():
-    model = _UntraceableSubmodule().eval()
-    with pytest.warns(UserWarning, match=r"could not trace into gate \(_Gate"):
+    model = gated_model()
+    with pytest.warns(UserWarning, match=r"could not trace into gate \(ValueGate"):
         decomposer = trace_and_decompose(model)
     dec = decomposer(torch.randn(2, 3, 8, 8), level="head")
     assert "gate" in dec.keys and dec.relative_error() < 1e-5

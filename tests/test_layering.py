@@ -48,7 +48,7 @@ def _graph() -> dict[str, set[str]]:
 
 def test_the_checker_sees_imports_of_every_form():
     graph = _graph()
-    assert "decompose" in graph["vit_decompose.heatmap_commands"]               # `from decompose import X`
+    assert "decompose" in graph["vit_decompose.heatmap_sources"]                # `from decompose import X`
     assert "decompose.attention_maps" in graph["vit_decompose.heatmap_commands"]  # `from decompose.x import Y`
     assert "toyworld.demo_records" in graph["toyworld.demo_report"]             # `from .x import Y`
     assert "align.clip_models" in graph["toyworld.models"]                      # an import inside a function

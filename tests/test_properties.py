@@ -213,18 +213,22 @@ def test_components_sum_to_the_real_representation(configs, data):
     expected = pre_logits(model, images)
     decomposer = trace_and_decompose(model)
     for level in LEVELS:
-        dec = decomposer(images, level=level)
-        assert dec.level == level
-        assert dec.stopped_before is None, f"{level}: representation moved before {dec.stopped_before}"
-        # to float64 rounding: torch's attention kernels round differently by batch size and memory layout
-        # (a MAP-pooled ViT's own output for image 0 differs by 3e-18 between batch 1 and batch 2)
-        torch.testing.assert_close(dec.representation, expected, rtol=1e-12, atol=1e-15,
-                                   msg=lambda m: f"{level}: representation differs from the model's pre-logits "
-                                                 f"output: {m}")
-        assert dec.components.shape == (len(dec.labels),) + tuple(expected.shape)
-        assert dec.components.dtype == torch.float64
-        assert dec.relative_error() <= REL64, f"{level}: relative error {dec.relative_error():.3e}"
-        assert_parts_sum(dec.components, expected, REL64, f"{level} components")
+        assert_sums_to(decomposer(images, level=level), expected, level)
+
+
+def assert_sums_to(dec, expected: torch.Tensor, level: str) -> None:
+    """Additivity at ``level``: the representation is the model's ``expected`` output and the components sum to it."""
+    assert dec.level == level
+    assert dec.stopped_before is None, f"{level}: representation moved before {dec.stopped_before}"
+    # to float64 rounding: torch's attention kernels round differently by batch size and memory layout
+    # (a MAP-pooled ViT's own output for image 0 differs by 3e-18 between batch 1 and batch 2)
+    torch.testing.assert_close(dec.representation, expected, rtol=1e-12, atol=1e-15,
+                               msg=lambda m: f"{level}: representation differs from the model's pre-logits "
+                                             f"output: {m}")
+    assert dec.components.shape == (len(dec.labels),) + tuple(expected.shape)
+    assert dec.components.dtype == torch.float64
+    assert dec.relative_error() <= REL64, f"{level}: relative error {dec.relative_error():.3e}"
+    assert_parts_sum(dec.components, expected, REL64, f"{level} components")
 
 
 @FAMILIES
@@ -235,9 +239,11 @@ def test_heads_sum_to_their_attention_branch(configs, data):
     model = build(case)
     images = images_for(model, case)
     decomposer = trace_and_decompose(model)
-    branch = decomposer(images, level="branch")
-    head = decomposer(images, level="head")
+    assert_heads_sum_to_branch(model, decomposer(images, level="branch"), decomposer(images, level="head"))
 
+
+def assert_heads_sum_to_branch(model: torch.nn.Module, branch, head) -> None:
+    """Refinement branch -> head: an attention branch's heads are all its heads and sum to it."""
     branch_attention = attention_groups(branch, lambda label: label.name)
     head_attention = attention_groups(head, lambda label: label.name)
     assert branch_attention, "no attention branch found"
@@ -259,9 +265,11 @@ def test_tokens_sum_to_their_head(configs, data):
     model = build(case)
     images = images_for(model, case)
     decomposer = trace_and_decompose(model)
-    head = decomposer(images, level="head")
-    token = decomposer(images, level="token")
+    assert_tokens_sum_to_head(model, decomposer(images, level="head"), decomposer(images, level="token"))
 
+
+def assert_tokens_sum_to_head(model: torch.nn.Module, head, token) -> None:
+    """Refinement head -> token: a head's source tokens are numbered 0..n-1 and sum to it."""
     head_rows = attention_groups(head, lambda label: (label.name, label.head))
     token_rows = attention_groups(token, lambda label: (label.name, label.head))
     assert set(token_rows) == set(head_rows)

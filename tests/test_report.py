@@ -2,6 +2,7 @@
 the shell on generated images in an ImageFolder layout, an aligner trained here into a random tiny CLIP; the
 page renders in headless Chromium without errors and refuses mismatched inputs."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -22,6 +23,16 @@ TINY_CLIP = {"embed_dim": 32,
              "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
 COLOURS = {"red": (220, 40, 40), "blue": (40, 60, 220)}
 SECTIONS = {"overview", "additivity", "rankings", "textspan", "top-images", "heatmaps", "ablation"}
+
+
+def section_html(text, section_id):
+    return re.search(f"<section id='{section_id}'>(.*?)</section>", text, re.DOTALL).group(1)
+
+
+def column_alignments(table):
+    """Per row of an HTML table: whether each cell (th or td) is left-aligned (class 'text')."""
+    return [[" class='text'" in cell for cell in re.findall("<t[hd][^>]*>", row)]
+            for row in re.findall("<tr>(.*?)</tr>", table, re.DOTALL)]
 
 
 def model_options(world, kwargs=KWARGS):
@@ -76,7 +87,7 @@ def test_report_of_any_model_renders_in_headless_chromium(world, capsys):
     assert summary["images"] == 24 and summary["max_relative_error"] < 1e-4
     assert set(summary["top"]) == {"colour", "shape"}
     text = (out / "report.html").read_text()
-    assert "linear probe fitted on 12 train images" in text and "decomposed at level token here" in text
+    assert "linear probe fitted on 12 train images" in text and "scored at level token along the texts here" in text
     assert find_browser(), "install Chromium (Debian: apt-get install chromium; `make test` does it)"
     page = render_page(out / "report.html")
     assert set(page["sections"]) >= SECTIONS, SECTIONS - set(page["sections"])
@@ -86,6 +97,29 @@ def test_report_of_any_model_renders_in_headless_chromium(world, capsys):
     assert page["svgs"] >= 3                                  # two ranking charts and the ablation curve
     assert not page["console_errors"] and not page["exceptions"] and not page["log_errors"]
     assert not page["failed_loads"]
+    assert_readable(text, out / "report.html", world / "narrow.png")
+
+
+def assert_readable(text, path, screenshot):
+    """What a reader needs: headers aligned like their columns, a named CLIP, a heatmap legend, a chart with tick
+    labels, and at a narrow window a margin on both sides (wide tables scroll inside the page)."""
+    assert text.count("<table>") == text.count("<div class='scroll'><table>")    # wide tables scroll in their box
+    for table in re.findall("<table>(.*?)</table>", text, re.DOTALL):
+        header, *rows = column_alignments(table)
+        assert all(row == header for row in rows), table[:300]
+    clip_cell = re.search("<td>CLIP model of the aligner</td><td[^>]*title='([^']*)'>([^<]*)</td>",
+                          text.replace(" class='text'", ""))
+    key, label = clip_cell.groups()
+    assert key.startswith("config:") and label == "open_clip config, width 32, 1 layer, embed 32, weights clip.safetensors"
+    assert "class='legend'" in section_html(text, "heatmaps") and "low" in section_html(text, "heatmaps")
+    ticks = re.findall("<text class='tick'[^>]*>([^<]*)</text>", section_html(text, "ablation"))
+    assert {"0", "0.5", "1", "2"} <= set(ticks), ticks        # y: accuracy 0 to 1; x: 0 to 2 blocks ablated
+    line = re.search("<polyline[^>]*points='([^']*)'/>", section_html(text, "ablation")).group(1)
+    name_y = float(re.search("<text class='series'[^>]*y='([^']*)'", section_html(text, "ablation")).group(1))
+    assert abs(name_y - float(line.split()[-1].split(",")[1])) < 12      # the series is named by its last point
+    render_page(path, screenshot=screenshot, screenshot_width=800)
+    picture = np.asarray(Image.open(screenshot).convert("L"))
+    assert picture.shape[1] <= 800 and (picture[:, :8] == 255).all() and (picture[:, -8:] == 255).all()
 
 
 def test_report_refuses_mismatched_inputs(world, capsys):

@@ -27,8 +27,8 @@ from align import (
     train_compalign,
 )
 from align.classifiers import fit_linear_probe
-from align.report import Stopwatch
 from align.clip_models import ClipModel
+from align.report import Stopwatch
 from decompose import trace_and_decompose
 from decompose.store import atomic_write_text
 

@@ -203,7 +203,9 @@ def _heatmaps(report: Report, results: list[TargetResult], sample: ToySample, se
                                           (r.segmentation.baseline[i], "attention baseline"),
                                           (r.segmentation.gradient[i], "Grad-CAM baseline")],
                                          [(sample.masks[row].float().unsqueeze(-1).expand(-1, -1, 3), "object mask")])
-                              for i, row in enumerate(rows[:4].tolist())])
+                              for i, row in enumerate(rows[:4].tolist())],
+                     meaning="high = tokens pushing most along the object text (token heatmap), most attended "
+                             "(attention baseline)")
     report.section("segmentation", "Zero-shot segmentation from the heatmaps")
     report.paragraph("Binarised at the mean of the clipped, max-normalised map; scored against the object masks "
                      "as the paper does: pixel accuracy, mIoU (mean of object and background IoU) and mAP, with "

@@ -23,6 +23,14 @@ class AttentionParts:
     values: torch.Tensor
 
 
+def own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, copied when it is a view into a larger tensor (keeping a head's values as a view of the
+    whole qkv projection keeps all of it alive)."""
+    if tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size():
+        return tensor.clone()
+    return tensor
+
+
 def sdpa_arguments(args: tuple, kwargs: dict) -> dict:
     names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
     bound = dict(zip(names, args))

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch.fx as fx
 
 from .affinity import is_affine_in
-from .ops import OpKind, op_kind, product_positions
 from .node_calls import ValueOverlay, node_arguments
+from .ops import OpKind, op_kind, product_positions
 from .probe import Probe
 from .tracing import call_target
 

@@ -32,8 +32,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .positions import codes_from_graph, subgraph_function, value_input
 from .node_calls import node_arguments
+from .positions import codes_from_graph, subgraph_function, value_input
 from .roles import TrunkPlan
 from .vocabulary import ComponentKind
 

@@ -35,8 +35,9 @@ from .attention import (
     sdpa_weights,
 )
 from .component_axis import with_component_axis
-from .ops import IN_PLACE_FUNCTIONS, META_FUNCTIONS, META_METHODS, OpKind, is_in_place, is_subtraction
 from .node_calls import ReplacedCall, ValueOverlay, node_arguments
+from .ops import IN_PLACE_FUNCTIONS, META_FUNCTIONS, META_METHODS, OpKind, is_in_place, is_subtraction
+from .recording import structural
 from .tracing import MODEL_PREFIX, call_target, module_path
 from .vocabulary import ComponentKind
 
@@ -165,7 +166,7 @@ def apply_affine(gm: fx.GraphModule, node: fx.Node, kind: OpKind, real: dict,
     if kind in (OpKind.AFFINE, OpKind.PRODUCT) and not _pads_with_a_constant(node):
         return out, []
     at_zero = evaluate({carrier: _zeros_like(real[carrier])})
-    if _is_zero(at_zero):
+    if structural(lambda: _is_zero(at_zero), "linear_rules.apply_affine: whether an op's value at zero is zero"):
         return out, []
     shifted = _subtract(out, at_zero)
     return shifted, [Offset(at_zero, f"{module_path(node) or node.name}:{node.name}.offset")]
@@ -263,12 +264,8 @@ def blockwise_linear(components: torch.Tensor, weight: torch.Tensor) -> torch.Te
     if components.dim() < 2 or components.shape[0] < 2 or weight.dim() != 2:
         return None
     features = components.shape[-1]
-    flat = components.reshape(components.shape[0], -1, features)
-    nonzero = (flat.amax(1) != 0) | (flat.amin(1) != 0)                                   # [K, Din] (2x ne().any())
-    count = nonzero.sum(1)
-    start = nonzero.float().argmax(1)
-    stop = features - nonzero.flip(1).float().argmax(1)
-    spans = torch.stack([start, stop, count.to(start.dtype)], 1).long().tolist()  # one read-back
+    spans = structural(lambda: _feature_spans(components),
+                       "linear_rules.blockwise_linear: the block of input features each component is nonzero in")
     if any((b - a != n and n > 0) or n > features // 2 for a, b, n in spans):
         return None
     out = components.new_zeros(components.shape[:-1] + (weight.shape[0],))
@@ -284,6 +281,18 @@ def blockwise_linear(components: torch.Tensor, weight: torch.Tensor) -> torch.Te
             index = torch.tensor(rows, device=components.device)
             out[index] = F.linear(components[index][..., a:b], weight[:, a:b])
     return out
+
+
+def _feature_spans(components: torch.Tensor) -> list[list[int]]:
+    """[start, stop, count] of the input features (last axis) where each component [K, ..., Din] is nonzero
+    (one read-back)."""
+    features = components.shape[-1]
+    flat = components.reshape(components.shape[0], -1, features)
+    nonzero = (flat.amax(1) != 0) | (flat.amin(1) != 0)                                   # [K, Din] (2x ne().any())
+    count = nonzero.sum(1)
+    start = nonzero.float().argmax(1)
+    stop = features - nonzero.flip(1).float().argmax(1)
+    return torch.stack([start, stop, count.to(start.dtype)], 1).long().tolist()
 
 
 def _norm_bias(node: fx.Node, real: dict, name: str, shape_like: torch.Tensor, broadcast: Callable):
@@ -343,7 +352,6 @@ def frozen_row_scale(node: fx.Node, real: dict) -> torch.Tensor | None:
 
 
 def _layer_norm(node: fx.Node, real: dict, components: torch.Tensor):
-    x = norm_argument(node, real, "input")
     dims = tuple(range(-len(tuple(norm_argument(node, real, "normalized_shape"))), 0))
     scale = frozen_row_scale(node, real)
     weight = norm_argument(node, real, "weight")

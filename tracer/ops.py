@@ -16,7 +16,6 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-
 IN_PLACE_FUNCTIONS = {operator.iadd: operator.add, operator.isub: operator.sub,
                        operator.imul: operator.mul, operator.itruediv: operator.truediv}
 

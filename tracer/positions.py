@@ -10,7 +10,9 @@ ratio ``code`` at every input element that feeds position ``code``. No names, no
 1. values ← fork:   key index of every element of the fork value (the real branch path:
    norm, qkv linear, reshapes, permutes);
 2. fork ← image:    key index of every pixel, through the embedding component carried
-   along the linear trunk (patch embedding, position adds, norms);
+   along the linear trunk (patch embedding, position adds, norms); where receptive fields
+   overlap (a pixel feeds several keys), the centroid of each key's receptive field instead,
+   found in few shared backward passes (``tracer.receptive_fields``);
 3. keys that no pixel reaches are special tokens: named by the constant component
    (``cls_token``, ``reg_token``, ``dist_token``) with the smallest support covering them.
 
@@ -26,14 +28,14 @@ from functools import partial
 from typing import Any
 
 import torch
-import torch.fx as fx
+from torch import fx
 
-from .ops import OpKind, attention_value_input, is_multihead_attention, op_kind
 from .node_calls import ValueOverlay, node_arguments
+from .ops import OpKind, attention_value_input, is_multihead_attention, op_kind
 from .progress import progress
 from .roles import Role, TrunkPlan
-from .vocabulary import ComponentKind
 from .tracing import call_target
+from .vocabulary import ComponentKind
 
 Position = tuple[int, int] | str | None
 
@@ -145,27 +147,10 @@ def source_codes(shape: torch.Size, key_axis: int, window_axis: int, device: tor
     return (windows * shape[key_axis] + keys + 1).expand(shape)
 
 
-def support_positions(image: torch.Tensor, embedding: torch.Tensor, element_keys: torch.Tensor, keys: int,
-                      chunk: int = 64) -> list[tuple[int, int] | None]:
-    """(row, col) per key from the centroid of the grid cells its elements depend on.
-
-    One batched vector-Jacobian product per chunk of keys; used when receptive fields overlap.
-    """
-    generator = torch.Generator().manual_seed(2)
-    direction = (torch.rand(embedding.shape, generator=generator, dtype=torch.float64, device="cpu") + 0.5
-                 ).to(embedding)
-    centroids: list[tuple[float, float] | None] = []
-    for start in progress(range(0, keys, chunk), "token key positions: receptive fields"):
-        codes = torch.arange(start + 1, min(start + chunk, keys) + 1, device=element_keys.device)
-        masks = (element_keys.unsqueeze(0) == codes.view(-1, *[1] * element_keys.dim())).to(embedding)
-        grads, = torch.autograd.grad(embedding, image, masks * direction, retain_graph=True, is_grads_batched=True)
-        support = grads.abs().flatten(1, -3).amax(1) > 0                        # [keys, H, W]
-        for mask in support:
-            if not bool(mask.any()):
-                centroids.append(None)
-                continue
-            cells = mask.nonzero().double()
-            centroids.append((float(cells[:, 0].mean()), float(cells[:, 1].mean())))
+def support_positions(centroids: list[tuple[float, float] | None]) -> list[tuple[int, int] | None]:
+    """(row, col) per key in the grid of the centroids of the grid cells its elements depend on, used when
+    receptive fields overlap; the cells come from few grouped backward passes (``tracer.receptive_fields``,
+    ``tracer.composed_supports``)."""
     return _rank_centroids(centroids)
 
 
@@ -199,11 +184,14 @@ def attention_key_positions(gm: fx.GraphModule, plan: TrunkPlan, values: dict, d
     {"embedding": the image's component at the fork (computed from ``image``),
     "constants": {name: component value at the fork}}, from one linear pass. supports:
     (fork, element keys, keys) -> ``support_positions`` for that fork, used where receptive fields
-    overlap; forks with the same embedding and keys share the result.
+    overlap (called in graph order). Forks with the same embedding whose keys are the same element sets
+    share their grid positions.
     """
     positions: dict[fx.Node, list[Position]] = {}
     known: list[tuple[torch.Tensor, torch.Tensor, list[Position]]] = []  # embedding, element keys, result
-    for birth_node, birth in progress(plan.births.items(), "token key positions", total=len(plan.births)):
+    order = {node: index for index, node in enumerate(gm.graph.nodes)}
+    in_graph_order = sorted(plan.births.items(), key=lambda item: order[item[0]])   # earlier forks first:
+    for birth_node, birth in progress(in_graph_order, "token key positions"):      # later ones compose on them
         if birth.kind is not ComponentKind.ATTENTION:
             continue
         found = value_input(gm, birth_node)
@@ -212,7 +200,8 @@ def attention_key_positions(gm: fx.GraphModule, plan: TrunkPlan, values: dict, d
         value_node, axis = found
         fork = fork_of(plan, value_node, data_nodes)
         value = values.get(value_node)
-        if fork is None or not isinstance(value, torch.Tensor) or fork not in fork_components:
+        if fork is None or not isinstance(value, torch.Tensor) or fork not in fork_components \
+                or not isinstance(values[fork], torch.Tensor):   # a tuple-valued trunk node (MViTv2's blocks)
             continue
         if birth.axes is not None:  # windows as head_axes planned them (rows, or middle axes)
             codes, keys = birth.axes.source_codes(values[birth_node].shape, value.shape, axis, value.device)
@@ -225,26 +214,38 @@ def attention_key_positions(gm: fx.GraphModule, plan: TrunkPlan, values: dict, d
         if element_keys is None:
             positions[birth_node] = [None] * keys
             continue
-        positions[birth_node] = _positions_from_fork(
-            element_keys, keys, image, fork_components[fork],
-            partial(_shared_support, known, supports, fork, element_keys, keys, fork_components[fork].get("embedding")))
+        embedding = fork_components[fork].get("embedding")   # [*fork shape], a function of image
+        on_grid = [None] * keys if embedding is None else _shared_grid_positions(
+            known, embedding, element_keys, keys, partial(_grid_positions, image, embedding, element_keys, keys,
+                                                          partial(supports, fork, element_keys, keys)))
+        positions[birth_node] = _named_positions(on_grid, element_keys, keys, fork_components[fork])
     return positions
 
 
-def _shared_support(known: list, supports: Callable, fork: fx.Node, element_keys: torch.Tensor, keys: int,
-                    embedding: torch.Tensor | None) -> list | None:
-    """``supports(fork, element_keys, keys)``, once per embedding and grouping of its elements into keys:
-    forks with the same embedding whose keys are the same element sets, numbered otherwise (MaxViT's
-    block and grid attention), reuse it key by key."""
+def _shared_grid_positions(known: list, embedding: torch.Tensor, element_keys: torch.Tensor, keys: int,
+                           compute: Callable[[], list[Position]]) -> list[Position]:
+    """``compute()``, once per embedding and grouping of its elements into keys: forks with the same
+    embedding whose keys are the same element sets, numbered otherwise (MaxViT's block and grid attention,
+    every block of a stage whose trunk only adds branches), reuse it key by key."""
     for seen_embedding, seen_keys, result in known:
-        if result is not None and _same(seen_embedding, embedding):
+        if _same(seen_embedding, embedding):
             matched = _same_groups(element_keys, seen_keys, keys)
             if matched is not None:
                 return [result[k] if k >= 0 else None for k in matched]
-    result = supports(fork, element_keys, keys)
-    if embedding is not None:
-        known.append((embedding.detach(), element_keys, result))
+    result = compute()
+    known.append((embedding.detach(), element_keys, result))
     return result
+
+
+def _grid_positions(image: torch.Tensor, embedding: torch.Tensor, element_keys: torch.Tensor, keys: int,
+                    support: Callable[[], list | None]) -> list[Position]:
+    """(row, col) per key from the pixels feeding it, or from its receptive field where fields overlap."""
+    pixel_codes = codes_from_graph(image, embedding, element_keys)
+    if pixel_codes is not None:
+        per_pixel = pixel_codes.amax(dim=tuple(range(pixel_codes.dim() - 2)))  # [H, W]
+        return list(grid_positions(per_pixel, keys))
+    # overlapping receptive fields (a pooled or strided-conv shortcut): support centroids
+    return list(support() or [None] * keys)
 
 
 def _same_groups(codes: torch.Tensor, seen: torch.Tensor, keys: int) -> list[int] | None:
@@ -252,8 +253,10 @@ def _same_groups(codes: torch.Tensor, seen: torch.Tensor, keys: int) -> list[int
     elements (-1 for a key with no element); None unless every key has such a match."""
     if codes.shape != seen.shape or bool(((codes > 0) != (seen > 0)).any()):
         return None
-    pairs = torch.stack([codes.flatten(), seen.flatten()], 1)
-    pairs = pairs[pairs[:, 0] > 0].unique(dim=0)                          # one row per (key, seen key)
+    fed = codes.flatten() > 0
+    span = int(seen.max()) + 1
+    joined = (codes.flatten()[fed] * span + seen.flatten()[fed]).unique()   # one per (key, seen key)
+    pairs = torch.stack([joined // span, joined % span], 1)
     if len(pairs[:, 0].unique()) != len(pairs) or len(pairs[:, 1].unique()) != len(pairs):
         return None                                                       # a key split or merged
     matched = [-1] * keys
@@ -268,26 +271,19 @@ def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return a is not None and b is not None and a.shape == b.shape and bool(torch.equal(a.detach(), b.detach()))
 
 
-def _positions_from_fork(element_keys: torch.Tensor, keys: int, image: torch.Tensor,
-                         fork: dict[str, Any], support: Callable[[], list | None]) -> list[Position]:
-    embedding: torch.Tensor | None = fork.get("embedding")   # [*fork shape], a function of image
-    result: list[Position] = [None] * keys
-    if embedding is not None:
-        pixel_codes = codes_from_graph(image, embedding, element_keys)
-        if pixel_codes is not None:
-            per_pixel = pixel_codes.amax(dim=tuple(range(pixel_codes.dim() - 2)))  # [H, W]
-            result = list(grid_positions(per_pixel, keys))
-        else:  # overlapping receptive fields (a pooled or strided-conv shortcut): support centroids
-            result = list(support() or result)
-    supports = []
+def _named_positions(on_grid: list[Position], element_keys: torch.Tensor, keys: int,
+                     fork: dict[str, Any]) -> list[Position]:
+    """``on_grid``, with keys no pixel reaches named by the constant covering them, or ``"padding"``."""
+    result = list(on_grid)
+    covers = []
     for name, constant in fork.get("constants", {}).items():
         covered = {int(k) - 1 for k in element_keys[(constant != 0) & (element_keys > 0)].unique().tolist()}
         if covered and len(covered) < keys:
-            supports.append((len(covered), name, covered))
+            covers.append((len(covered), name, covered))
     fed = {int(k) - 1 for k in element_keys.unique().tolist() if k > 0}
     for key in range(keys):
         if result[key] is None:
-            owners = sorted(s for s in supports if key in s[2])
+            owners = sorted(c for c in covers if key in c[2])
             if owners:
                 result[key] = owners[0][1]
             elif key not in fed:  # made inside the branch (F.pad of a partial window): no source

@@ -31,7 +31,6 @@ from .options import (
 )
 from .text_queries import chosen_properties, property_bases_of
 
-
 # --- align ---------------------------------------------------------------------------------
 
 def _command_align(args) -> int:

@@ -11,7 +11,7 @@ import torch
 from decompose import decompose_dataset, trace_and_decompose
 from decompose.dataset import evaluation_transform
 
-from .options import add_device_option, add_model_options, model_from_arguments, model_kwargs, device_of
+from .options import add_device_option, add_model_options, device_of, model_from_arguments, model_kwargs
 
 
 def synthetic_images(count: int, size: int, seed: int = 0) -> torch.Tensor:

@@ -1,124 +1,90 @@
-"""``vit-decompose heatmap | segment``: token heatmaps of a text on a token-level store, and zero-shot
-segmentation from them scored against masks (usage and file formats: ``keyed_files``)."""
+"""``vit-decompose heatmap | segment``: token heatmaps of a text, and zero-shot segmentation from them scored
+against masks, from a token-level store or from ``--model`` decomposing an image folder batch by batch
+(``heatmap_sources``; usage and file formats: ``keyed_files``)."""
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from align.compalign import CompAlign
 from align.datasets import ImageNetSegmentation
 from align.drawing import heatmap_overlay
-from align.heatmaps import attention_heatmaps, head_selector, token_heatmaps
-from align.parent_maps import text_contributions
-from align.segmentation import segmentation_scores
-from decompose import ComponentLabel, DecompositionStore, trace_and_decompose
+from align.heatmaps import attention_heatmaps, head_selector
+from align.segmentation import SegmentationTally
 from decompose.attention_maps import AttentionMapCapture
 
-from .decompose_commands import model_and_data_config
+from .heatmap_sources import ModelHeatmaps, heatmap_source, read_images
 from .keyed_files import APPLICATIONS_HELP, read_table
-from .options import add_model_options, add_store_options, device_of, model_from_arguments, open_store_and_aligner
-from .text_queries import text_direction
+from .options import add_image_folder_option, add_model_options, add_store_options, device_of
 
 
-def labels_with_positions(store: DecompositionStore, args) -> tuple[list[ComponentLabel], Any]:
-    """The store's labels with token positions (recorded in the store, else from ``--model``), and the
-    decomposer when one was built."""
-    if store.level != "token":
-        raise ValueError(f"heatmaps need a token-level store; this one is level {store.level!r} "
-                         "(vit-decompose decompose --level token)")
-    if any(label.position is not None for label in store.labels):  # stores record positions since they exist
-        return store.labels, None
-    if not args.model:
-        raise ValueError("this store's labels carry no token positions; name its model so they can be recovered: "
-                         "--model NAME [--model-kwargs JSON] [--checkpoint FILE]")
-    decomposer = trace_and_decompose(model_from_arguments(args))
-    probe = torch.zeros((1,) + tuple(store.manifest["preprocessing"]["input_size"]))
-    labels = decomposer(probe, level="token").labels
-    if [l.key for l in labels] != [l.key for l in store.labels]:
-        raise ValueError(f"--model {args.model} gives other components than the store's ({len(labels)} vs "
-                         f"{len(store.labels)}); pass the model (and --model-kwargs) the store was made with")
-    return labels, decomposer
-
-
-def read_images(root: Path, ids: list[str], transform) -> torch.Tensor:
-    from PIL import Image
-
-    images = []
-    for image_id in ids:
-        path = root / image_id
-        if not path.is_file():
-            raise FileNotFoundError(f"image {image_id!r} is not under {root}; pass the folder the store was made from")
-        with Image.open(path) as image:
-            images.append(transform(image.convert("RGB")))
-    return torch.stack(images)
-
-
-def _safe_name(image_id: str) -> str:
+def safe_file_name(image_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", image_id)
 
 
-def _text_heatmaps(args, store: DecompositionStore, aligner, labels, ids: list[str], device) -> torch.Tensor:
-    """[N, H, W] token heatmaps of the images ``ids`` along the ``--text`` direction (``--head`` heads only)."""
-    direction = text_direction(args, aligner, device)
-    rows, keep, size, batch_size = store.positions_of(ids), head_selector(args.head), store.image_size, args.batch_size
-    maps = []
-    for start in tqdm(range(0, len(rows), batch_size), desc="heatmaps", unit="batch"):
-        components, _ = store.load_rows(rows[start:start + batch_size])
-        contributions = text_contributions(aligner, components.to(device), labels, direction)   # [C, b]
-        maps.append(token_heatmaps(contributions.cpu(), labels, size, keep))                    # [b, H, W]
-    return torch.cat(maps)
+def _progress(batches, ids: list[str], batch_size: int, description: str):
+    return tqdm(batches, total=math.ceil(len(ids) / batch_size), desc=description, unit="batch")
 
 
 @torch.no_grad()
 def _command_heatmap(args) -> int:
     device = device_of(args.device)
-    store, aligner = open_store_and_aligner(args, device, same_level=False)
-    labels, _ = labels_with_positions(store, args)
-    ids = args.image or store.image_ids()[:args.max_images]
-    heatmaps = _text_heatmaps(args, store, aligner, labels, ids, device)
-    pictures = (read_images(Path(args.images), ids, store.transform(normalise=False))
-                if args.images else [None] * len(ids))
+    source = heatmap_source(args, device)
+    ids = args.image or source.first_ids(args.max_images)
+    keep = head_selector(args.head)
+    pictures = source.transform(normalise=False) if source.folder is not None else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    index = []
+    written, maps, index = [], [], []
     print(f"{'image':40s} {'min':>9s} {'max':>9s}  file")
-    for image_id, heatmap, picture in zip(ids, heatmaps, pictures):
-        path = out / f"{_safe_name(image_id)}.png"
-        heatmap_overlay(picture, heatmap, args.alpha).save(path)
-        index.append({"id": image_id, "file": path.name, "min": float(heatmap.min()), "max": float(heatmap.max())})
-        print(f"{image_id:40s} {float(heatmap.min()):9.4f} {float(heatmap.max()):9.4f}  {path.name}")
+    for batch in _progress(source.batches(ids, args.batch_size, keep), ids, args.batch_size, "heatmaps"):
+        shown = read_images(source.folder, batch.ids, pictures) if pictures else [None] * len(batch.ids)
+        for image_id, heatmap, picture in zip(batch.ids, batch.heatmaps, shown):
+            path = out / f"{safe_file_name(image_id)}.png"
+            heatmap_overlay(picture, heatmap, args.alpha).save(path)
+            low, high = float(heatmap.min()), float(heatmap.max())
+            index.append({"id": image_id, "file": path.name, "min": low, "max": high})
+            print(f"{image_id:40s} {low:9.4f} {high:9.4f}  {path.name}")
+        written += batch.ids
+        maps.append(batch.heatmaps)
     from safetensors.torch import save_file
 
-    save_file({"heatmaps": heatmaps.contiguous()}, str(out / "heatmaps.safetensors"),
-              metadata={"ids": json.dumps(ids), "text": json.dumps(args.text)})
+    save_file({"heatmaps": torch.cat(maps).contiguous()}, str(out / "heatmaps.safetensors"),
+              metadata={"ids": json.dumps(written), "text": json.dumps(args.text)})
     (out / "heatmaps.json").write_text(json.dumps({"text": args.text, "heads": args.head, "images": index},
                                                   indent=1))
-    print(f"\nwrote {len(ids)} overlays and heatmaps.safetensors ([N, H, W]) to {out}")
+    print(f"\nwrote {len(written)} overlays and heatmaps.safetensors ([N, H, W]) to {out}")
     return 0
 
 
-def _read_masks(args, store: DecompositionStore) -> tuple[list[str], torch.Tensor]:
-    from PIL import Image
-
+def _mask_files(args) -> dict[str, Path]:
+    """image id -> mask file of ``--masks`` (the first ``--max-images``)."""
     table = read_table(args.masks, value_field="mask")
     folder = Path(args.masks).parent
-    transform = store.transform(normalise=False, nearest=True)
-    ids, masks = [], []
+    files = {}
     for image_id, record in table.items():
         if "mask" not in record:
             raise ValueError(f"{args.masks}: no 'mask' for {image_id!r}")
-        with Image.open(folder / record["mask"]) as mask:
+        files[image_id] = folder / record["mask"]
+    return dict(list(files.items())[:args.max_images])
+
+
+def _read_masks(paths: list[Path], transform) -> torch.Tensor:
+    """bool [N, H, W]: the masks (nonzero pixels) through ``transform`` (nearest neighbours)."""
+    from PIL import Image
+
+    masks = []
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"mask file {path} does not exist")
+        with Image.open(path) as mask:
             masks.append(transform(mask.convert("L").convert("RGB"))[0] > 0)
-        ids.append(image_id)
-    if args.max_images:
-        ids, masks = ids[:args.max_images], masks[:args.max_images]
-    return ids, torch.stack(masks)
+    return torch.stack(masks)
 
 
 @torch.no_grad()
@@ -127,16 +93,7 @@ def _command_segment(args) -> int:
     if args.imagenet_seg:
         count, results = _segment_imagenet_file(args, device)
     else:
-        if not args.store or not args.masks:
-            raise ValueError("give a token-level --store and its --masks, or --imagenet-seg gtsegs_ijcv.mat with "
-                             "--model (its images are decomposed here)")
-        store, aligner = open_store_and_aligner(args, device, same_level=False)
-        labels, decomposer = labels_with_positions(store, args)
-        ids, masks = _read_masks(args, store)
-        heatmaps = _text_heatmaps(args, store, aligner, labels, ids, device)
-        count, results = len(ids), {"decomposition": segmentation_scores(heatmaps, masks).as_dict()}
-        if args.baseline:
-            results["attention (last layer)"] = _baseline_scores(args, store, ids, masks, decomposer).as_dict()
+        count, results = _segment_masks(args, device)
     print(f"zero-shot segmentation of {count} images for {' + '.join(map(repr, args.text))}\n")
     print(f"{'method':28s} {'pixel acc':>9s} {'fg IoU':>8s} {'mIoU':>8s} {'mAP':>8s}")
     for name, scores in results.items():
@@ -147,13 +104,42 @@ def _command_segment(args) -> int:
     return 0
 
 
+def _segment_masks(args, device) -> tuple[int, dict]:
+    """The ``--masks`` images' heatmaps (a token ``--store``, or ``--model`` on ``--images``) scored batch by batch;
+    with ``--baseline`` also the last layer's attention."""
+    if not args.masks:
+        raise ValueError("give --masks (with a token-level --store, or --model NAME --images DIR), or --imagenet-seg "
+                         "gtsegs_ijcv.mat with --model (its images are decomposed here)")
+    masks = _mask_files(args)
+    source = heatmap_source(args, device)
+    capture = AttentionMapCapture(source.decomposer()) if args.baseline else None
+    mask_transform, ids = source.transform(normalise=False, nearest=True), list(masks)
+    ours, theirs = SegmentationTally(), SegmentationTally()
+    batches = source.batches(ids, args.batch_size, head_selector(args.head), with_images=capture is not None)
+    for batch in _progress(batches, ids, args.batch_size, "segment"):
+        truth = _read_masks([masks[image_id] for image_id in batch.ids], mask_transform)     # [b, H, W]
+        ours.add(batch.heatmaps, truth)
+        if capture is not None:
+            theirs.add(_attention(capture, batch.images, source.image_size), truth)
+    results = {"decomposition": ours.scores().as_dict()}
+    if capture is not None:
+        results["attention (last layer)"] = theirs.scores().as_dict()
+    return ours.images, results
+
+
+def _attention(capture: AttentionMapCapture, images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """images [b, 3, H, W] -> [b, H, W]: the last layer's attention from the output-reading queries (the baseline)."""
+    parameter = next(capture.graph_module.parameters())
+    return attention_heatmaps(capture(images.to(parameter.device, parameter.dtype)), size).cpu()
+
+
 def _squashed_transforms(pretrained_cfg: dict) -> tuple:
     """(image, mask) transforms PIL -> [3, H, W]: resized to the model's input size without a crop, as the
     reference ImageNet-Segmentation evaluation does (Resize((224, 224)); masks with nearest neighbours)."""
     from timm.data import create_transform, resolve_data_config
 
     config = resolve_data_config({}, pretrained_cfg=pretrained_cfg)
-    common = dict(input_size=config["input_size"], crop_pct=1.0, crop_mode="squash", is_training=False)
+    common = {"input_size": config["input_size"], "crop_pct": 1.0, "crop_mode": "squash", "is_training": False}
     image = create_transform(**common, interpolation=config["interpolation"], mean=config["mean"], std=config["std"])
     mask = create_transform(**common, interpolation="nearest", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     return image, mask
@@ -161,69 +147,51 @@ def _squashed_transforms(pretrained_cfg: dict) -> tuple:
 
 @torch.no_grad()
 def _segment_imagenet_file(args, device) -> tuple[int, dict]:
-    """Token heatmaps of ``--imagenet-seg`` 's images (decomposed here by ``--model``, batch by batch) along the
-    ``--text`` direction, scored against its masks; with ``--baseline`` also the last layer's attention."""
+    """Token heatmaps of ``--imagenet-seg`` 's images (decomposed here by ``--model``, batch by batch, as scores
+    along the ``--text`` 's pulled-back directions) scored against its masks; with ``--baseline`` also the last
+    layer's attention."""
     from PIL import Image
 
     if not args.model:
         raise ValueError("--imagenet-seg decomposes its images: give --model NAME (and --checkpoint / --pretrained / "
                          "--model-kwargs)")
     data = ImageNetSegmentation(args.imagenet_seg)
-    model, config = model_and_data_config(args)
-    aligner = CompAlign.load(args.aligner, model=args.model, device=device)
-    decomposer = trace_and_decompose(model.to(device))
-    capture = AttentionMapCapture(decomposer) if args.baseline else None
-    image_transform, mask_transform = _squashed_transforms(config)
-    direction = text_direction(args, aligner, device)
+    heatmaps = ModelHeatmaps(args, device)
+    capture = AttentionMapCapture(heatmaps.decomposer) if args.baseline else None
+    image_transform, mask_transform = _squashed_transforms(heatmaps.config)
+    keep = head_selector(args.head)
     count = min(len(data), args.max_images or len(data))
-    ours, theirs, masks = [], [], []
+    ours, theirs = SegmentationTally(), SegmentationTally()
     for start in tqdm(range(0, count, args.batch_size), desc="segment", unit="batch"):
         pairs = [data[i] for i in range(start, min(start + args.batch_size, count))]
-        images = torch.stack([image_transform(Image.fromarray(image)) for image, _ in pairs]).to(device)
-        masks += [mask_transform(Image.fromarray(mask.astype("uint8") * 255).convert("RGB"))[0] > 0.5
-                  for _, mask in pairs]
-        dec = decomposer(images, level="token")
-        size = tuple(images.shape[-2:])
-        contributions = text_contributions(aligner, dec.components, dec.labels, direction).cpu()       # [C, b]
-        ours.append(token_heatmaps(contributions, dec.labels, size, head_selector(args.head)))
+        images = torch.stack([image_transform(Image.fromarray(image)) for image, _ in pairs])      # [b, 3, H, W]
+        masks = torch.stack([mask_transform(Image.fromarray(mask.astype("uint8") * 255).convert("RGB"))[0] > 0.5
+                             for _, mask in pairs])                                                # [b, H, W]
+        ours.add(heatmaps(images, keep), masks)
         if capture is not None:
-            theirs.append(attention_heatmaps(capture(images), size).cpu())
-    masks = torch.stack(masks)
-    results = {"decomposition": segmentation_scores(torch.cat(ours), masks).as_dict()}
+            theirs.add(_attention(capture, images, tuple(images.shape[-2:])), masks)
+    results = {"decomposition": ours.scores().as_dict()}
     if capture is not None:
-        results["attention (last layer)"] = segmentation_scores(torch.cat(theirs), masks).as_dict()
+        results["attention (last layer)"] = theirs.scores().as_dict()
     return count, results
-
-
-def _baseline_scores(args, store, ids, masks, decomposer):
-    if not args.images or not args.model:
-        raise ValueError("--baseline runs the model: give --images DIR and --model NAME (with --model-kwargs / "
-                         "--checkpoint as the store was made)")
-    capture = AttentionMapCapture(decomposer or trace_and_decompose(model_from_arguments(args)))
-    transform = store.transform()
-    size = store.image_size
-    maps = []
-    for start in tqdm(range(0, len(ids), args.batch_size), desc="attention", unit="batch"):
-        images = read_images(Path(args.images), ids[start:start + args.batch_size], transform)
-        maps.append(attention_heatmaps(capture(images), size))
-    return segmentation_scores(torch.cat(maps), masks)
-
 
 
 def add_heatmap_commands(subparsers) -> None:
     """Register ``heatmap`` and ``segment``."""
-    for name, help_text in (("heatmap", "token heatmaps of a text on a token-level store (PNG overlays)"),
+    for name, help_text in (("heatmap", ("token heatmaps of a text (PNG overlays), from a token-level store or "
+                                          "--model on --images")),
                             ("segment", "zero-shot segmentation from token heatmaps, scored against masks")):
         command = subparsers.add_parser(name, help=help_text, description=APPLICATIONS_HELP,
                                         formatter_class=argparse.RawDescriptionHelpFormatter)
-        add_store_options(command, store_required=name == "heatmap")
-        add_model_options(command.add_argument_group("the store's model (for token positions / the attention "
-                                                     "baseline)"),
-                          required=False, model_help="timm name (or open_clip:ARCH) the store was decomposed with")
+        add_store_options(command, store_required=False)
+        add_model_options(command.add_argument_group("the model: without --store it decomposes --images here, batch "
+                                                     "by batch; with one, the store's (token positions, baseline)"),
+                          required=False, model_help="timm name (or open_clip:ARCH)")
+        add_image_folder_option(command, help_text="the image folder: decomposed here by --model without --store; "
+                                "with --store, the folder it was decomposed from (overlays, --baseline)")
         command.add_argument("--text", action="append", required=True, help="the text (repeat: their mean)")
         command.add_argument("--head", action="append", help="only this head (blocks.3.attn.h5) or attention "
                              "branch (blocks.3.attn); repeatable; default: every head")
-        command.add_argument("--images", help="the image folder the store was decomposed from")
         command.add_argument("--max-images", type=int, default=8 if name == "heatmap" else None)
         if name == "heatmap":
             command.add_argument("--out", required=True, help="folder for the PNG overlays")

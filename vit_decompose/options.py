@@ -38,6 +38,11 @@ def model_from_arguments(args) -> torch.nn.Module:
     return load_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, **model_kwargs(args))
 
 
+def add_image_folder_option(parser, required: bool = False, help_text: str = "image folder") -> None:
+    """``--images DIR``: a folder of images (read recursively; an ImageFolder layout works)."""
+    parser.add_argument("--images", required=required, metavar="DIR", help=help_text)
+
+
 # --- the device -------------------------------------------------------------------------------
 
 def add_device_option(parser) -> None:

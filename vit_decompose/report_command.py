@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from align.ablation import layer_steps
 from align.heatmaps import token_heatmaps
-from align.parent_maps import text_contributions
+from align.parent_maps import aligner_directions, text_contributions
 from align.report import AblationRecord, HeatmapRow, Stopwatch
 from align.report.store_report import StoreFindings, build_store_report, describe_components, top_image_records
 from align.scoring import property_basis, rank_components
@@ -27,9 +27,16 @@ from decompose import DecompositionStore, trace_and_decompose
 from decompose.store import atomic_write_text
 
 from .ablation_commands import ablation_on_table, add_label_options, labels_table
-from .heatmap_commands import read_images, labels_with_positions
-from .options import add_model_options, add_store_options, clip_for_aligner, device_of, model_from_arguments, \
-    open_store_and_aligner, text_cache
+from .heatmap_sources import labels_with_positions, read_images
+from .options import (
+    add_model_options,
+    add_store_options,
+    clip_for_aligner,
+    device_of,
+    model_from_arguments,
+    open_store_and_aligner,
+    text_cache,
+)
 from .text_queries import encode_texts, mean_direction
 
 MODEL_CHECK_TOLERANCE = 1e-3   # relative: the --model's representation of an image vs the store's
@@ -45,26 +52,30 @@ def _chosen_properties(args) -> dict[str, list[str]]:
     return {p: properties[p] for p in (args.property or properties)}
 
 
-def _token_components(args, store: DecompositionStore, ids: list[str], device: torch.device):
-    """(components [C, B, D] at level token, their labels, how they were made) for the images ``ids``."""
+def _token_scores(args, store: DecompositionStore, aligner, ids: list[str], directions: torch.Tensor,
+                  device: torch.device):
+    """(scores [C, B, T] = ⟨a_i(x), t⟩ of the token components for CLIP ``directions`` [T, d_clip], their labels,
+    how they were made) for the images ``ids``: from a token store's components, or from the model through
+    scores along the aligner's directions (the component vectors are never built)."""
     if args.token_store:
         tokens = DecompositionStore(args.token_store)
         if tokens.manifest.get("model") != store.manifest.get("model"):
             raise ValueError(f"--token-store is of model {tokens.manifest.get('model')!r}, the store of "
                              f"{store.manifest.get('model')!r}; give a token-level store of the same model")
         labels, _ = labels_with_positions(tokens, args)
-        components, _ = tokens.load_rows(tokens.positions_of(ids))
-        return components, labels, f"the token-level store {args.token_store}"
+        components = tokens.load_rows(tokens.positions_of(ids))[0].to(device)
+        scores = torch.stack([text_contributions(aligner, components, labels, t).cpu() for t in directions], -1)
+        return scores, labels, f"the token-level store {args.token_store}"
     decomposer = trace_and_decompose(model_from_arguments(args).to(device))
     images = read_images(Path(args.images), ids, store.transform()).to(device)
-    dec = decomposer(images, level="token")
+    dec = decomposer(images, level="token", directions=aligner_directions(aligner, directions.to(device)))
     stored = store.load_rows(store.positions_of(ids))[1].to(dec.representation)
     mismatch = float((dec.representation.flatten(1) - stored).norm() / stored.norm().clamp_min(1e-30))
     if mismatch > MODEL_CHECK_TOLERANCE:
         raise ValueError(f"--model {args.model} is not the store's model: its representation of the images differs "
                          f"from the stored one by {mismatch:.1e} (relative); pass the model, --model-kwargs and "
                          "--checkpoint the store was decomposed with")
-    return dec.components.cpu(), dec.labels, f"--model {args.model}, decomposed at level token here"
+    return dec.scores.float().cpu(), dec.labels, f"--model {args.model}, scored at level token along the texts here"
 
 
 @torch.no_grad()
@@ -75,13 +86,11 @@ def _heatmaps(args, store, aligner, texts: list[str], device) -> tuple[list[Heat
     if not args.images:
         raise ValueError("heatmaps are drawn over the images: give --images DIR")
     ids = store.image_ids()[:args.heatmap_images]
-    components, labels, source = _token_components(args, store, ids, device)
     clip, cache = clip_for_aligner(args, aligner, device), text_cache(args)
-    maps = {}
-    for text in tqdm(texts, desc="heatmaps", unit="text"):
-        direction = mean_direction(args, clip, [text], cache)
-        maps[text] = token_heatmaps(text_contributions(aligner, components.to(device), labels, direction).cpu(),
-                                    labels, store.image_size)                                  # [B, H, W]
+    directions = torch.stack([mean_direction(args, clip, [text], cache) for text in texts])    # [T, d_clip]
+    scores, labels, source = _token_scores(args, store, aligner, ids, directions, device)   # [C, B, T]
+    maps = {text: token_heatmaps(scores[..., t], labels, store.image_size)
+            for t, text in enumerate(tqdm(texts, desc="heatmaps", unit="text"))}                # [B, H, W]
     pictures = read_images(Path(args.images), ids, store.transform(normalise=False))
     rows = [HeatmapRow(pictures[b], ids[b], [(maps[t][b], t) for t in texts]) for b in range(len(ids))]
     note = (f"Token components from {source}; all heads, ⟨a_i,token(x), t⟩ with t each text's unit CLIP "
@@ -131,7 +140,7 @@ def _command_report(args) -> int:
     findings = StoreFindings(store.manifest.get("model", "?"), store.level, len(store), len(store.labels),
                              clip.identity, aligner.training_summary.get("heldout_cosine"), errors, rankings,
                              constant, described, top_images, heatmaps, heatmap_note, ablation, ablation_note,
-                             watch.seconds)
+                             watch.seconds, clip.description)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "report.html", build_store_report(findings).render())

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..ablation import AblationCurve
-from ..drawing import heatmap_overlay
+from ..drawing import RAMP, heatmap_overlay
 from ..scoring import RankedComponent
 from .page import Report
 
@@ -112,8 +112,13 @@ def top_images_section(report: Report, rows: Sequence[TopImages], largest_side: 
         report.figures(row.images, scale=1, largest_side=largest_side)
 
 
-def heatmap_rows(report: Report, rows: Sequence[HeatmapRow], scale: int = 2, largest_side: int | None = None) -> None:
-    """One row of figures per image: the image, its extras, then each heatmap over it."""
+def heatmap_rows(report: Report, rows: Sequence[HeatmapRow], scale: int = 2, largest_side: int | None = None,
+                 meaning: str = "high = the map's largest values") -> None:
+    """A colour-scale legend (``meaning``: what high and low stand for), then one row of figures per image: the
+    image, its extras, then each heatmap over it."""
+    report.colour_scale(RAMP.round().int().tolist(), "low", "high",
+                        f"{meaning}; each overlay is scaled to its own minimum and maximum, so colours compare within "
+                        "a panel, not across panels")
     for row in rows:
         items = [(row.image.permute(1, 2, 0), row.caption), *row.extras]
         items += [(overlay(row.image, heatmap), caption) for heatmap, caption in row.maps]

@@ -15,7 +15,7 @@ from ..alignment_data import store_component_rows
 from ..compalign import CompAlign
 from ..scoring import RankedComponent
 from ..textspan import text_span
-from .page import Report
+from .page import Report, Titled
 from .sections import (
     AblationRecord,
     AdditivityRow,
@@ -39,7 +39,7 @@ class StoreFindings:
     level: str
     images: int
     components: int
-    clip: str                                    # the CLIP model the aligner maps into
+    clip: str                                    # the CLIP model the aligner maps into (its exact identity)
     heldout_cosine: float | None                 # the aligner's, as recorded when it was trained
     sum_errors: torch.Tensor                     # [N] per-image relative error of Σ components
     rankings: dict[str, list[RankedComponent]]   # property -> components, most specific first
@@ -51,6 +51,7 @@ class StoreFindings:
     ablation: AblationRecord | None = None
     ablation_note: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
+    clip_description: str = ""                   # that CLIP as a reader names it (``ClipModel.description``)
 
 
 @torch.no_grad()
@@ -91,7 +92,7 @@ def build_store_report(findings: StoreFindings, title: str | None = None) -> Rep
     report.section("overview", "Overview")
     cosine = "not recorded" if f.heldout_cosine is None else f"{f.heldout_cosine:.3f}"
     report.table(["", "value"], [["model", f.model], ["level", f.level], ["images", f.images],
-                                 ["components", f.components], ["CLIP model of the aligner", f.clip],
+                                 ["components", f.components], ["CLIP model of the aligner", Titled(f.clip_description or f.clip, f.clip)],
                                  ["aligner held-out cosine", cosine]])
     if f.seconds:
         report.table(["step", "seconds"], [[step, seconds] for step, seconds in f.seconds.items()])
@@ -105,7 +106,8 @@ def build_store_report(findings: StoreFindings, title: str | None = None) -> Rep
     top_images_section(report, f.top_images)
     report.section("heatmaps", "Token heatmaps")
     report.paragraph(f.heatmap_note)
-    heatmap_rows(report, f.heatmaps, scale=2, largest_side=112)
+    heatmap_rows(report, f.heatmaps, scale=2, largest_side=112,
+                 meaning="high = tokens whose contributions point most along the text, low = most against it")
     if f.ablation is not None:
         ablation_section(report, [f.ablation], f.ablation_note)
     else:

@@ -22,7 +22,6 @@ from tracer.vocabulary import ComponentKind
 from .layout import EarlyPooling, PooledBranch, RowStep
 from .unit_tail import TAIL_FAILURES, unit_norm
 
-
 # an op maps every row alike when its rows agree to this precision (of the largest) however they are laid out
 SAME_ROWS_TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5}
 

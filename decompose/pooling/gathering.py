@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -16,11 +17,12 @@ from tracer.linear_rules import (
     bias_free_call,
     has_bias_argument,
 )
+from tracer.recording import structural
 from tracer.vocabulary import Level
 
-from ..carried import Carried, Chunk, split_probe
+from ..carried import Carried, Chunk
 from .layout import EarlyPooling, PooledBranch, RowStep, weighted_segment_sum
-from .parking import BranchRun, Parking
+from .parking import PROBE, BranchRun, Parking, split_probe
 from .unit_tail import unit_norm
 
 
@@ -35,15 +37,15 @@ def _apply_map(gm: fx.GraphModule, node: fx.Node, carrier: fx.Node, inputs: dict
     else:
         evaluate = Evaluator(gm, node, inputs)
         out = evaluate({carrier: flat})
-        at_zero = evaluate({carrier: torch.zeros_like(flat[:, :1])})
-        if bool(at_zero.any()):
-            out = out - at_zero
+        out = out - evaluate({carrier: torch.zeros_like(flat[:, :1])})  # its offset (zero or not: no read-back)
     return out.reshape(*rows.shape[:-1], out.shape[-1])
 
 
+HEAD_FEATURES = "pooling.gathering: the features of each head of a pooled branch"
+PIECE_GROUPS = "pooling.gathering: the attention groups of each piece of a branch split by token"
 # a branch split by token is taken to the output in pieces of at most this many elements of its
 # widest intermediate ([windows, keys, K, head features] pooled, before the tail's matrix)
-PIECE_ELEMENTS = 2 ** 24
+PIECE_ELEMENTS = 2 ** 22
 
 
 @dataclass
@@ -65,8 +67,7 @@ def _join_rows(pooling: EarlyPooling, run: BranchRun, gamma: torch.Tensor, dtype
     pooled_join = pooling.nodes[spec.join]
     count = pooled_join.slot_count
     batch, tokens = gamma.shape
-    fed = run.targets >= 0
-    rows = None if bool(fed.all()) else fed.nonzero().flatten()
+    rows = structural(lambda: _fed_rows(run.targets), "pooling.gathering: the rows a pooled branch feeds its join by")
     join_rows = run.targets if rows is None else run.targets[rows]
     image, token = join_rows // tokens, join_rows % tokens
     unscaled = gamma[image, token]
@@ -81,6 +82,12 @@ def _join_rows(pooling: EarlyPooling, run: BranchRun, gamma: torch.Tensor, dtype
     totals = per_slot(unscaled)
     scaled = totals if run.row_scale is None else per_slot(weight)
     return _JoinRows(rows, image, slot, weight.to(dtype), totals, scaled, target, _join_sign(spec))
+
+
+def _fed_rows(targets: torch.Tensor) -> torch.Tensor | None:
+    """[R] the rows whose join row ``targets`` gives (-1: none; a row map of the shapes), None: all."""
+    fed = targets >= 0
+    return None if bool(fed.all()) else fed.nonzero().flatten()
 
 
 def _join_sign(spec: PooledBranch) -> float:
@@ -133,15 +140,15 @@ def _head_rows_mapped(gm: fx.GraphModule, run: BranchRun, pooled: torch.Tensor) 
     A first map that is a linear layer over heads laid out as equal consecutive column blocks
     (``x.transpose(1, 2).reshape(B, N, C)`` before ``proj``) takes each head's block of its weight: one
     batched product, H times smaller than the linear layer on H masked copies."""
-    groups = run.groups.to(pooled.device)
     heads = len(run.ids)
     if run.maps and pooled.shape[-1] % heads == 0:
         node, carrier, inputs, kind = run.maps[0]
         width = pooled.shape[-1] // heads
         weight = inputs.get(node.args[1]) if kind is RowStep.MAP and node.target is F.linear and \
             has_bias_argument(node, carrier) and isinstance(node.args[1], fx.Node) else None
-        blocks = torch.arange(heads, device=groups.device).repeat_interleave(width)
-        if weight is not None and weight.shape[-1] == pooled.shape[-1] and torch.equal(groups, blocks):
+        if weight is not None and weight.shape[-1] == pooled.shape[-1] and structural(
+                lambda: torch.equal(run.groups.cpu(), torch.arange(heads).repeat_interleave(width)),
+                "pooling.gathering: whether a pooled branch's heads are consecutive column blocks"):
             per_head = torch.einsum("bkhd,ohd->hbko", pooled.unflatten(-1, (heads, width)),
                                     weight.to(pooled.dtype).unflatten(-1, (heads, width)))
             return _mapped(gm, run, per_head, first=1)
@@ -170,55 +177,178 @@ def token_matrices(gm: fx.GraphModule, pooling: EarlyPooling, runs: list[BranchR
     return matrices
 
 
+@dataclass
+class _SlotWeights:
+    """W[n, k, h, j] = Σ_{rows r of attention n in slot k} γ(r) · A[n, h, q(r), j] of a branch split by token,
+    for the attention groups ``used`` that feed the join (their ``window`` and ``image``)."""
+
+    summed: torch.Tensor     # [N, K, H, Nk]
+    used: torch.Tensor       # [n] attention groups that feed the join
+    window: torch.Tensor     # [n]
+    image: torch.Tensor      # [n]
+    count: int               # K: slots
+    keys: int                # Nk
+
+    @classmethod
+    def of(cls, pooling: EarlyPooling, run: BranchRun, join: _JoinRows) -> _SlotWeights:
+        spec, weights = run.spec, run.weights                                             # [N, H, Nq, Nk]
+        count = pooling.nodes[spec.join].slot_count
+        groups, heads, queries, keys = weights.shape
+        sources = run.sources if join.rows is None else run.sources[join.rows]            # [R] n·Nq + q
+        group = sources // queries
+        per_row = weights[group, :, sources % queries] * join.weight.view(-1, 1, 1)      # [R, H, Nk]
+        # [N·(K+1), H, Nk] -> [N, K, H, Nk]: each group's weights of the keys, summed per slot
+        summed = per_row.new_zeros(groups * (count + 1), heads, keys).index_add_(
+            0, group * (count + 1) + join.slot, per_row)
+        summed = summed.view(groups, count + 1, heads, keys)[:, :count]
+        used, image = structural(lambda: _groups_used(group, join.image, groups, spec.birth.name),
+                                 "pooling.gathering: the attention groups a pooled branch feeds its join from")
+        return cls(summed, used, used % run.windows, image, count, keys)
+
+
+def _groups_used(group: torch.Tensor, image: torch.Tensor, groups: int, name: str
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """([n] the attention groups that rows of ``group`` [R] come from, [n] the image of each (``image`` [R],
+    the image of each row); from the row maps, so from the shapes only."""
+    image_of = torch.full((groups,), -1, dtype=torch.long, device=group.device).scatter_(0, group, image)
+    if not bool((image_of[group] == image).all()):
+        raise RuntimeError(f"internal: an attention group of {name} feeds several images")
+    used = (image_of >= 0).nonzero().flatten()
+    return used, image_of[used]
+
+
+def _head_features(head_of: torch.Tensor, heads: int) -> list[torch.Tensor]:
+    """Per head, its features (indices into the value's last axis) of a branch split by token."""
+    return structural(lambda: [(head_of == h).nonzero().flatten() for h in range(heads)], HEAD_FEATURES)
+
+
+def _piece_groups(window: torch.Tensor, first: int, last: int) -> torch.Tensor:
+    """The attention groups (indices into ``window`` [n]) of windows ``first`` to ``last`` - 1: one piece."""
+    return structural(lambda: ((window >= first) & (window < last)).nonzero().flatten(), PIECE_GROUPS)
+
+
+def _all_heads_at_once(factors: list, head_of: torch.Tensor, heads: int) -> bool:
+    """Whether every head has a factor of one width and as many features (``_token_scores``)."""
+    if any(f is None for f in factors) or len({tuple(f.shape) for f in factors}) != 1:
+        return False
+    return structural(lambda: bool((torch.bincount(head_of, minlength=heads) == head_of.numel() // heads).all()),
+                      "pooling.gathering: whether every head has as many features")
+
+
+def _token_scores(run: BranchRun, slots: _SlotWeights, matrix: torch.Tensor, factors: torch.Tensor, batch: int
+                  ) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """``_token_components`` for scores, all heads in one product: ``factors`` [H, O, k] (each head's
+    directions), pieces ``[c, B, k]`` of the ``H·S`` components in order."""
+    head_of, within = run.spec.heads.to(slots.used.device), run.spec.within.to(slots.used.device)
+    heads, keys, count = factors.shape[0], slots.keys, slots.count
+    features = torch.stack(_head_features(head_of, heads))                               # [H, W]
+    width, outputs = features.shape[1], factors.shape[-1]
+    # [H, W, K·k]: each head's features through every slot's matrix and the head's directions
+    order = features.flatten()
+    in_order = structural(lambda: torch.equal(order, torch.arange(len(order), device=order.device)),
+                          "pooling.gathering: whether the heads' features are the matrix's column order")
+    by_head = matrix if in_order else matrix[:, order]
+    per_head = torch.einsum("khwo,hop->hwkp", by_head.view(count, heads, width, -1),   # (heads in column blocks:
+                            factors.to(matrix)).reshape(heads, width, count * outputs)  # no copy of the matrix)
+    gather = within[features].view(1, heads, 1, width)
+    step = max(1, PIECE_ELEMENTS // (keys * count * max(outputs, 1) * batch * heads))   # windows per piece
+    for first in range(0, run.windows, step):
+        last = min(first + step, run.windows)
+        inside = _piece_groups(slots.window, first, last)
+        groups = slots.used[inside]
+        own = torch.take_along_dim(run.values[groups], gather.expand(len(groups), heads, keys, width), dim=3)
+        # heads lead throughout: one batched product per head, no copy of the [H, n, Nk, K, k] products
+        own = own.transpose(0, 1).reshape(heads, -1, width)                                # [H, n·Nk, W]
+        through = torch.bmm(own, per_head).view(heads, len(groups), keys, count, outputs)  # [H, n, Nk, K, k]
+        weights = slots.summed[groups].permute(2, 0, 3, 1).unsqueeze(-2)                  # [H, n, Nk, 1, K]
+        reached = (weights @ through).squeeze(-2)                                           # [H, n, Nk, k]
+        out = reached.new_zeros(heads, batch * (last - first), keys, outputs)
+        out.index_copy_(1, slots.image[inside] * (last - first) + slots.window[inside] - first, reached)
+        out = out.view(heads, batch, last - first, keys, outputs).permute(0, 2, 3, 1, 4)  # [H, w, Nk, B, k]
+        ids = [i for h in range(heads) for i in run.ids[(h * run.windows + first) * keys:
+                                                        (h * run.windows + last) * keys]]
+        yield ids, out.reshape(-1, batch, outputs)
+
+
 def _token_components(pooling: EarlyPooling, run: BranchRun, join: _JoinRows, matrix: torch.Tensor,
-                      batch: int) -> Iterator[tuple[list[int], torch.Tensor]]:
+                      batch: int, project: OutputProjection | None = None
+                      ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Components (h, s) of a branch split by token, at the output: ids and pieces ``[c, B, O]`` of
     the ``H·S`` components in order (the branch's constants are ``_constants``).
 
-    matrix: ``[K, F, O]`` from ``token_matrices``. Source s = w·Nk + j is key j of attention group w
+    matrix: ``[K, F, O]`` from ``token_matrices``; with ``project``, a head whose components share one factor
+    [O, k] is taken straight to its scores (``[c, B, k]`` pieces, the matrix times the factor), the others
+    are projected piece by piece. Source s = w·Nk + j is key j of attention group w
     (``births._split_tokens``); its component at row r (attention row n, query q) is
     A[n, h, q, j] · V[n, h, j, within] on head h's features, so pooled and at the output:
 
-        out[(h, s), b] = Σ_{n : group w, image b} Σ_k Σ_{f of head h} W[n, k, h, j] · V[n, h, j, within(f)] · matrix[k, f]
+        out[(h, s), b] = Σ_{n : group w, image b} Σ_k Σ_{f of head h} W[n, k, h, j] · V[n, h, j, within(f)]
+                         · matrix[k, f]
         W[n, k, h, j]  = Σ_{rows r of n in slot k} γ(r) · A[n, h, q(r), j]
     """
-    spec, weights, values = run.spec, run.weights, run.values            # [N, H, Nq, Nk], [N, H, Nk, d]
-    count = pooling.nodes[spec.join].slot_count
-    groups, heads, queries, keys = weights.shape
-    sources = run.sources if join.rows is None else run.sources[join.rows]                # [R] n·Nq + q
-    group = sources // queries
-    per_row = weights[group, :, sources % queries] * join.weight.view(-1, 1, 1)          # [R, H, Nk]
-    # [N·(K+1), H, Nk] -> [N, K, H, Nk]: each group's weights of the keys, summed per slot
-    summed = per_row.new_zeros(groups * (count + 1), heads, keys).index_add_(0, group * (count + 1) + join.slot,
-                                                                            per_row)
-    summed = summed.view(groups, count + 1, heads, keys)[:, :count]
-    image_of = torch.full((groups,), -1, dtype=torch.long, device=group.device).scatter_(0, group, join.image)
-    if not bool((image_of[group] == join.image).all()):
-        raise RuntimeError(f"internal: an attention group of {spec.birth.name} feeds several images")
-    used = (image_of >= 0).nonzero().flatten()                                            # groups that feed the join
-    window, image = used % run.windows, image_of[used]
-    head_of, within = spec.heads.to(group.device), spec.within.to(group.device)
-    outputs = matrix.shape[-1]
+    slots = _SlotWeights.of(pooling, run, join)
+    values, count, keys = run.values, slots.count, slots.keys
+    summed, used, window, image = slots.summed, slots.used, slots.window, slots.image
+    head_of, within = run.spec.heads.to(used.device), run.spec.within.to(used.device)
+    heads = summed.shape[2]
+    if project is not None:
+        factors = [project.factor(run.ids[h * run.windows * keys: (h + 1) * run.windows * keys])
+                   for h in range(heads)]
+        if _all_heads_at_once(factors, head_of, heads):
+            yield from _token_scores(run, slots, matrix, torch.stack(factors), batch)
+            return
+    features_of = _head_features(head_of, heads)
     for h in range(heads):
-        features = (head_of == h).nonzero().flatten()
+        features = features_of[h]
         own = values[used, h][..., within[features]]                                      # [n, Nk, W]
-        head_matrix = matrix[:, features].reshape(-1, outputs)                            # [K·W, O]
-        step = max(1, PIECE_ELEMENTS // (keys * count * len(features) * batch))           # windows per piece
+        head_matrix = matrix[:, features].reshape(-1, matrix.shape[-1])                   # [K·W, O]
+        head_ids = run.ids[h * run.windows * keys: (h + 1) * run.windows * keys]
+        factor = project.factor(head_ids) if project is not None else None
+        if factor is not None:
+            head_matrix = head_matrix @ factor.to(head_matrix)                           # [K·W, k]
+        outputs, width = head_matrix.shape[-1], len(features)
+        # few outputs (scores): each key's features through the matrix of every slot first, [n, Nk, K·O],
+        # never the [n, Nk, K, W] pooled values
+        by_slot = head_matrix.view(count, width, outputs).permute(1, 0, 2).reshape(width, -1) \
+            if outputs < width else None                                                  # [W, K·O]
+        step = max(1, PIECE_ELEMENTS // (keys * count * max(min(width, outputs), 1) * batch))  # windows per piece
         for first in range(0, run.windows, step):
             last = min(first + step, run.windows)
-            inside = ((window >= first) & (window < last)).nonzero().flatten()
+            inside = _piece_groups(window, first, last)
             slot_weights = summed[used[inside], :, h].transpose(1, 2).contiguous()        # [n, Nk, K]
-            pooled = slot_weights.unsqueeze(-1) * own[inside].unsqueeze(2)                # [n, Nk, K, W]
+            if by_slot is not None:
+                through = (own[inside] @ by_slot).view(len(inside), keys, count, outputs)  # [n, Nk, K, O]
+                reached = torch.einsum("njk,njko->njo", slot_weights, through)
+            else:
+                pooled = slot_weights.unsqueeze(-1) * own[inside].unsqueeze(2)            # [n, Nk, K, W]
+                reached = pooled.flatten(2) @ head_matrix
             out = values.new_zeros(batch * (last - first), keys, outputs)                 # [B·w, Nk, O]
-            out.index_copy_(0, image[inside] * (last - first) + window[inside] - first, pooled.flatten(2) @ head_matrix)
+            out.index_copy_(0, image[inside] * (last - first) + window[inside] - first, reached)
             out = out.view(batch, last - first, keys, outputs).permute(1, 2, 0, 3)        # [w, Nk, B, O] (a view)
-            yield run.ids[(h * run.windows + first) * keys: (h * run.windows + last) * keys], out.flatten(0, 1)
+            ids = run.ids[(h * run.windows + first) * keys: (h * run.windows + last) * keys]
+            out = out.flatten(0, 1)
+            yield ids, out if project is None or factor is not None else project(ids, out)
 
 
-def pooled_components(gm: fx.GraphModule, pooling: EarlyPooling, parking: Parking, out: Carried) -> Carried:
+class OutputProjection(Protocol):
+    """Scores along directions (``decompose.scoring.Projection``): components' values at the output
+    [c, B, *output] -> [c, B, k]; ``factor(ids)``: one matrix [O, k] that does it for all of ``ids``, or None."""
+
+    def __call__(self, ids: list[int], values: torch.Tensor) -> torch.Tensor: ...
+
+    def factor(self, ids: list[int]) -> torch.Tensor | None: ...
+
+
+def pooled_components(gm: fx.GraphModule, pooling: EarlyPooling, parking: Parking, out: Carried,
+                      project: OutputProjection | None = None) -> Carried:
     """The output's components, with those parked at ``pooling``'s nodes (and its pooled branches)
-    taken to the output: pooled over tokens with this batch's weights, then through the unit tail."""
+    taken to the output: pooled over tokens with this batch's weights, then through the unit tail.
+
+    project: scores along directions: each piece (ids, values [c, B, *output]) is projected as it reaches
+             the output, or earlier by its ``factor`` (only pieces of the components exist at a time)."""
     needed = set(parking.parked) | {run.spec.join for run in parking.runs.values()}
+    if project is not None:
+        out = Carried([c if c.ids == [PROBE] else Chunk(c.ids, project(c.ids, c.values)) for c in out.chunks])
     if parking.norm_scales is not None:  # no backward pass: γ from the trunk norms' scales
         out = Carried(split_probe(out)[1])
         gammas = {node: parking.norm_scales.weights(node, parking.scales, parking.batch) for node in needed}
@@ -248,8 +378,10 @@ def pooled_components(gm: fx.GraphModule, pooling: EarlyPooling, parking: Parkin
             ids.setdefault(join, []).extend(run_ids)
             continue
         rows = _join_rows(pooling, run, gammas[join], run.weights.dtype)
-        for run_ids, values in _token_components(pooling, run, rows, matrices[birth], gammas[join].shape[0]):
-            out.chunks.append(Chunk(run_ids, values.reshape(len(run_ids), -1, *pooling.cotangent.shape)))
+        for run_ids, values in _token_components(pooling, run, rows, matrices[birth], gammas[join].shape[0],
+                                                 project):
+            shape = pooling.cotangent.shape if project is None else values.shape[-1:]
+            out.chunks.append(Chunk(run_ids, values.reshape(len(run_ids), -1, *shape)))
         constant_ids, constants = _constants(gm, run, rows)
         if constants is not None:
             injections.setdefault(join, []).append(pooling.arrange(join, constants))
@@ -258,5 +390,6 @@ def pooled_components(gm: fx.GraphModule, pooling: EarlyPooling, parking: Parkin
         return out
     for node, rows in pooling.run({n: torch.cat(parts) for n, parts in injections.items()}).items():
         count = len(ids[node])  # [k·B, 1, *D] -> [k, B, *D]
-        out.chunks.append(Chunk(ids[node], rows.reshape(count, rows.shape[0] // count, *rows.shape[2:])))
+        values = rows.reshape(count, rows.shape[0] // count, *rows.shape[2:])
+        out.chunks.append(Chunk(ids[node], values if project is None else project(ids[node], values)))
     return out

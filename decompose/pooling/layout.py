@@ -12,12 +12,12 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from tracer.recording import is_recording
 from tracer.tracing import describe
 from tracer.vocabulary import ComponentKind, Vocabulary
 
 from .norm_scales import NormScales
 from .unit_tail import TailUnavailable, UnitTail
-
 
 # at run time, the batch's adjoint must be a per-token multiple of the unit tail's to this precision
 RESIDUAL_TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-3}
@@ -189,7 +189,10 @@ def weighted_segment_sum(values: torch.Tensor, segment: torch.Tensor, weight: to
                          ) -> torch.Tensor:
     """``[count, F]``: Σ weight[r] · values[r] over the rows r of each segment (``values`` [R, F],
     ``segment`` and ``weight`` [R]), as one sparse (CSR) product: no scaled copy of ``values``, no
-    ``index_add_`` (about 5x faster on CPU)."""
+    ``index_add_`` (about 5x faster on CPU). While recording a graph (``decompose.compiled``): ``index_add_``
+    (torch's tracer takes no sparse tensors, and the CSR rows are a read-back)."""
+    if is_recording():
+        return values.new_zeros(count, values.shape[1]).index_add_(0, segment, values * weight.to(values).unsqueeze(1))
     order = torch.argsort(segment)
     rows = torch.zeros(count + 1, dtype=torch.long, device=segment.device)
     rows[1:] = torch.bincount(segment, minlength=count).cumsum(0)

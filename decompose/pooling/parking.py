@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from tracer.attention import AttentionParts
+from tracer.attention import AttentionParts, own_storage
 from tracer.linear_rules import (
     Evaluator,
     apply_affine,
@@ -20,12 +20,19 @@ from tracer.ops import op_kind, overwritten_later
 from tracer.vocabulary import ComponentKind, Level
 
 from ..births import attention_groups, attention_parts
-from ..carried import PROBE, Carried, Chunk, ComponentRegistry, split_probe
+from ..carried import Carried, Chunk, ComponentRegistry
 from ..propagate import born_label, offset_label
 from ..run_plan import RunPlan
 from .branches import row_scale, source_row_code
 from .layout import PooledBranch, RowStep, chain_input
 from .norm_scales import NormScales
+
+PROBE = -1  # the id of a ``Parking``'s probe chunk (``carried.is_probe``)
+
+
+def split_probe(carried: Carried) -> tuple[list[Chunk], list[Chunk]]:
+    """(a ``Parking``'s probe chunk, if any; the other chunks) of ``carried``."""
+    return [c for c in carried.chunks if c.ids == [PROBE]], [c for c in carried.chunks if c.ids != [PROBE]]
 
 
 def branches_for_level(branches: dict[fx.Node, PooledBranch], level: Level | str
@@ -267,8 +274,8 @@ class Parking:
         """Keep the birth's weights and values by head, start its source code (``value`` [N, *heads, Nq, d])."""
         rows, queries, width = value.shape[0], value.shape[-2], value.shape[-1]
         keys = parts.weights.shape[-1]
-        run.weights = parts.weights.expand(*value.shape[:-1], keys).reshape(rows, -1, queries, keys)
-        run.values = parts.values.expand(*value.shape[:-2], keys, width).reshape(rows, -1, keys, width)
+        run.weights = own_storage(parts.weights.expand(*value.shape[:-1], keys).reshape(rows, -1, queries, keys))
+        run.values = own_storage(parts.values.expand(*value.shape[:-2], keys, width).reshape(rows, -1, keys, width))
         # as ``births.split_birth``: rows b·windows + w when the batch axis holds several per image
         run.windows = attention_groups(rows, batch_size)
         run.birth_shape = tuple(value.shape)

@@ -3,16 +3,15 @@ per-token multiple of the unit tail's, verified on the probe image in float64 (`
 ``early_pooling_for`` runs it for a decomposer's plan)."""
 from __future__ import annotations
 
-
 import torch
 from torch import fx
 
+from tracer.linear_rules import ROW_SCALED_NORMS
 from tracer.ops import OpKind, op_kind
 from tracer.progress import progress
 from tracer.roles import Role, TrunkPlan
 from tracer.vocabulary import Level
 
-from tracer.linear_rules import ROW_SCALED_NORMS
 from ..carried import ComponentRegistry
 from ..precision import in_float64
 from ..propagate import propagate
@@ -22,7 +21,6 @@ from .layout import EarlyPooling, PooledNode, token_major
 from .norm_scales import NormScales, fit_norm_scales
 from .parking import Parking
 from .unit_tail import TAIL_FAILURES, TailUnavailable, UnitTail
-
 
 # tokens are grouped by adjoint direction to this (float64) precision (1 - |cos|) to find the grid's period
 PARALLEL_TOLERANCE = 1e-12

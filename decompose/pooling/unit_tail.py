@@ -24,7 +24,6 @@ from tracer.ops import OpKind, op_kind
 from tracer.roles import Role, TrunkPlan
 from tracer.tracing import describe
 
-
 _SCALING_PRODUCTS = {operator.mul, operator.imul, torch.mul, operator.truediv, operator.itruediv, torch.div,
                      "mul", "mul_", "div", "div_"}
 
@@ -146,8 +145,8 @@ class UnitTail:
             rows = Evaluator(self.gm, call, values).over_components({carrier: stack.rows})
             if not isinstance(rows, torch.Tensor):
                 raise TailUnavailable(f"{describe(node)} returns {type(rows).__name__} on the trunk")
-            if kind == OpKind.UNKNOWN and bool(rows[0].any()):
-                rows = rows - rows[:1]  # its value at zero is a constant component, not the tail's
+            if kind == OpKind.UNKNOWN:  # its value at zero (zero or not: no read-back) is a constant component
+                rows = rows - rows[:1]
             return _Stack(rows, stack.segments)
         raise TailUnavailable(f"{describe(node)} ({kind.value}) is not a per-token scaling of a linear map")
 
