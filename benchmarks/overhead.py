@@ -154,8 +154,15 @@ def _peak_memory(name, batch, level, image_size, depth, device, allocator, queue
     _release_free_memory()
     baseline = _resident_bytes()
     _reset_peak()
-    run()
-    queue.put(max(_peak_resident_bytes() - baseline, 1))
+    result = run()
+    queue.put((max(_peak_resident_bytes() - baseline, 1), _output_bytes(result)))
+
+
+def _output_bytes(result) -> int:
+    """Bytes of what a call returns for the user: the scores [C, B, k] or the components [C, B, *D]
+    (0 for a plain forward, whose output the forward's own peak holds)."""
+    value = getattr(result, "values", None)
+    return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
 
 
 def _fix_mmap_threshold() -> None:
@@ -236,11 +243,14 @@ def table(models, batch, levels, repeats, device, image_size=None, depth=None, a
                 times.setdefault("forward", alone.get("forward"))
                 times[level] = alone.get(level)
         if device == "cpu":  # resident peaks need a fresh process per level
-            memory = {level: _in_child(_peak_memory, name, batch, level, image_size, depth, device, allocator)
-                      for level in ("forward", *levels)}
+            measured = {level: _in_child(_peak_memory, name, batch, level, image_size, depth, device, allocator)
+                        for level in ("forward", *levels)}
+            memory = {level: None if found is None else found[0] for level, found in measured.items()}
+            output = {level: None if found is None else found[1] for level, found in measured.items()}
         else:
             memory = times.pop("peak", None) or {}
             memory = {level: memory.get(level) for level in ("forward", *levels)}
+            output = {level: None for level in levels}
         row = {"model": name, "batch": batch, "image_size": image_size, "depth": depth,
                "forward_s": times["forward"], "forward_peak_mb": _ratio(memory["forward"], 2**20),
                "images_per_s": _ratio(batch, times["forward"])}
@@ -249,6 +259,9 @@ def table(models, batch, levels, repeats, device, image_size=None, depth=None, a
             row[f"{level}_memory_x"] = _ratio(memory[level], memory["forward"])
             row[f"{level}_images_per_s"] = _ratio(batch, times.get(level))
             row[f"{level}_peak_mb"] = _ratio(memory[level], 2**20)
+            row[f"{level}_output_mb"] = _ratio(output[level], 2**20)
+            beyond = None if memory[level] is None or output[level] is None else memory[level] - output[level]
+            row[f"{level}_memory_x_beyond_output"] = _ratio(beyond, memory["forward"])
         rows.append(row)
         _print_row(row, levels)
     return rows
@@ -271,7 +284,9 @@ def _print_row(row, levels):
                                                                           "images_per_s"))
         parts.append(f"{level}: " + (f"{time_x:5.2f}x time ({rate:.1f} img/s)" if time_x is not None
                                      else "failed time") + " "
-                     + (f"{memory_x:5.2f}x mem ({peak:.0f} MB)" if memory_x is not None else "failed mem"))
+                     + (f"{memory_x:5.2f}x mem ({peak:.0f} MB)" if memory_x is not None else "failed mem")
+                     + (f", output {row[f'{level}_output_mb']:.0f} MB: {row[f'{level}_memory_x_beyond_output']:.2f}x "
+                        "beyond it" if row[f"{level}_output_mb"] else ""))
     print("  ".join(parts), flush=True)
 
 

@@ -115,25 +115,26 @@ def score_by_adjoints(gm: fx.GraphModule, plan: RunPlan, images: torch.Tensor, l
         labels.extend(own)
     born = [i for i in ids if i in leaves.leaves]
     rows = [sorted(set(rows_of[i])) for i in born]                          # each birth's table rows
-    adjoints = _adjoints(components, [ids.index(i) for i in born], [leaves.leaves[i][0] for i in born], rows,
-                         directions)
-    parts = []
+    first_row, count = {}, 0                                               # component id -> its first score row
+    for i in ids:
+        first_row[i], count = count, count + len(rows_of[i])
+    scores = components.new_zeros(len(labels), components.shape[1], directions.count)    # [C, B, k]
     for k, i in enumerate(ids):
         if i not in leaves.leaves:
-            parts.append(directions.project(components[k: k + 1].detach(), [registry.labels[i]]))
-            continue
-        n, split = born.index(i), leaves.leaves[i][1]
-        if len(rows[n]) == 1:
-            parts.append(split.scores(adjoints.pop((n, rows[n][0]))))
-            continue
-        parts.append(sum(split.scores(adjoints.pop((n, row)), needed=[r == row for r in rows_of[i]])
-                         for row in rows[n]))
-    return Scored(representation, labels, torch.cat(parts))
+            scores[first_row[i]] = directions.project(components[k: k + 1].detach(), [registry.labels[i]])[0]
+    for n, row, first, last, adjoint in _adjoint_passes(components, [ids.index(i) for i in born],
+                                                        [leaves.leaves[i][0] for i in born], rows, directions):
+        i = born[n]
+        needed = None if len(rows[n]) == 1 else [r == row for r in rows_of[i]]
+        start = first_row[i]
+        scores[start: start + len(rows_of[i]), :, first:last] += leaves.leaves[i][1].scores(adjoint, needed)
+    return Scored(representation, labels, scores)
 
 
-def _adjoints(components: torch.Tensor, positions: list[int], leaves: list[torch.Tensor], rows: list[list[int]],
-              directions: Directions) -> dict[tuple[int, int], torch.Tensor]:
-    """(birth n, table row) -> the adjoint of birth n's leaf for every direction of that row, [k, *leaf shape].
+def _adjoint_passes(components: torch.Tensor, positions: list[int], leaves: list[torch.Tensor],
+                    rows: list[list[int]], directions: Directions):
+    """Yields (birth n, table row, first, last, adjoint [last - first, *leaf value]): the adjoint of birth n's
+    leaf for directions ``first:last`` of that row, pass by pass, so that only one pass's adjoints exist.
 
     Birth n's leaf reaches only its own row ``positions[n]`` of the branch-level ``components`` [Cb, B, *D],
     so one backward pass serves every birth, each with a direction of its own: pass j puts birth n's j-th
@@ -141,12 +142,11 @@ def _adjoints(components: torch.Tensor, positions: list[int], leaves: list[torch
     groups of at most ``BATCHED_DIRECTIONS`` directions and ``ADJOINT_BYTES`` of adjoints (``is_grads_batched``).
     """
     if not leaves:
-        return {}
+        return
     k = directions.count
     per_direction = sum(leaf.numel() * leaf.element_size() for leaf in leaves)
     size = max(1, min(BATCHED_DIRECTIONS, ADJOINT_BYTES // max(1, per_direction)))    # directions per pass
     passes = [(j, first, min(first + size, k)) for j in range(max(len(r) for r in rows)) for first in range(0, k, size)]
-    found: dict[tuple[int, int], list[torch.Tensor]] = {}
     for number, (j, first, last) in enumerate(passes):
         cotangent = components.new_zeros(last - first, *components.shape)           # [g, Cb, B, *D]
         for n, position in enumerate(positions):
@@ -156,13 +156,12 @@ def _adjoints(components: torch.Tensor, positions: list[int], leaves: list[torch
         with torch.enable_grad():
             grads = torch.autograd.grad(components, leaves, cotangent, is_grads_batched=True, allow_unused=True,
                                         retain_graph=number + 1 < len(passes))
+        del cotangent
         for n, (leaf, grad) in enumerate(zip(leaves, grads)):  # the leaf is [1, *value]: drop its component axis
             if j < len(rows[n]):
-                part = torch.zeros((last - first, *leaf.shape[1:]), dtype=leaf.dtype, device=leaf.device) \
-                    if grad is None else grad[:, 0]
-                found.setdefault((n, rows[n][j]), []).append(part)
+                yield n, rows[n][j], first, last, (leaf.new_zeros((last - first, *leaf.shape[1:])) if grad is None
+                                                   else grad[:, 0])
         del grads
-    return {key: parts[0] if len(parts) == 1 else torch.cat(parts) for key, parts in found.items()}
 
 
 class Projection:
