@@ -20,6 +20,7 @@ from tracer.vocabulary import ComponentKind, Level
 
 from .births import LEVELS
 from .carried import Carried, Chunk, ComponentRegistry
+from .compiled import CallPath, RecordedGraphs
 from .decomposition import Decomposition
 from .directions import Directions, as_directions
 from .pooling import Parking, branches_for_level, early_pooling_for, pooled_components
@@ -37,6 +38,9 @@ from .sum_check import (
     tolerance_for,
 )
 
+# ``trace_and_decompose``'s ``graphs`` when not given (the test suite's ``--graphs`` option sets it)
+GRAPHS_BY_DEFAULT = False
+
 
 class Decomposer(nn.Module):
     """Callable module: ``decomposer(images, level="head") -> Decomposition``.
@@ -48,7 +52,7 @@ class Decomposer(nn.Module):
 
     def __init__(self, model: nn.Module, output: str = "pre_logits", prune: bool = True,
                  cut_nonlinear_trunk: bool = False, sum_tolerance: float | None = None,
-                 on_inexact_sum: InexactSum | str = InexactSum.RAISE):
+                 on_inexact_sum: InexactSum | str = InexactSum.RAISE, graphs: bool = False):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"trace_and_decompose expects a torch.nn.Module, got {type(model).__name__}")
@@ -67,6 +71,7 @@ class Decomposer(nn.Module):
         self.graph_module, self.opaque_modules = trace_representation(frozen_eval_copy(model), output)
         self.trace_seconds = time.perf_counter() - started
         self._plans: dict[tuple, RunPlan] = {}
+        self.graphs = RecordedGraphs() if graphs else None
         self._expected_input = _expected_input_size(model)
         config = getattr(model, "pretrained_cfg", None)
         self.pretrained_cfg = dict(config) if isinstance(config, dict) else None  # preprocessing
@@ -118,6 +123,18 @@ class Decomposer(nn.Module):
             raise ValueError(f"level must be one of {[str(known) for known in LEVELS]}, got {level!r}")
         level = Level(level)
         table = as_directions(directions) if directions is not None else None  # bad directions fail first
+        if self.graphs is not None:
+            return self.graphs.decompose(self, images, level, table, directions)
+        return self.interpret(images, level, table)
+
+    @property
+    def last_path(self) -> CallPath:
+        """Which path the last call ran: a recorded graph, or the interpreter (always, without ``graphs``)."""
+        return self.graphs.last_path if self.graphs is not None else CallPath.INTERPRETER
+
+    @torch.no_grad()
+    def interpret(self, images: torch.Tensor, level: Level, table: Directions | None) -> Decomposition:
+        """``forward`` by walking the fx graph node by node (the interpreter), for checked arguments."""
         plan = self.plan(images)
         positions = self.key_positions(plan) if level is Level.TOKEN else None
         if table is not None:
@@ -241,7 +258,8 @@ def _parking(plan: RunPlan, level: Level) -> Parking | None:
 
 def trace_and_decompose(model: nn.Module, output: str = "pre_logits", prune: bool = True,
                         cut_nonlinear_trunk: bool = False, sum_tolerance: float | None = None,
-                        on_inexact_sum: InexactSum | str = InexactSum.RAISE) -> Decomposer:
+                        on_inexact_sum: InexactSum | str = InexactSum.RAISE, graphs: bool | None = None
+                        ) -> Decomposer:
     """Trace ``model`` once and return a ``Decomposer``.
 
     output: ``"pre_logits"`` (timm's ``num_classes=0`` features; open_clip image towers
@@ -256,9 +274,14 @@ def trace_and_decompose(model: nn.Module, output: str = "pre_logits", prune: boo
     on_inexact_sum: ``"raise"`` (default) an ``InexactSumError`` naming the error and the first node
             where the components stop summing to its value; ``"warn"``: the same as a warning, and the
             inexact result.
+    graphs: run each call as a recorded graph (``decompose.compiled``): the first call of an input shape,
+            dtype, device, level and directions records it, later ones run it. Where a value of the batch
+            decides what the pass computes, that signature falls back to the interpreter with a
+            ``GraphFallbackWarning``; ``decomposer.last_path`` says which path the last call ran.
     """
     return Decomposer(model, output=output, prune=prune, cut_nonlinear_trunk=cut_nonlinear_trunk,
-                      sum_tolerance=sum_tolerance, on_inexact_sum=on_inexact_sum)
+                      sum_tolerance=sum_tolerance, on_inexact_sum=on_inexact_sum,
+                      graphs=GRAPHS_BY_DEFAULT if graphs is None else graphs)
 
 
 def relevance_masks(gm, plan: TrunkPlan, image: torch.Tensor) -> dict:
