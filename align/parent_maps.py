@@ -10,6 +10,7 @@ never the aligned components themselves; each image may have its own text
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
@@ -18,6 +19,8 @@ from decompose import ComponentLabel
 from decompose.directions import Directions, per_component, per_component_per_image
 
 from .compalign import AlignerMismatch, CompAlign
+
+TOKEN_KEY = re.compile(r"\.t\d+$")  # a token component's key ends so (``ComponentLabel.key``)
 
 
 def coarser_keys(label: ComponentLabel) -> list[str]:
@@ -93,15 +96,28 @@ def per_image_aligner_directions(aligner: CompAlign, directions: torch.Tensor) -
 
 
 def _map_of(aligner: CompAlign):
-    """label -> the row of the aligner's map it uses (``coarser_keys``); ``AlignerMismatch`` for none."""
-    index = {key: i for i, key in enumerate(aligner.keys)}
+    """label -> the row of the aligner's map it uses (``coarser_keys``); ``AlignerMismatch`` for none.
 
-    def row_of(label: ComponentLabel) -> int:
+    An aligner without token maps (no key ending in ``.t<number>``) maps every token of a head alike: the row
+    is looked up once per head, not once per token component (tens of thousands per call)."""
+    index = {key: i for i, key in enumerate(aligner.keys)}
+    by_head: dict[tuple[str, int | None], int] | None = \
+        None if any(TOKEN_KEY.search(key) for key in index) else {}
+
+    def looked_up(label: ComponentLabel) -> int:
         row = next((index[key] for key in coarser_keys(label) if key in index), None)
         if row is None:
             raise AlignerMismatch(f"component {label.key} has no map in the aligner, not even its head's or "
                                   "branch's; train an aligner for this model and level")
         return row
+
+    def row_of(label: ComponentLabel) -> int:
+        if by_head is None or label.token is None:
+            return looked_up(label)
+        head = (label.name, label.head)
+        if head not in by_head:
+            by_head[head] = looked_up(label)
+        return by_head[head]
 
     return row_of
 

@@ -254,7 +254,8 @@ def _token_scores(run: BranchRun, slots: _SlotWeights, matrix: torch.Tensor, fac
     else:
         per_head = torch.einsum("khwo,hbop->hbwkp", by_head, factors.to(matrix)).reshape(heads, batch, width, -1)
     gather = within[features].view(1, heads, 1, width)
-    step = max(1, PIECE_ELEMENTS // (keys * count * max(outputs, 1) * batch * heads))   # windows per piece
+    rows = keys + (width if per_head.dim() == 4 else 0)   # per image: each group's directions gathered too
+    step = max(1, PIECE_ELEMENTS // (rows * count * max(outputs, 1) * batch * heads))   # windows per piece
     for first in range(0, run.windows, step):
         last = min(first + step, run.windows)
         inside = _piece_groups(slots.window, first, last)
@@ -318,7 +319,8 @@ def _token_components(pooling: EarlyPooling, run: BranchRun, join: _JoinRows, ma
         # never the [n, Nk, K, W] pooled values
         by_slot = head_matrix.unflatten(-2, (count, width)).transpose(-3, -2).flatten(-2) \
             if outputs < width else None                                                  # [(B,) W, K·O]
-        step = max(1, PIECE_ELEMENTS // (keys * count * max(min(width, outputs), 1) * batch))  # windows per piece
+        rows = keys + (width if head_matrix.dim() == 3 else 0)   # per image: each group's matrix gathered too
+        step = max(1, PIECE_ELEMENTS // (rows * count * max(min(width, outputs), 1) * batch))  # windows per piece
         for first in range(0, run.windows, step):
             last = min(first + step, run.windows)
             inside = _piece_groups(window, first, last)
