@@ -20,8 +20,8 @@ behaviour (then the forward runs once before it is measured, as the decomposer p
 Scores along directions are levels too: ``token@k8`` is level token with 8 shared random directions,
 ``token@aligner`` with per-component directions (a random CompAlign map per head and branch, one
 text), e.g. ``--levels token@k1 token@k8 token@k64 token@aligner``; ``token@perimage`` one random direction per
-image, ``token@aligner-perimage`` the CompAlign's maps with one text per image (``per_image_aligner_directions``). ``head@compiled`` runs level head as one
-recorded graph (``decomposer.compiled``; recording it is not timed), ``token@k8@compiled`` its scores.
+image, ``token@aligner-perimage`` the CompAlign's maps with one text per image (``per_image_aligner_directions``).
+``head@compiled`` runs level head as one recorded graph (``decomposer.compiled``; recording it is not timed), ``token@k8@compiled`` its scores.
 
 Targets (docs/design.md §4, Cost): head ≤ 1.3× time and ≤ 1.5× memory of a plain forward;
 token ≤ 3× time; scores along ≤ 8 shared directions at level token ≤ 1.5× time, an aligner's ≤ 3×.
