@@ -108,7 +108,7 @@ def compile_decomposition(decomposer, level: Level | str, example: torch.Tensor,
     checked = None
     if table is not None:
         width = math.prod(plan.output_shape)
-        checked = with_check_direction(table.checked(width, example), width, example)
+        checked = with_check_direction(table.checked(width, example, example.shape[0]), width, example)
     labels: list = []
 
     def components(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

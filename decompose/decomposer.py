@@ -27,7 +27,13 @@ from .pooling import Parking, branches_for_level, early_pooling_for, pooled_comp
 from .precision import Float64Values, in_float64, restored
 from .propagate import propagate
 from .run_plan import RunPlan
-from .scoring import Projection, score_by_adjoints, with_check_direction
+from .scoring import (
+    Projection,
+    check_direction,
+    score_by_adjoints,
+    with_check_direction,
+    without_check_direction,
+)
 from .sum_check import (
     FirstInexactNode,
     InexactSum,
@@ -116,8 +122,8 @@ class Decomposer(nn.Module):
         """Decompose a batch ``images`` [B, C, H, W] into ``Decomposition.components`` [C, B, *D].
 
         directions: ``[k, D]`` shared by every component, or a ``decompose.directions.Directions`` (per
-                    component): the result holds ``scores`` [C, B, k] = ⟨component, u⟩ instead of the vectors,
-                    never allocating ``[C, B, D]``."""
+                    component, per image: ``per_image``): the result holds ``scores`` [C, B, k] = ⟨component,
+                    u⟩ instead of the vectors, never allocating ``[C, B, D]``."""
         _check_images(images, self.graph_module, self._expected_input)
         if level not in LEVELS:
             raise ValueError(f"level must be one of {[str(known) for known in LEVELS]}, got {level!r}")
@@ -180,7 +186,7 @@ class Decomposer(nn.Module):
                 positions: dict | None) -> Decomposition:
         """``forward`` with directions (``decompose.scoring``)."""
         width = math.prod(plan.output_shape)
-        directions = directions.checked(width, images)
+        directions = directions.checked(width, images, images.shape[0])
         checked = with_check_direction(directions, width, images)
         representation, scores, labels = self._score_pass(plan, images, level, checked, positions)
         return self.checked_scores(plan, images, level, checked, representation, scores, labels)
@@ -226,10 +232,9 @@ class Decomposer(nn.Module):
         along = scores[..., -1].sum(0)
         error = check_sum(along, representation, what=what + " along a random direction",
                           tolerance=tolerance_for(images.dtype, self.sum_tolerance), on_inexact=self.on_inexact_sum,
-                          diagnose=diagnose, errors=direction_errors(along, representation, checked.table[0, -1]))
-        directions = Directions(checked.table[:, :-1], checked.row_of)
+                          diagnose=diagnose, errors=direction_errors(along, representation, check_direction(checked)))
         return Decomposition(None, labels, representation, level, plan.target.name, plan.describe_stop(),
-                             sum_error=error, scores=scores[..., :-1], directions=directions)
+                             sum_error=error, scores=scores[..., :-1], directions=without_check_direction(checked))
 
     def _first_inexact_node(self, plan: RunPlan, image: torch.Tensor, level: Level) -> str:
         """Where a sum breaks: ``image`` [1, C, H, W] decomposed again in float64 without early pooling,
