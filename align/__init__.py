@@ -29,9 +29,15 @@ from .debias import (
     spurious_scores,
 )
 from .drawing import heatmap_figure, heatmap_overlay, line_plot
-from .heatmaps import attention_heatmaps, branch_grids, grid_layout, head_selector, token_heatmaps
+from .heatmaps import attention_heatmaps, branch_grids, grid_layout, head_selector, text_heatmaps, token_heatmaps
 from .image_targets import clip_image_targets
-from .parent_maps import aligner_directions, aligner_rows, map_components_by_parent, text_contributions
+from .parent_maps import (
+    aligner_directions,
+    aligner_rows,
+    map_components_by_parent,
+    per_image_aligner_directions,
+    text_contributions,
+)
 from .properties import property_descriptions, shipped_properties
 from .retrieval import (
     RetrievalChoice,
@@ -67,9 +73,10 @@ __all__ = ["AblationCurve", "AlignerMismatch", "AlignmentReport", "Attribution",
            "clip_image_targets", "component_indices", "component_means", "describe_store_component",
            "encode_descriptions", "evaluate_alignment", "fit_linear_probe", "grid_layout", "group_accuracy",
            "head_selector", "heatmap_figure", "heatmap_overlay", "image_retrieval_scores", "imagenet_templates",
-           "layer_steps", "line_plot", "load_clip", "map_components_by_parent", "ordered_steps", "precision_at_k",
+           "layer_steps", "line_plot", "load_clip", "map_components_by_parent", "ordered_steps",
+           "per_image_aligner_directions", "precision_at_k",
            "predict", "property_bases", "property_basis", "property_descriptions", "property_scores",
            "rank_components", "ranked", "remove_spurious", "score_store", "segmentation_scores", "selected_sum",
            "shares_value", "shipped_properties", "specific_scores", "spurious_order", "spurious_scores",
-           "store_component_means", "text_contributions", "text_retrieval_scores", "text_span", "token_heatmaps",
+           "store_component_means", "text_contributions", "text_heatmaps", "text_retrieval_scores", "text_span", "token_heatmaps",
            "top_components", "train_compalign", "variance_explained", "wrap_clip", "zero_shot_classifier"]

@@ -9,7 +9,8 @@ table of the top components and top source positions, a heatmap and a plot. The 
   (``aligner=`` and ``clip=``);
 * a vector ``[D]`` in the decomposed output's space (a probe, a classifier row of your own).
 
-Per-image targets (a list of B classes or texts) score each image along its own target.
+Per-image targets (a list of B classes or texts) score each image along its own target, at the cost of one
+target (directions per image, ``decompose.directions.per_image``).
 """
 from __future__ import annotations
 
@@ -20,12 +21,14 @@ import torch
 
 from decompose import ComponentLabel, Decomposer
 from decompose.decomposition import Decomposition
+from decompose.directions import Directions
+from decompose.directions import per_image as per_image_directions
 from decompose.display import bar_figure, figure_svg, html_table
 
 from .clip_models import ClipModel
 from .compalign import CompAlign
 from .heatmaps import grid_layout, is_grid_position, token_heatmaps
-from .parent_maps import aligner_directions
+from .parent_maps import aligner_directions, per_image_aligner_directions
 from .text_bank import encode_descriptions
 
 
@@ -135,20 +138,17 @@ def attribute(decomposer: Decomposer, images: torch.Tensor, target, level: str =
     batch = images.shape[0]
     targets, per_image = _as_list(target, batch)
     if isinstance(targets[0], str):
-        directions, names = _text_directions(targets, aligner, clip, templates), list(targets)
+        directions, names = _text_directions(targets, aligner, clip, templates, per_image), list(targets)
     elif isinstance(targets[0], int):
-        directions, names = _class_directions(decomposer, images, targets), [f"class {c}" for c in targets]
+        directions, names = _class_directions(decomposer, images, targets, per_image), [f"class {c}" for c in targets]
     else:
         vector = torch.as_tensor(targets[0]) if len(targets) == 1 else None
         if vector is None or vector.dim() != 1:
             raise AttributionTargetError("a vector target must be one direction [D] (for several, call "
                                          "decomposer(images, directions=[k, D]) directly)")
         directions, names = vector.unsqueeze(0), ["vector"]
-    dec = decomposer(images, level=level, directions=directions)
-    unique = list(dict.fromkeys(names))
-    column = torch.tensor([unique.index(name) for name in names] if per_image else [0] * batch)
-    scores = dec.scores.gather(2, column.view(1, -1, 1).expand(dec.scores.shape[0], -1, 1).to(dec.scores.device))
-    return Attribution(scores[..., 0], dec.labels, names if per_image else names * batch, str(dec.level), dec)
+    dec = decomposer(images, level=level, directions=directions)     # [C, B, 1]: each image along its own target
+    return Attribution(dec.scores[..., 0], dec.labels, names if per_image else names * batch, str(dec.level), dec)
 
 
 def _as_list(target, batch: int) -> tuple[list, bool]:
@@ -167,7 +167,8 @@ def _as_list(target, batch: int) -> tuple[list, bool]:
     return target, True
 
 
-def _class_directions(decomposer: Decomposer, images: torch.Tensor, classes: list[int]) -> torch.Tensor:
+def _class_directions(decomposer: Decomposer, images: torch.Tensor, classes: list[int], per_image: bool):
+    """The classifier's logit of ``classes`` (one, or one per image: directions per image)."""
     if decomposer.output != "logits":
         raise AttributionTargetError("a class index needs the classifier's logits: decompose with "
                                      "trace_and_decompose(model, output='logits'), or give the class's "
@@ -177,12 +178,18 @@ def _class_directions(decomposer: Decomposer, images: torch.Tensor, classes: lis
     bad = [c for c in unique if not 0 <= c < width]
     if bad:
         raise AttributionTargetError(f"class indices {bad} are outside the model's {width} classes")
-    return torch.eye(width, dtype=images.dtype, device=images.device)[unique]
+    rows = torch.eye(width, dtype=images.dtype, device=images.device)
+    return per_image_directions(rows[classes]) if per_image else rows[classes[:1]]
 
 
 def _text_directions(texts: list[str], aligner: CompAlign | None, clip: ClipModel | None,
-                     templates: str | Sequence[str] | None):
+                     templates: str | Sequence[str] | None, per_image: bool) -> Directions:
+    """The texts' CLIP embeddings through the aligner's maps (one text, or one per image: each encoded once)."""
     if aligner is None or clip is None:
         raise AttributionTargetError("a text target needs aligner= (a CompAlign for this model) and clip= (its "
                                      "CLIP model, align.load_clip)")
-    return aligner_directions(aligner, encode_descriptions(clip, list(dict.fromkeys(texts)), templates))
+    unique = list(dict.fromkeys(texts))
+    embedded = encode_descriptions(clip, unique, templates)                          # [T, d_clip]
+    if not per_image:
+        return aligner_directions(aligner, embedded)
+    return per_image_aligner_directions(aligner, embedded[[unique.index(text) for text in texts]])

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from decompose import ComponentLabel
 
-from .parent_maps import coarser_keys
+from .parent_maps import aligner_directions, coarser_keys, per_image_aligner_directions
 
 Position = tuple[int, int] | str | None
 
@@ -94,6 +94,21 @@ def token_heatmaps(contributions: torch.Tensor, labels: Sequence[ComponentLabel]
     if not grids:
         raise ValueError("no token component was selected for the heatmap")
     return torch.stack([upsample(grid, image_size) for grid in grids.values()]).sum(0)
+
+
+def text_heatmaps(decomposer, aligner, images: torch.Tensor, texts: torch.Tensor,
+                  image_size: tuple[int, int] | None = None, keep: Callable[[ComponentLabel], bool] | None = None
+                  ) -> torch.Tensor:
+    """[B, H, W]: ``token_heatmaps`` of ⟨a_i(x_b), t_b⟩ for ``images`` [B, C, H, W] and CLIP directions ``texts``
+    [B, d_clip] (each image its own text) or [d_clip] (one for all), from the decomposer's scores along the
+    aligner's pulled-back directions at level token: the token components [C, B, D] are never built, and a
+    text per image costs what one text costs. ``image_size``: default the images' own."""
+    if texts.dim() == 1:
+        directions = aligner_directions(aligner, texts)
+    else:
+        directions = per_image_aligner_directions(aligner, texts)
+    dec = decomposer(images, level="token", directions=directions)
+    return token_heatmaps(dec.scores[..., 0], dec.labels, image_size or tuple(images.shape[-2:]), keep)
 
 
 class AttentionLayer(Protocol):

@@ -5,18 +5,22 @@ A token-level component ``blocks.3.attn.h5.t17`` is one source token's share of 
 label keys only, the map each component uses: its own key if the aligner has it, else its
 head's (token dropped), else its branch's (head dropped). Since every map is linear,
 ⟨a_i(x), t⟩ = ⟨c_i(x), W_i t⟩: text contributions need one pulled-back direction per map,
-never the aligned components themselves.
+never the aligned components themselves; each image may have its own text
+(``per_image_aligner_directions``).
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
 
 from decompose import ComponentLabel
-from decompose.directions import Directions, per_component
+from decompose.directions import Directions, per_component, per_component_per_image
 
 from .compalign import AlignerMismatch, CompAlign
+
+TOKEN_KEY = re.compile(r"\.t\d+$")  # a token component's key ends so (``ComponentLabel.key``)
 
 
 def coarser_keys(label: ComponentLabel) -> list[str]:
@@ -75,16 +79,47 @@ def aligner_directions(aligner: CompAlign, directions: torch.Tensor) -> Directio
                               f"got {tuple(directions.shape)}")
     with torch.no_grad():
         table = torch.einsum("cde,ke->ckd", aligner.weights, directions.to(aligner.weights))   # [C_aligner, k, d]
-    index = {key: i for i, key in enumerate(aligner.keys)}
+    return per_component(table, _map_of(aligner))
 
-    def row_of(label: ComponentLabel) -> int:
+
+def per_image_aligner_directions(aligner: CompAlign, directions: torch.Tensor) -> Directions:
+    """``aligner_directions`` with each image's own CLIP directions: ``directions`` [B, d_clip] (or [B, k,
+    d_clip]), image b's component i scored along W_{row(i)} t_b, so its score is ⟨a_i(x_b), t_b⟩ (each image's
+    class text, its object's caption). Costs what one shared text costs; the batch must have B images."""
+    directions = directions.unsqueeze(1) if directions.dim() == 2 else directions
+    if directions.dim() != 3 or directions.shape[-1] != aligner.weights.shape[-1]:
+        raise AlignerMismatch(f"CLIP directions per image must be [B, {aligner.weights.shape[-1]}] or [B, k, "
+                              f"{aligner.weights.shape[-1]}] for this aligner, got {tuple(directions.shape)}")
+    with torch.no_grad():
+        table = torch.einsum("cde,bke->cbkd", aligner.weights, directions.to(aligner.weights))  # [C_aligner, B, k, d]
+    return per_component_per_image(table, _map_of(aligner))
+
+
+def _map_of(aligner: CompAlign):
+    """label -> the row of the aligner's map it uses (``coarser_keys``); ``AlignerMismatch`` for none.
+
+    An aligner without token maps (no key ending in ``.t<number>``) maps every token of a head alike: the row
+    is looked up once per head, not once per token component (tens of thousands per call)."""
+    index = {key: i for i, key in enumerate(aligner.keys)}
+    by_head: dict[tuple[str, int | None], int] | None = \
+        None if any(TOKEN_KEY.search(key) for key in index) else {}
+
+    def looked_up(label: ComponentLabel) -> int:
         row = next((index[key] for key in coarser_keys(label) if key in index), None)
         if row is None:
             raise AlignerMismatch(f"component {label.key} has no map in the aligner, not even its head's or "
                                   "branch's; train an aligner for this model and level")
         return row
 
-    return per_component(table, row_of)
+    def row_of(label: ComponentLabel) -> int:
+        if by_head is None or label.token is None:
+            return looked_up(label)
+        head = (label.name, label.head)
+        if head not in by_head:
+            by_head[head] = looked_up(label)
+        return by_head[head]
+
+    return row_of
 
 
 @torch.no_grad()

@@ -19,8 +19,9 @@ behaviour (then the forward runs once before it is measured, as the decomposer p
 
 Scores along directions are levels too: ``token@k8`` is level token with 8 shared random directions,
 ``token@aligner`` with per-component directions (a random CompAlign map per head and branch, one
-text), e.g. ``--levels token@k1 token@k8 token@k64 token@aligner``. ``head@compiled`` runs level head as one
-recorded graph (``decomposer.compiled``; recording it is not timed), ``token@k8@compiled`` its scores.
+text), e.g. ``--levels token@k1 token@k8 token@k64 token@aligner``; ``token@perimage`` one random direction per
+image, ``token@aligner-perimage`` the CompAlign's maps with one text per image (``per_image_aligner_directions``).
+``head@compiled`` runs level head as one recorded graph (``decomposer.compiled``; recording it is not timed), ``token@k8@compiled`` its scores.
 
 Targets (docs/design.md §4, Cost): head ≤ 1.3× time and ≤ 1.5× memory of a plain forward;
 token ≤ 3× time; scores along ≤ 8 shared directions at level token ≤ 1.5× time, an aligner's ≤ 3×.
@@ -82,24 +83,40 @@ def _runner(model, images, level):
         return lambda: graph.decompose(images)
     if directions is None:
         return lambda: decomposer(images, level=level)
-    decomposer(images[:1], level=level, directions=directions)
+    decomposer(images[:1], level=level, directions=_of_first_image(directions))
     return lambda: decomposer(images, level=level, directions=directions)
 
 
 def _directions(decomposer, images, level: str, scored: str):
-    """``kN``: N shared random directions; ``aligner``: a random CompAlign's per-component directions."""
+    """``kN``: N shared random directions; ``perimage``: one random direction per image; ``aligner``: a random
+    CompAlign's per-component directions (``aligner-perimage``: one text per image)."""
+    from decompose.directions import per_image
+
     width = decomposer(images[:1], level="branch").representation[0].numel()
     generator = torch.Generator().manual_seed(0)
     if scored.startswith("k"):
         return torch.randn(int(scored[1:]), width, generator=generator).to(images)
-    if scored != "aligner":
-        raise SystemExit(f"unknown scores variant {scored!r}: use @kN or @aligner")
+    if scored == "perimage":
+        return per_image(torch.randn(images.shape[0], width, generator=generator).to(images))
+    if scored not in ("aligner", "aligner-perimage"):
+        raise SystemExit(f"unknown scores variant {scored!r}: use @kN, @perimage, @aligner or @aligner-perimage")
     from align.compalign import CompAlign
-    from align.parent_maps import aligner_directions
+    from align.parent_maps import aligner_directions, per_image_aligner_directions
 
     labels = decomposer(images[:1], level="head").labels
     aligner = CompAlign(labels, width, 512, generator=generator)
+    if scored == "aligner-perimage":
+        return per_image_aligner_directions(aligner, torch.randn(images.shape[0], 512, generator=generator))
     return aligner_directions(aligner, torch.randn(512, generator=generator))
+
+
+def _of_first_image(directions):
+    """The directions of the batch's first image (directions per image), else ``directions`` (a warm-up call)."""
+    from decompose.directions import Directions
+
+    if isinstance(directions, Directions) and directions.images is not None:
+        return Directions(directions.table[:, :1], directions.row_of)
+    return directions
 
 
 def _timings(name, batch, levels, repeats, image_size, depth, device, queue):

@@ -6,8 +6,8 @@
 A CompAlign is trained for the target on a first sample (head level, as the demo does). Then batches of
 new images are generated one at a time; each image's token components are scored along its object's
 text ("a red circle" less the mean scene text) through the aligner's maps
-(``align.aligner_directions``): ``decomposer(x, "token", directions=...)`` returns ``[C, b, k]`` scores and
-never the component vectors. Heatmaps are summed per source position and scored against the object
+(``align.per_image_aligner_directions``: each image its own text, at the cost of one):
+``decomposer(x, "token", directions=...)`` returns ``[C, b, 1]`` scores and never the component vectors. Heatmaps are summed per source position and scored against the object
 masks batch by batch (``SegmentationTally``). Peak memory of the whole streamed run is compared with a
 plain forward over the same batches, each in a fresh process (resident high-water mark, see
 ``benchmarks.overhead``).
@@ -53,7 +53,7 @@ def _stream(target, count, batch, seed, fit_images, queue):
     """Child process: train the aligner, then segment ``count`` images; peak bytes of the streamed part."""
     warnings.simplefilter("ignore")
     sys.path.insert(0, ".")
-    from align import aligner_directions, encode_descriptions, token_heatmaps
+    from align import encode_descriptions, per_image_aligner_directions, token_heatmaps
     from align.segmentation import SegmentationTally
     from benchmarks.overhead import _peak_resident_bytes, _release_free_memory, _reset_peak, _resident_bytes
     from toyworld.demo import TEXT_TEMPLATES
@@ -72,11 +72,10 @@ def _stream(target, count, batch, seed, fit_images, queue):
     for sample in _batches(count, batch, seed + 1):
         rows = torch.arange(len(sample))
         wanted = object_directions(lambda texts: encode_descriptions(clip, texts, TEXT_TEMPLATES), sample, rows)
-        unique, column = torch.unique(wanted, dim=0, return_inverse=True)             # [k, d_clip], [b]
         dec = decomposer(target_preprocess(sample.images), level="token",
-                         directions=aligner_directions(aligner, unique))
-        scores = dec.scores.gather(2, column.view(1, -1, 1).expand(dec.scores.shape[0], -1, 1))[..., 0]
-        tally.add(token_heatmaps(scores.float(), dec.labels, tuple(sample.images.shape[-2:])), sample.masks)
+                         directions=per_image_aligner_directions(aligner, wanted))       # [C, b, 1]
+        tally.add(token_heatmaps(dec.scores[..., 0].float(), dec.labels, tuple(sample.images.shape[-2:])),
+                  sample.masks)
     seconds = time.perf_counter() - started
     peak = _peak_resident_bytes() - baseline
     queue.put({"scores": tally.scores().__dict__, "seconds": seconds, "peak_bytes": peak,

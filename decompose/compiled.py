@@ -14,8 +14,11 @@ constants of the graph, so other directions need another recording.
 """
 from __future__ import annotations
 
+import enum
 import math
 import traceback
+import warnings
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -99,13 +102,13 @@ def compile_decomposition(decomposer, level: Level | str, example: torch.Tensor,
         raise ValueError(f"level must be one of {[str(known) for known in LEVELS]}, got {level!r}")
     level = Level(level)
     table = as_directions(directions) if directions is not None else None
-    decomposer(example, level=level, directions=table)  # plans, checks the example and its sum
+    decomposer.interpret(example, level, table)  # plans, checks the example and its sum
     plan = decomposer.plan(example)
     positions = decomposer.key_positions(plan) if level is Level.TOKEN else None
     checked = None
     if table is not None:
         width = math.prod(plan.output_shape)
-        checked = with_check_direction(table.checked(width, example), width, example)
+        checked = with_check_direction(table.checked(width, example, example.shape[0]), width, example)
     labels: list = []
 
     def components(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,3 +158,59 @@ def _check_inputs_first(traced: fx.GraphModule, example: torch.Tensor) -> None:
         checked = graph.call_function(refuse_other_inputs,
                                       (images, tuple(example.shape), example.dtype, str(example.device)))
     images.replace_all_uses_with(checked, delete_user_cb=lambda user: user is not checked)
+
+
+class CallPath(enum.Enum):
+    """How a decomposer's call ran."""
+
+    GRAPH = "graph"              # a recorded ``DecompositionGraph``
+    INTERPRETER = "interpreter"  # the pass walking the fx graph node by node
+
+
+class GraphFallbackWarning(UserWarning):
+    """A decomposer made with ``graphs=True`` ran a call in the interpreter: it cannot be one graph."""
+
+
+class RecordedGraphs:
+    """The graphs of a decomposer made with ``graphs=True``, one per call signature (images' shape, dtype and
+    device, level, directions object), the last ``LIMIT`` kept. A signature that cannot be recorded
+    (``GraphCaptureError``) runs in the interpreter, with one ``GraphFallbackWarning`` when first met.
+
+    recordings: graphs recorded so far; last_path: the ``CallPath`` of the last call
+    """
+
+    LIMIT = 8
+
+    def __init__(self):
+        self.graphs: OrderedDict[tuple, tuple[DecompositionGraph | None, object]] = OrderedDict()
+        self.recordings = 0
+        self.last_path: CallPath | None = None
+
+    def decompose(self, decomposer, images: torch.Tensor, level: Level, table: Directions | None,
+                  given: object) -> Decomposition:
+        """The call through its signature's graph (recorded now if new); ``given``: the directions as the
+        user passed them (a graph holds them as constants: a changed tensor needs a new recording)."""
+        version = getattr(given, "_version", getattr(getattr(given, "table", None), "_version", None))
+        key = (tuple(images.shape), images.dtype, str(images.device), level, id(given), version)
+        entry = self.graphs.get(key)
+        if entry is None or entry[1] is not given:
+            entry = (self._record(decomposer, images, level, table), given)
+            self.graphs[key] = entry
+            while len(self.graphs) > self.LIMIT:
+                self.graphs.popitem(last=False)
+        self.graphs.move_to_end(key)
+        graph = entry[0]
+        self.last_path = CallPath.GRAPH if graph is not None else CallPath.INTERPRETER
+        return graph.decompose(images) if graph is not None else decomposer.interpret(images, level, table)
+
+    def _record(self, decomposer, images: torch.Tensor, level: Level, table: Directions | None
+                ) -> DecompositionGraph | None:
+        try:
+            graph = compile_decomposition(decomposer, level, images, table)
+        except GraphCaptureError as error:
+            warnings.warn(f"{error}. Calls with images {tuple(images.shape)} at level {level} run in the "
+                          "interpreter (decomposer.last_path says which path a call ran)", GraphFallbackWarning,
+                          stacklevel=4)
+            return None
+        self.recordings += 1
+        return graph

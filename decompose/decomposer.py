@@ -20,13 +20,20 @@ from tracer.vocabulary import ComponentKind, Level
 
 from .births import LEVELS
 from .carried import Carried, Chunk, ComponentRegistry
+from .compiled import CallPath, RecordedGraphs
 from .decomposition import Decomposition
 from .directions import Directions, as_directions
 from .pooling import Parking, branches_for_level, early_pooling_for, pooled_components
 from .precision import Float64Values, in_float64, restored
 from .propagate import propagate
 from .run_plan import RunPlan
-from .scoring import Projection, score_by_adjoints, with_check_direction
+from .scoring import (
+    Projection,
+    check_direction,
+    score_by_adjoints,
+    with_check_direction,
+    without_check_direction,
+)
 from .sum_check import (
     FirstInexactNode,
     InexactSum,
@@ -36,6 +43,9 @@ from .sum_check import (
     image_errors,
     tolerance_for,
 )
+
+# ``trace_and_decompose``'s ``graphs`` when not given (the test suite's ``--graphs`` option sets it)
+GRAPHS_BY_DEFAULT = False
 
 
 class Decomposer(nn.Module):
@@ -48,7 +58,7 @@ class Decomposer(nn.Module):
 
     def __init__(self, model: nn.Module, output: str = "pre_logits", prune: bool = True,
                  cut_nonlinear_trunk: bool = False, sum_tolerance: float | None = None,
-                 on_inexact_sum: InexactSum | str = InexactSum.RAISE):
+                 on_inexact_sum: InexactSum | str = InexactSum.RAISE, graphs: bool = False):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"trace_and_decompose expects a torch.nn.Module, got {type(model).__name__}")
@@ -67,6 +77,7 @@ class Decomposer(nn.Module):
         self.graph_module, self.opaque_modules = trace_representation(frozen_eval_copy(model), output)
         self.trace_seconds = time.perf_counter() - started
         self._plans: dict[tuple, RunPlan] = {}
+        self.graphs = RecordedGraphs() if graphs else None
         self._expected_input = _expected_input_size(model)
         config = getattr(model, "pretrained_cfg", None)
         self.pretrained_cfg = dict(config) if isinstance(config, dict) else None  # preprocessing
@@ -111,13 +122,25 @@ class Decomposer(nn.Module):
         """Decompose a batch ``images`` [B, C, H, W] into ``Decomposition.components`` [C, B, *D].
 
         directions: ``[k, D]`` shared by every component, or a ``decompose.directions.Directions`` (per
-                    component): the result holds ``scores`` [C, B, k] = ⟨component, u⟩ instead of the vectors,
-                    never allocating ``[C, B, D]``."""
+                    component, per image: ``per_image``): the result holds ``scores`` [C, B, k] = ⟨component,
+                    u⟩ instead of the vectors, never allocating ``[C, B, D]``."""
         _check_images(images, self.graph_module, self._expected_input)
         if level not in LEVELS:
             raise ValueError(f"level must be one of {[str(known) for known in LEVELS]}, got {level!r}")
         level = Level(level)
         table = as_directions(directions) if directions is not None else None  # bad directions fail first
+        if self.graphs is not None:
+            return self.graphs.decompose(self, images, level, table, directions)
+        return self.interpret(images, level, table)
+
+    @property
+    def last_path(self) -> CallPath:
+        """Which path the last call ran: a recorded graph, or the interpreter (always, without ``graphs``)."""
+        return self.graphs.last_path if self.graphs is not None else CallPath.INTERPRETER
+
+    @torch.no_grad()
+    def interpret(self, images: torch.Tensor, level: Level, table: Directions | None) -> Decomposition:
+        """``forward`` by walking the fx graph node by node (the interpreter), for checked arguments."""
         plan = self.plan(images)
         positions = self.key_positions(plan) if level is Level.TOKEN else None
         if table is not None:
@@ -163,7 +186,7 @@ class Decomposer(nn.Module):
                 positions: dict | None) -> Decomposition:
         """``forward`` with directions (``decompose.scoring``)."""
         width = math.prod(plan.output_shape)
-        directions = directions.checked(width, images)
+        directions = directions.checked(width, images, images.shape[0])
         checked = with_check_direction(directions, width, images)
         representation, scores, labels = self._score_pass(plan, images, level, checked, positions)
         return self.checked_scores(plan, images, level, checked, representation, scores, labels)
@@ -209,10 +232,9 @@ class Decomposer(nn.Module):
         along = scores[..., -1].sum(0)
         error = check_sum(along, representation, what=what + " along a random direction",
                           tolerance=tolerance_for(images.dtype, self.sum_tolerance), on_inexact=self.on_inexact_sum,
-                          diagnose=diagnose, errors=direction_errors(along, representation, checked.table[0, -1]))
-        directions = Directions(checked.table[:, :-1], checked.row_of)
+                          diagnose=diagnose, errors=direction_errors(along, representation, check_direction(checked)))
         return Decomposition(None, labels, representation, level, plan.target.name, plan.describe_stop(),
-                             sum_error=error, scores=scores[..., :-1], directions=directions)
+                             sum_error=error, scores=scores[..., :-1], directions=without_check_direction(checked))
 
     def _first_inexact_node(self, plan: RunPlan, image: torch.Tensor, level: Level) -> str:
         """Where a sum breaks: ``image`` [1, C, H, W] decomposed again in float64 without early pooling,
@@ -241,7 +263,8 @@ def _parking(plan: RunPlan, level: Level) -> Parking | None:
 
 def trace_and_decompose(model: nn.Module, output: str = "pre_logits", prune: bool = True,
                         cut_nonlinear_trunk: bool = False, sum_tolerance: float | None = None,
-                        on_inexact_sum: InexactSum | str = InexactSum.RAISE) -> Decomposer:
+                        on_inexact_sum: InexactSum | str = InexactSum.RAISE, graphs: bool | None = None
+                        ) -> Decomposer:
     """Trace ``model`` once and return a ``Decomposer``.
 
     output: ``"pre_logits"`` (timm's ``num_classes=0`` features; open_clip image towers
@@ -256,9 +279,14 @@ def trace_and_decompose(model: nn.Module, output: str = "pre_logits", prune: boo
     on_inexact_sum: ``"raise"`` (default) an ``InexactSumError`` naming the error and the first node
             where the components stop summing to its value; ``"warn"``: the same as a warning, and the
             inexact result.
+    graphs: run each call as a recorded graph (``decompose.compiled``): the first call of an input shape,
+            dtype, device, level and directions records it, later ones run it. Where a value of the batch
+            decides what the pass computes, that signature falls back to the interpreter with a
+            ``GraphFallbackWarning``; ``decomposer.last_path`` says which path the last call ran.
     """
     return Decomposer(model, output=output, prune=prune, cut_nonlinear_trunk=cut_nonlinear_trunk,
-                      sum_tolerance=sum_tolerance, on_inexact_sum=on_inexact_sum)
+                      sum_tolerance=sum_tolerance, on_inexact_sum=on_inexact_sum,
+                      graphs=GRAPHS_BY_DEFAULT if graphs is None else graphs)
 
 
 def relevance_masks(gm, plan: TrunkPlan, image: torch.Tensor) -> dict:

@@ -56,16 +56,18 @@ class Decomposition:
         return self.scores if self.vectors is None else self.vectors
 
     def sum(self) -> torch.Tensor:
-        """[B, *D] sum of all components; with directions [B, k] = ⟨representation, u_j⟩ (shared directions)."""
+        """[B, *D] sum of all components; with directions [B, k] = ⟨representation, u_j⟩ (directions shared by
+        every component)."""
         return self.values.sum(0)
 
     def projected_representation(self) -> torch.Tensor:
-        """[B, k] ⟨representation, u_j⟩ for shared directions."""
+        """[B, k] ⟨representation_b, u_j⟩ for directions shared by every component (per image: image b's u_j)."""
         table = self.directions.table
         if table.shape[0] != 1:
             raise ValueError("per-component directions: the scores do not sum to one projection of the "
                              "representation")
-        return self.representation.reshape(self.representation.shape[0], -1).to(table) @ table[0].T
+        flat = self.representation.reshape(self.representation.shape[0], -1).to(table)
+        return flat @ table[0].T if table.dim() == 3 else torch.einsum("bd,bkd->bk", flat, table[0])
 
     def relative_error(self) -> float:
         """‖Σ components − representation‖ / ‖representation‖ (with shared directions:

@@ -1,13 +1,18 @@
 """Directions to score components along: ⟨component c of image b, u⟩ without building the components.
 
-``Directions`` holds a table ``[M, k, D]`` of directions in the space of the decomposed output and says
-which row of it each component uses:
+``Directions`` holds a table ``[M, k, D]`` of directions in the space of the decomposed output, or
+``[M, B, k, D]`` with directions of each image of the batch, and says which row of it each component uses:
 
-* ``shared(U)``: one row, ``U`` [k, D], for every component;
+* ``shared(U)``: one row, ``U`` [k, D], for every component and image;
 * ``per_component(table, row_of)``: component c uses ``table[row_of(label c)]`` (an aligner's maps pulled
-  back: each component's W_i t for CLIP texts t, a head's token components on the head's map).
+  back: each component's W_i t for CLIP texts t, a head's token components on the head's map);
+* ``per_image(U)``: ``U`` [B, k, D], image b's components along ``U[b]`` (each image's class or text);
+* ``per_component_per_image(table, row_of)``: component c of image b along ``table[row_of(label c), b]``
+  (an aligner's maps pulled back for each image's own text).
 
-The decomposer pulls each row back to where components are born (``decompose.scoring``).
+The decomposer pulls each row back to where components are born (``decompose.scoring``). Per-image
+directions cost what k shared ones cost: the pull-back is per image anyway, so image b's adjoint carries
+image b's directions.
 """
 from __future__ import annotations
 
@@ -20,12 +25,13 @@ from .labels import ComponentLabel
 
 
 class DirectionError(ValueError):
-    """Directions that cannot score this decomposition (wrong width, non-finite, unknown component)."""
+    """Directions that cannot score this decomposition (wrong width or batch, non-finite, unknown component)."""
 
 
 @dataclass
 class Directions:
-    """table: [M, k, D] directions; row_of: a component's label -> its row (None: every label uses row 0)."""
+    """table: [M, k, D] directions shared by every image, or [M, B, k, D] per image; row_of: a component's
+    label -> its row (None: every label uses row 0)."""
 
     table: torch.Tensor
     row_of: Callable[[ComponentLabel], int] | None = None
@@ -33,7 +39,20 @@ class Directions:
     @property
     def count(self) -> int:
         """k: scores per component."""
-        return self.table.shape[1]
+        return self.table.shape[-2]
+
+    @property
+    def images(self) -> int | None:
+        """B for directions per image (a table [M, B, k, D]); None for directions shared by every image."""
+        return self.table.shape[1] if self.table.dim() == 4 else None
+
+    def row(self, row: int) -> torch.Tensor:
+        """One row's directions: [k, D], or [B, k, D] per image."""
+        return self.table[row]
+
+    def columns(self, first: int, last: int) -> Directions:
+        """Directions ``first`` to ``last`` - 1 of every row (and image)."""
+        return Directions(self.table[..., first:last, :], self.row_of)
 
     def rows(self, labels: Sequence[ComponentLabel]) -> torch.Tensor:
         """Long [C]: the table row each label uses."""
@@ -45,19 +64,40 @@ class Directions:
             return [0] * len(labels)
         return [self.row_of(label) for label in labels]
 
-    def checked(self, width: int, like: torch.Tensor) -> Directions:
-        """These directions for an output of ``width`` numbers per image, in ``like``'s dtype and device."""
+    def checked(self, width: int, like: torch.Tensor, batch: int) -> Directions:
+        """These directions for a batch of ``batch`` images with ``width`` output numbers each, in ``like``'s
+        dtype and device."""
         if self.table.shape[-1] != width:
+            shape = f"[k, {width}]" if self.images is None else f"[{batch}, k, {width}]"
             raise DirectionError(f"directions have width {self.table.shape[-1]} but the decomposed output has "
-                                 f"{width} numbers per image; give directions of shape [k, {width}]")
+                                 f"{width} numbers per image; give directions of shape {shape}")
+        if self.images is not None and self.images != batch:
+            raise DirectionError(f"directions per image are given for {self.images} images but the batch has "
+                                 f"{batch}; give one set of directions per image of the batch "
+                                 f"([{batch}, k, {width}]), or directions shared by every image ([k, {width}])")
         return Directions(self.table.to(dtype=like.dtype, device=like.device), self.row_of)
 
     def project(self, values: torch.Tensor, labels: Sequence[ComponentLabel]) -> torch.Tensor:
         """``values`` [c, B, *D] of components ``labels`` -> their scores [c, B, k]."""
         flat = values.reshape(values.shape[0], values.shape[1], -1).to(self.table.dtype)
-        if self.row_of is None or self.table.shape[0] == 1:
-            return flat @ self.table[0].T
-        return torch.einsum("cbd,ckd->cbk", flat, self.table[self.rows(labels).to(self.table.device)])
+        rows = self.row_list(labels)
+        if len(set(rows)) <= 1:
+            return _along(flat, self.row(rows[0] if rows else 0))
+        if self.images is None:
+            return torch.einsum("cbd,ckd->cbk", flat, self.table[self.rows(labels).to(self.table.device)])
+        # per image and row: each row's components at once (never a [c, B, k, D] gathered table)
+        scores = flat.new_empty(*flat.shape[:2], self.count)
+        for row in sorted(set(rows)):
+            at = torch.tensor([i for i, r in enumerate(rows) if r == row], device=flat.device)
+            scores[at] = _along(flat[at], self.row(row))
+        return scores
+
+
+def _along(flat: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """``flat`` [c, B, D] along ``directions`` [k, D] (every image) or [B, k, D] (each image its own): [c, B, k]."""
+    if directions.dim() == 2:
+        return flat @ directions.T
+    return torch.einsum("cbd,bkd->cbk", flat, directions)
 
 
 def shared(directions: torch.Tensor) -> Directions:
@@ -78,6 +118,29 @@ def per_component(table: torch.Tensor, row_of: Callable[[ComponentLabel], int]) 
         table = table.unsqueeze(1)
     if table.dim() != 3:
         raise DirectionError(f"per-component directions must be [M, k, D] or [M, D], got {tuple(table.shape)}")
+    return Directions(_finite(table), _bounded(row_of, table.shape[0]))
+
+
+def per_image(directions: torch.Tensor) -> Directions:
+    """Image b's components along ``directions[b]`` ([B, k, D], or [B, D] for one direction per image): each
+    image its own class row or text, at the cost of k shared directions."""
+    table = _as_tensor(directions)
+    if table.dim() == 2:
+        table = table.unsqueeze(1)
+    if table.dim() != 3:
+        raise DirectionError(f"directions per image must be [B, k, D] or [B, D], got shape {tuple(table.shape)}")
+    return Directions(_finite(table).unsqueeze(0))
+
+
+def per_component_per_image(table: torch.Tensor, row_of: Callable[[ComponentLabel], int]) -> Directions:
+    """Component c of image b along ``table[row_of(label c), b]`` ([M, B, k, D], or [M, B, D] for k = 1): an
+    aligner's maps pulled back for each image's own text. ``row_of`` as for ``per_component``."""
+    table = _as_tensor(table)
+    if table.dim() == 3:
+        table = table.unsqueeze(2)
+    if table.dim() != 4:
+        raise DirectionError(f"per-component directions per image must be [M, B, k, D] or [M, B, D], got "
+                             f"{tuple(table.shape)}")
     return Directions(_finite(table), _bounded(row_of, table.shape[0]))
 
 

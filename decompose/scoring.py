@@ -37,12 +37,23 @@ BATCHED_DIRECTIONS, ADJOINT_BYTES = 16, 2 ** 23
 
 
 def with_check_direction(directions: Directions, width: int, like: torch.Tensor) -> Directions:
-    """``directions`` [M, k, D] with one more column, the same random unit direction r in every row."""
+    """``directions`` [M, (B,) k, D] with one more column, the same random unit direction r in every row (and
+    for every image)."""
     generator = torch.Generator().manual_seed(1234)
     check = torch.randn(width, generator=generator, dtype=torch.float64).to(like)
     check = check / check.norm()
-    table = torch.cat([directions.table, check.expand(directions.table.shape[0], 1, width)], dim=1)
-    return Directions(table, directions.row_of)
+    table = directions.table
+    return Directions(torch.cat([table, check.expand(*table.shape[:-2], 1, width)], dim=-2), directions.row_of)
+
+
+def check_direction(checked: Directions) -> torch.Tensor:
+    """[D] the random unit direction that ``with_check_direction`` added as the last column."""
+    return checked.table.reshape(-1, *checked.table.shape[-2:])[0, -1]
+
+
+def without_check_direction(checked: Directions) -> Directions:
+    """The directions ``with_check_direction`` was given."""
+    return checked.columns(0, checked.count - 1)
 
 
 class BirthLeaves:
@@ -106,7 +117,7 @@ def score_by_adjoints(gm: fx.GraphModule, plan: RunPlan, images: torch.Tensor, l
     with torch.enable_grad():
         ids, components = carried.drain()                                       # [Cb, B, *D], few
     check_sum(components.detach().sum(0), representation)
-    directions = directions.checked(representation[0].numel(), representation)
+    directions = directions.checked(representation[0].numel(), representation, representation.shape[0])
     labels: list[ComponentLabel] = []
     rows_of: dict[int, list[int]] = {}
     for i in ids:
@@ -140,6 +151,8 @@ def _adjoint_passes(components: torch.Tensor, positions: list[int], leaves: list
     so one backward pass serves every birth, each with a direction of its own: pass j puts birth n's j-th
     row of the table on its component (as many passes as a birth has rows: one for shared directions), in
     groups of at most ``BATCHED_DIRECTIONS`` directions and ``ADJOINT_BYTES`` of adjoints (``is_grads_batched``).
+    Images are independent through the frozen trunk, so with directions per image the cotangent of image b
+    carries image b's directions: k directions per image cost k directions, whatever the batch.
     """
     if not leaves:
         return
@@ -151,8 +164,7 @@ def _adjoint_passes(components: torch.Tensor, positions: list[int], leaves: list
         cotangent = components.new_zeros(last - first, *components.shape)           # [g, Cb, B, *D]
         for n, position in enumerate(positions):
             if j < len(rows[n]):
-                direction = directions.table[rows[n][j], first:last].to(components.dtype)   # [g, D]
-                cotangent[:, position] = direction.view(last - first, 1, *components.shape[2:])
+                cotangent[:, position] = _cotangent(directions.row(rows[n][j]), first, last, components)
         with torch.enable_grad():
             grads = torch.autograd.grad(components, leaves, cotangent, is_grads_batched=True, allow_unused=True,
                                         retain_graph=number + 1 < len(passes))
@@ -164,10 +176,19 @@ def _adjoint_passes(components: torch.Tensor, positions: list[int], leaves: list
         del grads
 
 
+def _cotangent(directions: torch.Tensor, first: int, last: int, components: torch.Tensor) -> torch.Tensor:
+    """Directions ``first`` to ``last`` - 1 of one row, [k, D] (every image) or [B, k, D] (per image), as the
+    cotangent of one component of ``components`` [Cb, B, *D]: [g, 1 or B, *D]."""
+    chosen = directions[..., first:last, :].to(components.dtype)
+    if chosen.dim() == 2:
+        return chosen.view(last - first, 1, *components.shape[2:])
+    return chosen.transpose(0, 1).reshape(last - first, chosen.shape[0], *components.shape[2:])
+
+
 class Projection:
     """For early pooling's gathering (``pooling.gathering.OutputProjection``): components' values at the
-    output [c, B, *D] -> scores [c, B, k]; ``factor(ids)``: the matrix [D, k] that projects all of ``ids``
-    when they use one table row."""
+    output [c, B, *D] -> scores [c, B, k]; ``factor(ids)``: the matrix [D, k] (per image: [B, D, k]) that
+    projects all of ``ids`` when they use one table row."""
 
     def __init__(self, directions: Directions, registry: ComponentRegistry):
         self.directions, self.registry = directions, registry
@@ -177,6 +198,6 @@ class Projection:
 
     def factor(self, ids: list[int]) -> torch.Tensor | None:
         rows = set(self.directions.row_list([self.registry.labels[i] for i in ids]))
-        return self.directions.table[rows.pop()].T if len(rows) == 1 else None
+        return self.directions.row(rows.pop()).transpose(-2, -1) if len(rows) == 1 else None
 
 

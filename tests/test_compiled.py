@@ -4,13 +4,15 @@ graph reads nothing back, refuses other inputs, and a read of the batch that dec
 refuses to record."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from decompose import trace_and_decompose
-from decompose.compiled import GraphCaptureError, InputMismatchError
+from decompose.compiled import CallPath, GraphCaptureError, GraphFallbackWarning, InputMismatchError
 from decompose.directions import per_component
 from decompose.sum_check import InexactSumError
 from tests.models import TIMM_MODELS, gated_model, matrix_decomposer, matrix_model
@@ -172,3 +174,32 @@ def test_a_decision_on_the_batch_refuses_to_record():
         decomposer = trace_and_decompose(gated_model())
     with pytest.raises(GraphCaptureError, match=r"reads a value of the batch.*models.py:\d+ \(forward"):
         decomposer.compiled("head", torch.randn(2, 3, 8, 8))
+
+
+def test_graphs_option_records_once_per_signature_and_equals_the_interpreter():
+    model, size = matrix_model("swin_tiny_patch4_window7_224")
+    decomposer, graphs = trace_and_decompose(model), trace_and_decompose(model, graphs=True)
+    images = torch.randn(2, *size, dtype=torch.float64)
+    for level in ("head", "token"):
+        expected = decomposer(images, level=level)
+        for call in range(2):
+            got = graphs(images + call, level=level)
+            assert graphs.last_path is CallPath.GRAPH
+            assert got.labels == expected.labels
+        assert torch.allclose(got.components, decomposer(images + 1, level=level).components, rtol=0, atol=1e-12)
+    assert graphs.graphs.recordings == 2  # one per level, not per call
+    assert decomposer.last_path is CallPath.INTERPRETER
+
+
+def test_graphs_option_falls_back_visibly_where_no_graph_can_record():
+    with pytest.warns(UserWarning, match="could not trace into gate"):
+        decomposer = trace_and_decompose(gated_model(), graphs=True)
+    images = torch.randn(2, 3, 8, 8)
+    with pytest.warns(GraphFallbackWarning, match="run in the interpreter"):
+        dec = decomposer(images, level="head")
+    assert decomposer.last_path is CallPath.INTERPRETER
+    assert torch.allclose(dec.components.sum(0), dec.representation, atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GraphFallbackWarning)  # warned once per signature
+        decomposer(images, level="head")
+    assert decomposer.graphs.recordings == 0

@@ -75,7 +75,8 @@ def test_windowed_attention_is_pooled_by_token_without_the_dense_split(name, mon
     monkeypatch.setattr(gathering, "_token_components", recorded)
     out = decomposer(images, level="token")
     assert out.relative_error() <= 1e-10
-    assert sorted(birth.name for birth, _ in pooled) == sorted(birth.name for birth in attention)
+    # (a decomposer that records graphs walks the pass twice on its first call: each birth is pooled twice)
+    assert sorted({birth.name for birth, _ in pooled}) == sorted(birth.name for birth in attention)
     assert max(windows for _, windows in pooled) > 1  # attention within windows: sources are (window, key)
     monkeypatch.setattr(gathering, "PIECE_ELEMENTS", 1)  # one window per piece
     pieces = decomposer(images, level="token")

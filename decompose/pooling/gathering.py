@@ -45,7 +45,7 @@ HEAD_FEATURES = "pooling.gathering: the features of each head of a pooled branch
 PIECE_GROUPS = "pooling.gathering: the attention groups of each piece of a branch split by token"
 # a branch split by token is taken to the output in pieces of at most this many elements of its
 # widest intermediate ([windows, keys, K, head features] pooled, before the tail's matrix)
-PIECE_ELEMENTS = 2 ** 22
+PIECE_ELEMENTS = 2 ** 20
 
 
 @dataclass
@@ -238,28 +238,36 @@ def _all_heads_at_once(factors: list, head_of: torch.Tensor, heads: int) -> bool
 def _token_scores(run: BranchRun, slots: _SlotWeights, matrix: torch.Tensor, factors: torch.Tensor, batch: int
                   ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """``_token_components`` for scores, all heads in one product: ``factors`` [H, O, k] (each head's
-    directions), pieces ``[c, B, k]`` of the ``H·S`` components in order."""
+    directions) or [H, B, O, k] (per image), pieces ``[c, B, k]`` of the ``H·S`` components in order."""
     head_of, within = run.spec.heads.to(slots.used.device), run.spec.within.to(slots.used.device)
     heads, keys, count = factors.shape[0], slots.keys, slots.count
     features = torch.stack(_head_features(head_of, heads))                               # [H, W]
     width, outputs = features.shape[1], factors.shape[-1]
-    # [H, W, K·k]: each head's features through every slot's matrix and the head's directions
+    # [H, (B,) W, K·k]: each head's features through every slot's matrix and the head's (image's) directions
     order = features.flatten()
     in_order = structural(lambda: torch.equal(order, torch.arange(len(order), device=order.device)),
                           "pooling.gathering: whether the heads' features are the matrix's column order")
     by_head = matrix if in_order else matrix[:, order]
-    per_head = torch.einsum("khwo,hop->hwkp", by_head.view(count, heads, width, -1),   # (heads in column blocks:
-                            factors.to(matrix)).reshape(heads, width, count * outputs)  # no copy of the matrix)
+    by_head = by_head.view(count, heads, width, -1)                     # (heads in column blocks: no copy)
+    if factors.dim() == 3:
+        per_head = torch.einsum("khwo,hop->hwkp", by_head, factors.to(matrix)).reshape(heads, width, -1)
+    else:
+        per_head = torch.einsum("khwo,hbop->hbwkp", by_head, factors.to(matrix)).reshape(heads, batch, width, -1)
     gather = within[features].view(1, heads, 1, width)
-    step = max(1, PIECE_ELEMENTS // (keys * count * max(outputs, 1) * batch * heads))   # windows per piece
+    rows = keys + (width if per_head.dim() == 4 else 0)   # per image: each group's directions gathered too
+    step = max(1, PIECE_ELEMENTS // (rows * count * max(outputs, 1) * batch * heads))   # windows per piece
     for first in range(0, run.windows, step):
         last = min(first + step, run.windows)
         inside = _piece_groups(slots.window, first, last)
         groups = slots.used[inside]
         own = torch.take_along_dim(run.values[groups], gather.expand(len(groups), heads, keys, width), dim=3)
         # heads lead throughout: one batched product per head, no copy of the [H, n, Nk, K, k] products
-        own = own.transpose(0, 1).reshape(heads, -1, width)                                # [H, n·Nk, W]
-        through = torch.bmm(own, per_head).view(heads, len(groups), keys, count, outputs)  # [H, n, Nk, K, k]
+        if per_head.dim() == 3:
+            own = own.transpose(0, 1).reshape(heads, -1, width)                            # [H, n·Nk, W]
+            through = torch.bmm(own, per_head)
+        else:  # each attention group through its image's directions: [H, n, Nk, W] @ [H, n, W, K·k]
+            through = own.transpose(0, 1) @ per_head[:, slots.image[inside]]
+        through = through.view(heads, len(groups), keys, count, outputs)                   # [H, n, Nk, K, k]
         weights = slots.summed[groups].permute(2, 0, 3, 1).unsqueeze(-2)                  # [H, n, Nk, 1, K]
         reached = (weights @ through).squeeze(-2)                                           # [H, n, Nk, k]
         out = reached.new_zeros(heads, batch * (last - first), keys, outputs)
@@ -277,8 +285,8 @@ def _token_components(pooling: EarlyPooling, run: BranchRun, join: _JoinRows, ma
     the ``H·S`` components in order (the branch's constants are ``_constants``).
 
     matrix: ``[K, F, O]`` from ``token_matrices``; with ``project``, a head whose components share one factor
-    [O, k] is taken straight to its scores (``[c, B, k]`` pieces, the matrix times the factor), the others
-    are projected piece by piece. Source s = w·Nk + j is key j of attention group w
+    [O, k] (per image [B, O, k]: each attention group through its image's) is taken straight to its scores
+    (``[c, B, k]`` pieces, the matrix times the factor), the others are projected piece by piece. Source s = w·Nk + j is key j of attention group w
     (``births._split_tokens``); its component at row r (attention row n, query q) is
     A[n, h, q, j] · V[n, h, j, within] on head h's features, so pooled and at the output:
 
@@ -305,23 +313,24 @@ def _token_components(pooling: EarlyPooling, run: BranchRun, join: _JoinRows, ma
         head_ids = run.ids[h * run.windows * keys: (h + 1) * run.windows * keys]
         factor = project.factor(head_ids) if project is not None else None
         if factor is not None:
-            head_matrix = head_matrix @ factor.to(head_matrix)                           # [K·W, k]
+            head_matrix = head_matrix @ factor.to(head_matrix)                           # [(B,) K·W, k]
         outputs, width = head_matrix.shape[-1], len(features)
         # few outputs (scores): each key's features through the matrix of every slot first, [n, Nk, K·O],
         # never the [n, Nk, K, W] pooled values
-        by_slot = head_matrix.view(count, width, outputs).permute(1, 0, 2).reshape(width, -1) \
-            if outputs < width else None                                                  # [W, K·O]
-        step = max(1, PIECE_ELEMENTS // (keys * count * max(min(width, outputs), 1) * batch))  # windows per piece
+        by_slot = head_matrix.unflatten(-2, (count, width)).transpose(-3, -2).flatten(-2) \
+            if outputs < width else None                                                  # [(B,) W, K·O]
+        rows = keys + (width if head_matrix.dim() == 3 else 0)   # per image: each group's matrix gathered too
+        step = max(1, PIECE_ELEMENTS // (rows * count * max(min(width, outputs), 1) * batch))  # windows per piece
         for first in range(0, run.windows, step):
             last = min(first + step, run.windows)
             inside = _piece_groups(window, first, last)
             slot_weights = summed[used[inside], :, h].transpose(1, 2).contiguous()        # [n, Nk, K]
             if by_slot is not None:
-                through = (own[inside] @ by_slot).view(len(inside), keys, count, outputs)  # [n, Nk, K, O]
-                reached = torch.einsum("njk,njko->njo", slot_weights, through)
+                through = own[inside] @ _of_groups(by_slot, image[inside])
+                reached = torch.einsum("njk,njko->njo", slot_weights, through.view(len(inside), keys, count, outputs))
             else:
                 pooled = slot_weights.unsqueeze(-1) * own[inside].unsqueeze(2)            # [n, Nk, K, W]
-                reached = pooled.flatten(2) @ head_matrix
+                reached = pooled.flatten(2) @ _of_groups(head_matrix, image[inside])
             out = values.new_zeros(batch * (last - first), keys, outputs)                 # [B·w, Nk, O]
             out.index_copy_(0, image[inside] * (last - first) + window[inside] - first, reached)
             out = out.view(batch, last - first, keys, outputs).permute(1, 2, 0, 3)        # [w, Nk, B, O] (a view)
@@ -330,9 +339,16 @@ def _token_components(pooling: EarlyPooling, run: BranchRun, join: _JoinRows, ma
             yield ids, out if project is None or factor is not None else project(ids, out)
 
 
+def _of_groups(matrix: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """A matrix [a, b] for every attention group, or one per image [B, a, b] taken for each group's ``image``
+    [n]: [n, a, b] (a matmul broadcasts either)."""
+    return matrix if matrix.dim() == 2 else matrix[image]
+
+
 class OutputProjection(Protocol):
     """Scores along directions (``decompose.scoring.Projection``): components' values at the output
-    [c, B, *output] -> [c, B, k]; ``factor(ids)``: one matrix [O, k] that does it for all of ``ids``, or None."""
+    [c, B, *output] -> [c, B, k]; ``factor(ids)``: one matrix [O, k] (or one per image, [B, O, k]) that does
+    it for all of ``ids``, or None."""
 
     def __call__(self, ids: list[int], values: torch.Tensor) -> torch.Tensor: ...
 
