@@ -7,8 +7,8 @@ import timm
 import torch
 
 from toyworld.dino import Dino, DinoOptions, koleo, random_crops, random_grayscale
-from toyworld.pools import as_float, image_pool
 from toyworld.models import target_preprocess
+from toyworld.pools import as_float, image_pool
 
 TINY = DinoOptions(prototypes=64, hidden=32, bottleneck=16, global_size=32, local_crops=2, local_size=16,
                    teacher_momentum=0.9)

@@ -35,6 +35,7 @@ from decompose.store import atomic_write_text
 from .alignment_bounds import alignment_bounds
 from .demo_records import DemoSettings, TargetResult
 from .demo_report import build_report
+from .encoding import factor_probes
 from .experiments import (
     decompose_batches,
     layer_ablation,
@@ -45,7 +46,6 @@ from .experiments import (
     score_directions,
     spurious_removal,
 )
-from .encoding import factor_probes
 from .generator import FACTORS
 from .models import TARGET_CONFIGS, Task, load_target, load_toy_clip, toy_clip_preprocess
 from .sample import FACTOR_TEXTS, ToySample, toy_sample

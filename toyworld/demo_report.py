@@ -277,7 +277,9 @@ def build_report(results: list[TargetResult], settings: DemoSettings, sample: To
     _overview(report, results, settings, sample)
     _encoded(report, results, settings)
     additivity_section(report, [AdditivityRow(r.name, len(r.labels), r.level_errors) for r in results],
-                       note="Components: at level head. Errors: the largest per-batch relative error at each level.")
+                       note="Components: at level head. Errors: the largest per-batch relative error at each level; at "
+                            "level token the heatmaps are scores along each image's text (the token vectors are "
+                            "never built), checked along a random direction that rides along.")
     _alignment(report, results)
     _rankings(report, results)
     _probe(report, results, settings)

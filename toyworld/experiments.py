@@ -15,7 +15,7 @@ from align import CompAlign
 from align.ablation import AblationCurve, ablation_curve, component_means, layer_steps
 from align.debias import LabelledSplit, remove_spurious, spurious_order
 from align.heatmaps import attention_heatmaps, branch_grids, token_heatmaps, upsample
-from align.parent_maps import text_contributions
+from align.parent_maps import per_image_aligner_directions
 from align.retrieval import choose_retrieval, image_retrieval_scores, precision_at_k, ranked, shares_value
 from align.segmentation import segmentation_scores
 from decompose import Decomposition
@@ -38,6 +38,22 @@ def decompose_batches(decomposer, images: torch.Tensor, level: str, batch_size: 
     return Decomposition(torch.cat([p.components for p in parts], 1), first.labels,
                          torch.cat([p.representation for p in parts]), level, first.target,
                          first.stopped_before), worst
+
+
+def text_scores(decomposer, aligner: CompAlign, images: torch.Tensor, texts: torch.Tensor, batch_size: int
+                ) -> tuple[torch.Tensor, list, float]:
+    """([C, N] ⟨a_i(x_b), t_b⟩ at level token for images [N, 3, S, S] in [0, 1], each along its own CLIP
+    direction ``texts`` [N, d_clip]; the labels; the largest per-batch relative error of the scores' sum).
+    Scores along directions: the token components [C, N, D] are never built."""
+    parts, worst, labels = [], 0.0, []
+    for start in range(0, len(images), batch_size):
+        batch = slice(start, start + batch_size)
+        dec = decomposer(target_preprocess(images[batch]), level="token",
+                         directions=per_image_aligner_directions(aligner, texts[batch]))
+        worst = max(worst, dec.sum_error)  # checked by the call, along a random direction riding along
+        parts.append(dec.scores[..., 0])
+        labels = dec.labels
+    return torch.cat(parts, 1), labels, worst
 
 
 @dataclass
@@ -138,11 +154,9 @@ def object_segmentation(decomposer, aligner: CompAlign, sample: ToySample, rows:
     Returns the result and the token level's largest relative additivity error.
     """
     images = sample.images[rows]
-    dec, error = decompose_batches(decomposer, images, "token", batch_size)
+    contributions, labels, error = text_scores(decomposer, aligner, images, directions, batch_size)
     size = tuple(images.shape[-2:])
-    contributions = torch.cat([text_contributions(aligner, dec.components[:, i:i + 1], dec.labels, directions[i])
-                               for i in range(len(rows))], 1)                             # [C, B]
-    heatmaps = token_heatmaps(contributions, dec.labels, size)                            # [B, S, S]
+    heatmaps = token_heatmaps(contributions, labels, size)                                # [B, S, S]
     capture = AttentionMapCapture(decomposer)
     maps = capture(target_preprocess(images))
     baseline = attention_heatmaps(maps, size)
@@ -152,7 +166,7 @@ def object_segmentation(decomposer, aligner: CompAlign, sample: ToySample, rows:
     ours, theirs = segmentation_scores(heatmaps, masks), segmentation_scores(baseline, masks)
     by_gradient = segmentation_scores(gradient, masks)
     by_branch = {name: _iou_and_map(upsample(grid, size), masks)
-                 for name, grid in branch_grids(contributions, dec.labels).items()}
+                 for name, grid in branch_grids(contributions, labels).items()}
     by_layer = {m.name: _iou_and_map(attention_heatmaps(maps, size, layer=i), masks) for i, m in enumerate(maps)}
     queries = maps[-1].queries
     scores = {**_paper_scores(ours), "by_branch": by_branch,

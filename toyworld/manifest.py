@@ -5,8 +5,8 @@ import json
 import os
 from pathlib import Path
 
-from torch import nn
 from safetensors.torch import save_file
+from torch import nn
 
 from decompose.store import atomic_write_text
 
