@@ -45,7 +45,7 @@ HEAD_FEATURES = "pooling.gathering: the features of each head of a pooled branch
 PIECE_GROUPS = "pooling.gathering: the attention groups of each piece of a branch split by token"
 # a branch split by token is taken to the output in pieces of at most this many elements of its
 # widest intermediate ([windows, keys, K, head features] pooled, before the tail's matrix)
-PIECE_ELEMENTS = 2 ** 20
+PIECE_ELEMENTS = 2 ** 19
 
 
 @dataclass
