@@ -151,7 +151,8 @@ def _adjoint_passes(components: torch.Tensor, positions: list[int], leaves: list
     so one backward pass serves every birth, each with a direction of its own: pass j puts birth n's j-th
     row of the table on its component (as many passes as a birth has rows: one for shared directions), in
     groups of at most ``BATCHED_DIRECTIONS`` directions and ``ADJOINT_BYTES`` of adjoints (``is_grads_batched``).
-    Images are independent through the frozen trunk, so with directions per image the cotangent of image b
+    Where every birth takes the same row, the pass starts from the components' sum with that row's directions
+    (the same adjoints, without a [g, Cb, B, *D] cotangent). Images are independent through the frozen trunk, so with directions per image the cotangent of image b
     carries image b's directions: k directions per image cost k directions, whatever the batch.
     """
     if not leaves:
@@ -160,13 +161,23 @@ def _adjoint_passes(components: torch.Tensor, positions: list[int], leaves: list
     per_direction = sum(leaf.numel() * leaf.element_size() for leaf in leaves)
     size = max(1, min(BATCHED_DIRECTIONS, ADJOINT_BYTES // max(1, per_direction)))    # directions per pass
     passes = [(j, first, min(first + size, k)) for j in range(max(len(r) for r in rows)) for first in range(0, k, size)]
+    total = None
     for number, (j, first, last) in enumerate(passes):
-        cotangent = components.new_zeros(last - first, *components.shape)           # [g, Cb, B, *D]
-        for n, position in enumerate(positions):
-            if j < len(rows[n]):
-                cotangent[:, position] = _cotangent(directions.row(rows[n][j]), first, last, components)
+        used = {rows[n][j] for n in range(len(rows)) if j < len(rows[n])}
+        if len(used) == 1 and all(j < len(r) for r in rows):  # one row for every birth: the sum's cotangent
+            if total is None:
+                with torch.enable_grad():
+                    total = components.sum(0)                                          # [B, *D]
+            output = total
+            cotangent = _cotangent(directions.row(used.pop()), first, last, components).expand(-1, *total.shape)
+        else:
+            output = components
+            cotangent = components.new_zeros(last - first, *components.shape)       # [g, Cb, B, *D]
+            for n, position in enumerate(positions):
+                if j < len(rows[n]):
+                    cotangent[:, position] = _cotangent(directions.row(rows[n][j]), first, last, components)
         with torch.enable_grad():
-            grads = torch.autograd.grad(components, leaves, cotangent, is_grads_batched=True, allow_unused=True,
+            grads = torch.autograd.grad(output, leaves, cotangent, is_grads_batched=True, allow_unused=True,
                                         retain_graph=number + 1 < len(passes))
         del cotangent
         for n, (leaf, grad) in enumerate(zip(leaves, grads)):  # the leaf is [1, *value]: drop its component axis

@@ -11,6 +11,7 @@ import timm
 import torch
 
 from decompose import trace_and_decompose
+from decompose.compiled import CallPath
 from tests.models import TIMM_MODELS, input_size
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -72,3 +73,23 @@ def test_cuda_float32_sums_to_the_output(name):
             assert decomposer(images, level=level).relative_error() <= 1e-4, level
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+@pytest.mark.parametrize("name", sorted(TIMM_MODELS))
+def test_cuda_recorded_graphs_match_the_cpu_interpreter(name):
+    """The compiled path on the GPU (``graphs=True``: each call runs its recorded graph), level by level."""
+    torch.manual_seed(0)
+    kwargs = TIMM_MODELS[name]
+    model = timm.create_model(name, pretrained=False, **kwargs).eval().double()
+    images = torch.randn(3, *input_size(model, kwargs), generator=torch.Generator().manual_seed(1),
+                         dtype=torch.float64)
+    on_cpu = trace_and_decompose(model)
+    on_gpu = trace_and_decompose(copy.deepcopy(model).cuda(), graphs=True)
+    for level in LEVELS:
+        expected = on_cpu(images, level=level)
+        for _ in range(2):  # the first call records, the second runs the recorded graph
+            found = on_gpu(images.cuda(), level=level)
+            assert on_gpu.last_path is CallPath.GRAPH, level
+        assert found.labels == expected.labels, level
+        scale = expected.representation.abs().max()
+        assert torch.allclose(found.components.cpu(), expected.components, rtol=0, atol=1e-10 * scale), level

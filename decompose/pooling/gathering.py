@@ -45,7 +45,7 @@ HEAD_FEATURES = "pooling.gathering: the features of each head of a pooled branch
 PIECE_GROUPS = "pooling.gathering: the attention groups of each piece of a branch split by token"
 # a branch split by token is taken to the output in pieces of at most this many elements of its
 # widest intermediate ([windows, keys, K, head features] pooled, before the tail's matrix)
-PIECE_ELEMENTS = 2 ** 20
+PIECE_ELEMENTS = 2 ** 19
 
 
 @dataclass
@@ -180,9 +180,14 @@ def token_matrices(gm: fx.GraphModule, pooling: EarlyPooling, runs: list[BranchR
 @dataclass
 class _SlotWeights:
     """W[n, k, h, j] = Σ_{rows r of attention n in slot k} γ(r) · A[n, h, q(r), j] of a branch split by token,
-    for the attention groups ``used`` that feed the join (their ``window`` and ``image``)."""
+    for the attention groups ``used`` that feed the join (their ``window`` and ``image``). ``of_groups`` sums
+    them for one piece's groups at a time: all of [N, K, H, Nk] would be as large as the attention weights."""
 
-    summed: torch.Tensor     # [N, K, H, Nk]
+    weights: torch.Tensor    # [N, H, Nq, Nk] the attention weights
+    group: torch.Tensor      # [R] attention group of each row that feeds the join
+    query: torch.Tensor      # [R] its query
+    gamma: torch.Tensor      # [R] its weight at the join
+    slot: torch.Tensor       # [R] its slot
     used: torch.Tensor       # [n] attention groups that feed the join
     window: torch.Tensor     # [n]
     image: torch.Tensor      # [n]
@@ -192,18 +197,29 @@ class _SlotWeights:
     @classmethod
     def of(cls, pooling: EarlyPooling, run: BranchRun, join: _JoinRows) -> _SlotWeights:
         spec, weights = run.spec, run.weights                                             # [N, H, Nq, Nk]
-        count = pooling.nodes[spec.join].slot_count
-        groups, heads, queries, keys = weights.shape
+        groups, queries, keys = weights.shape[0], weights.shape[2], weights.shape[3]
         sources = run.sources if join.rows is None else run.sources[join.rows]            # [R] n·Nq + q
         group = sources // queries
-        per_row = weights[group, :, sources % queries] * join.weight.view(-1, 1, 1)      # [R, H, Nk]
-        # [N·(K+1), H, Nk] -> [N, K, H, Nk]: each group's weights of the keys, summed per slot
-        summed = per_row.new_zeros(groups * (count + 1), heads, keys).index_add_(
-            0, group * (count + 1) + join.slot, per_row)
-        summed = summed.view(groups, count + 1, heads, keys)[:, :count]
         used, image = structural(lambda: _groups_used(group, join.image, groups, spec.birth.name),
                                  "pooling.gathering: the attention groups a pooled branch feeds its join from")
-        return cls(summed, used, used % run.windows, image, count, keys)
+        return cls(weights, group, sources % queries, join.weight, join.slot, used, used % run.windows, image,
+                   pooling.nodes[spec.join].slot_count, keys)
+
+    def of_groups(self, groups: torch.Tensor, head: int | None = None) -> torch.Tensor:
+        """[n, K, H, Nk] (or [n, K, Nk] for one ``head``) for the attention groups ``groups`` [n]."""
+        local = torch.full((self.weights.shape[0],), -1, dtype=torch.long, device=groups.device)
+        local[groups] = torch.arange(len(groups), device=groups.device)
+        mine = local[self.group]                                                          # [R], -1: elsewhere
+        rows = structural(lambda: (mine >= 0).nonzero().flatten(),
+                          "pooling.gathering: the rows of one piece's attention groups")
+        chosen = self.group[rows]
+        per_row = (self.weights[chosen, :, self.query[rows]] if head is None
+                   else self.weights[chosen, head, self.query[rows]])                     # [R', (H,) Nk]
+        per_row = per_row * self.gamma[rows].view(-1, *[1] * (per_row.dim() - 1))
+        # [n·(K+1), (H,) Nk] -> [n, K, (H,) Nk]: each group's weights of the keys, summed per slot
+        summed = per_row.new_zeros(len(groups) * (self.count + 1), *per_row.shape[1:]).index_add_(
+            0, mine[rows] * (self.count + 1) + self.slot[rows], per_row)
+        return summed.view(len(groups), self.count + 1, *per_row.shape[1:])[:, :self.count]
 
 
 def _groups_used(group: torch.Tensor, image: torch.Tensor, groups: int, name: str
@@ -268,7 +284,7 @@ def _token_scores(run: BranchRun, slots: _SlotWeights, matrix: torch.Tensor, fac
         else:  # each attention group through its image's directions: [H, n, Nk, W] @ [H, n, W, K·k]
             through = own.transpose(0, 1) @ per_head[:, slots.image[inside]]
         through = through.view(heads, len(groups), keys, count, outputs)                   # [H, n, Nk, K, k]
-        weights = slots.summed[groups].permute(2, 0, 3, 1).unsqueeze(-2)                  # [H, n, Nk, 1, K]
+        weights = slots.of_groups(groups).permute(2, 0, 3, 1).unsqueeze(-2)              # [H, n, Nk, 1, K]
         reached = (weights @ through).squeeze(-2)                                           # [H, n, Nk, k]
         out = reached.new_zeros(heads, batch * (last - first), keys, outputs)
         out.index_copy_(1, slots.image[inside] * (last - first) + slots.window[inside] - first, reached)
@@ -296,9 +312,9 @@ def _token_components(pooling: EarlyPooling, run: BranchRun, join: _JoinRows, ma
     """
     slots = _SlotWeights.of(pooling, run, join)
     values, count, keys = run.values, slots.count, slots.keys
-    summed, used, window, image = slots.summed, slots.used, slots.window, slots.image
+    used, window, image = slots.used, slots.window, slots.image
     head_of, within = run.spec.heads.to(used.device), run.spec.within.to(used.device)
-    heads = summed.shape[2]
+    heads = slots.weights.shape[1]
     if project is not None:
         factors = [project.factor(run.ids[h * run.windows * keys: (h + 1) * run.windows * keys])
                    for h in range(heads)]
@@ -324,7 +340,7 @@ def _token_components(pooling: EarlyPooling, run: BranchRun, join: _JoinRows, ma
         for first in range(0, run.windows, step):
             last = min(first + step, run.windows)
             inside = _piece_groups(window, first, last)
-            slot_weights = summed[used[inside], :, h].transpose(1, 2).contiguous()        # [n, Nk, K]
+            slot_weights = slots.of_groups(used[inside], h).transpose(1, 2).contiguous()  # [n, Nk, K]
             if by_slot is not None:
                 through = own[inside] @ _of_groups(by_slot, image[inside])
                 reached = torch.einsum("njk,njko->njo", slot_weights, through.view(len(inside), keys, count, outputs))
@@ -355,6 +371,16 @@ class OutputProjection(Protocol):
     def factor(self, ids: list[int]) -> torch.Tensor | None: ...
 
 
+def _cached_token_matrices(gm: fx.GraphModule, pooling: EarlyPooling, parking: Parking) -> dict:
+    """``token_matrices`` of the parked branches split by token (cached per dtype and device); no list of the
+    runs outlives it (each run holds its attention's weights and values, freed once it is gathered)."""
+    tokens = [run for run in parking.runs.values() if run.split is Level.TOKEN]
+    if not tokens:
+        return {}
+    dtype, device = tokens[0].weights.dtype, tokens[0].weights.device
+    return pooling.cached((Level.TOKEN, dtype, str(device)), lambda: token_matrices(gm, pooling, tokens, dtype, device))
+
+
 def pooled_components(gm: fx.GraphModule, pooling: EarlyPooling, parking: Parking, out: Carried,
                       project: OutputProjection | None = None) -> Carried:
     """The output's components, with those parked at ``pooling``'s nodes (and its pooled branches)
@@ -380,11 +406,7 @@ def pooled_components(gm: fx.GraphModule, pooling: EarlyPooling, parking: Parkin
         for chunk in parking.parked.pop(node):
             injections.setdefault(node, []).append(pooling.pool(node, chunk.values, gammas[node]))
             ids.setdefault(node, []).extend(chunk.ids)
-    tokens = [run for run in parking.runs.values() if run.split is Level.TOKEN]
-    if tokens:
-        dtype, device = tokens[0].weights.dtype, tokens[0].weights.device
-        matrices = pooling.cached((Level.TOKEN, dtype, str(device)),
-                                  lambda: token_matrices(gm, pooling, tokens, dtype, device))
+    matrices = _cached_token_matrices(gm, pooling, parking)
     for birth in list(parking.runs):
         run = parking.runs.pop(birth)
         join = run.spec.join
