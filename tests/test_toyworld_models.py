@@ -90,10 +90,11 @@ def probe_pool():
 
 
 @pytest.mark.parametrize("name", ENCODING_TARGETS)
-def test_target_encodes_at_least_five_factors_as_recorded(name, probe_pool):
-    """The recorded probes say >= 5 of 6 factors are encoded; fresh probes agree with each recorded one."""
+def test_target_probes_agree_with_the_recorded_ones(name, probe_pool):
+    """Fresh probes agree with each recorded one (the README's table of encoded factors reads the record;
+    how many factors each target encodes is a measured result there, not asserted here)."""
     recorded = shipped_metrics()[name]
-    assert len(recorded["encoded"]) >= 5, recorded["probes"]
+    assert sorted(recorded["encoded"]) == sorted(f for f, p in recorded["probes"].items() if p["encoded"])
     features = representation(load_target(name), target_preprocess(as_float(probe_pool.images)))
     fresh = factor_probes(features, {f: probe_pool.factor(f) for f in FACTORS}, torch.arange(1000),
                           torch.arange(1000, PROBE_IMAGES))
