@@ -39,13 +39,19 @@ def plan_summary(decomposer, images: torch.Tensor) -> dict:
     return summary
 
 
-@pytest.mark.parametrize("name", sorted(TIMM_MODELS))
-def test_cuda_plan_and_components_match_cpu(name):
+def matrix_row_in_float64(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    """(the model matrix's row ``name`` in float64, three images for it)."""
     torch.manual_seed(0)
     kwargs = TIMM_MODELS[name]
     model = timm.create_model(name, pretrained=False, **kwargs).eval().double()
     images = torch.randn(3, *input_size(model, kwargs), generator=torch.Generator().manual_seed(1),
                          dtype=torch.float64)
+    return model, images
+
+
+@pytest.mark.parametrize("name", sorted(TIMM_MODELS))
+def test_cuda_plan_and_components_match_cpu(name):
+    model, images = matrix_row_in_float64(name)
     on_cpu = trace_and_decompose(model)
     on_gpu = trace_and_decompose(copy.deepcopy(model).cuda())
     assert plan_summary(on_gpu, images.cuda()) == plan_summary(on_cpu, images)
@@ -78,11 +84,7 @@ def test_cuda_float32_sums_to_the_output(name):
 @pytest.mark.parametrize("name", sorted(TIMM_MODELS))
 def test_cuda_recorded_graphs_match_the_cpu_interpreter(name):
     """The compiled path on the GPU (``graphs=True``: each call runs its recorded graph), level by level."""
-    torch.manual_seed(0)
-    kwargs = TIMM_MODELS[name]
-    model = timm.create_model(name, pretrained=False, **kwargs).eval().double()
-    images = torch.randn(3, *input_size(model, kwargs), generator=torch.Generator().manual_seed(1),
-                         dtype=torch.float64)
+    model, images = matrix_row_in_float64(name)
     on_cpu = trace_and_decompose(model)
     on_gpu = trace_and_decompose(copy.deepcopy(model).cuda(), graphs=True)
     for level in LEVELS:
