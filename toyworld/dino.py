@@ -29,7 +29,7 @@ from torch import nn
 class DinoOptions:
     """The objective's settings (the defaults are those of the shipped target)."""
 
-    prototypes: int = 256                 # teacher / student output dimension
+    prototypes: int = 1024                # teacher / student output dimension
     hidden: int = 192                     # projection MLP width
     bottleneck: int = 64                  # L2-normalised width before the prototypes
     global_size: int = 64                 # pixels per side of a global crop
@@ -42,7 +42,7 @@ class DinoOptions:
     teacher_temperature: float = 0.04
     center_momentum: float = 0.9
     teacher_momentum: float = 0.996       # at the start; cosine schedule to 1 at the last step
-    koleo_weight: float = 0.0             # DINOv2's KoLeo term on the student's global class tokens (0: off)
+    koleo_weight: float = 0.1             # DINOv2's KoLeo term on the student's global class tokens (0: off)
 
 
 class ProjectionHead(nn.Module):

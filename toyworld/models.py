@@ -67,10 +67,10 @@ TARGET_CONFIGS: dict[str, dict[str, Any]] = {
              "kwargs": {"img_size": IMAGE_SIZE, "patch_size": 8, "embed_dim": 64, "depths": [2, 2],
                         "num_heads": [2, 4], "window_size": 4, "num_classes": _CLASSES},
              "task": Task.OBJECT_CLASSES, "classes": _CLASS_NAMES},
-    # stem to 32 x 32, stages at 16 x 16 and 8 x 8; block and grid partitions of 4 x 4
+    # stem to 32 x 32, stages at 16 x 16 (one block) and 8 x 8 (two); block and grid partitions of 4 x 4
     "maxvit": {"timm_name": "maxvit_tiny_tf_224",
-               "kwargs": {"img_size": IMAGE_SIZE, "embed_dim": [32, 64], "depths": [1, 1], "stem_width": 16,
-                          "head_hidden_size": 64, "transformer_window_size": 4, "transformer_dim_head": 16,
+               "kwargs": {"img_size": IMAGE_SIZE, "embed_dim": [32, 64], "depths": [1, 2], "stem_width": 16,
+                          "head_hidden_size": 96, "transformer_window_size": 4, "transformer_dim_head": 16,
                           "conv_expand_ratio": 2.0, "num_classes": _CLASSES},
                "task": Task.OBJECT_CLASSES, "classes": _CLASS_NAMES},
     # the teacher's backbone; its representation is the class token after the final norm
