@@ -8,10 +8,13 @@ teacher's centred, sharpened softmax of another view. No labels. Crops are rando
 with horizontal flips, drawn on the whole batch at once (``random_crops``); each view is turned
 to grey with probability ``grayscale_probability`` (no other colour jitter), so that matching
 views needs more than their colours, while colour stays a cue most pairs of views share.
-DINOv2's KoLeo term (``koleo_weight``, off by default) pushes the student's class tokens of a batch
-apart on the sphere. Without it the trained teacher's representation keeps the near-rank-2 spread
-of a random initialisation (effective rank 2.8 after 1500 steps, random init 2.4; scene and colour)
-and the objective is met without reading shape or pattern.
+DINOv2's KoLeo term (``koleo_weight``) pushes the student's class tokens of a batch apart on the
+sphere. Without it (and with 256 prototypes) the trained teacher's representation kept the near-rank-2
+spread of a random initialisation (effective rank 2.8 after 1500 steps, random init 2.4; scene and
+colour); with KoLeo 0.1 and 1024 prototypes it has effective rank 20.9 and reads pattern better
+(held-out probe 0.52 -> 0.61), but shape (0.23) and position (0.27) stay close to chance: the crops
+and flips make the views disagree on where the object is, and shape is not needed to match them
+(2026-12-05).
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from torch import nn
 class DinoOptions:
     """The objective's settings (the defaults are those of the shipped target)."""
 
-    prototypes: int = 256                 # teacher / student output dimension
+    prototypes: int = 1024                # teacher / student output dimension
     hidden: int = 192                     # projection MLP width
     bottleneck: int = 64                  # L2-normalised width before the prototypes
     global_size: int = 64                 # pixels per side of a global crop
@@ -42,7 +45,7 @@ class DinoOptions:
     teacher_temperature: float = 0.04
     center_momentum: float = 0.9
     teacher_momentum: float = 0.996       # at the start; cosine schedule to 1 at the last step
-    koleo_weight: float = 0.0             # DINOv2's KoLeo term on the student's global class tokens (0: off)
+    koleo_weight: float = 0.1             # DINOv2's KoLeo term on the student's global class tokens (0: off)
 
 
 class ProjectionHead(nn.Module):

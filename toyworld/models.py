@@ -2,18 +2,18 @@
 
 Targets (timm, trained to read the toy images; inputs ``target_preprocess(images)``):
 
-    deit      class-token ViT (vit_tiny_patch16_224 layout, patch 8, 64 px)     256 object classes
-    swin      windowed, average-pooled Swin (window 4)                         256 object classes
-    maxvit    MBConv + block / grid attention MaxViT (window 4)                 256 object classes
+    deit      class-token ViT (vit_tiny_patch16_224 layout, patch 8, 64 px)     2560 object classes
+    swin      windowed, average-pooled Swin (window 4)                         2560 object classes
+    maxvit    MBConv + block / grid attention MaxViT (window 4)                 2560 object classes
     dino      the deit layout, self-supervised (DINO: student / teacher, multi-crop, no labels)
     spurious  a linear head on the frozen deit, trained on the toy Waterbirds (``toyworld.spurious``)
 
 The supervised targets learn the ImageNet-like label space of ``toyworld.classes`` (each class a
-typical shape, colour and pattern, seen on several scenes), never the factors themselves. A toy
-CLIP (open_clip ``CLIP`` from a config, word-level ``Vocabulary``) is trained contrastively on the
-captions. ``weights/models.json`` records every build config, training recipe and the metrics
-reached (for the targets: which factors a held-out linear probe reads, ``toyworld.encoding``);
-``vit-decompose toyworld train`` writes it and the weights.
+look, i.e. shape, colour, pattern and size, in one region of the frame, seen on several scenes),
+never the factors themselves. A toy CLIP (open_clip ``CLIP`` from a config, word-level
+``Vocabulary``) is trained contrastively on the captions. ``weights/models.json`` records every
+build config, training recipe and the metrics reached (for the targets: which factors a held-out
+linear probe reads, ``toyworld.encoding``); ``vit-decompose toyworld train`` writes it and the weights.
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 class Task(str, Enum):
     """What a target was trained on (``models.json``'s ``task``)."""
 
-    OBJECT_CLASSES = "object classes (supervised)"   # the 256 classes of ``toyworld.classes``
+    OBJECT_CLASSES = "object classes (supervised)"   # the 2560 classes of ``toyworld.classes``
     SELF_SUPERVISED = "self-supervised (DINO)"       # no labels (``toyworld.dino``)
     SPURIOUS = "spurious"                            # shape group with a correlated background
 
@@ -67,10 +67,10 @@ TARGET_CONFIGS: dict[str, dict[str, Any]] = {
              "kwargs": {"img_size": IMAGE_SIZE, "patch_size": 8, "embed_dim": 64, "depths": [2, 2],
                         "num_heads": [2, 4], "window_size": 4, "num_classes": _CLASSES},
              "task": Task.OBJECT_CLASSES, "classes": _CLASS_NAMES},
-    # stem to 32 x 32, stages at 16 x 16 and 8 x 8; block and grid partitions of 4 x 4
+    # stem to 32 x 32, stages at 16 x 16 (one block) and 8 x 8 (two); block and grid partitions of 4 x 4
     "maxvit": {"timm_name": "maxvit_tiny_tf_224",
-               "kwargs": {"img_size": IMAGE_SIZE, "embed_dim": [32, 64], "depths": [1, 1], "stem_width": 16,
-                          "head_hidden_size": 64, "transformer_window_size": 4, "transformer_dim_head": 16,
+               "kwargs": {"img_size": IMAGE_SIZE, "embed_dim": [32, 64], "depths": [1, 2], "stem_width": 16,
+                          "head_hidden_size": 96, "transformer_window_size": 4, "transformer_dim_head": 16,
                           "conv_expand_ratio": 2.0, "num_classes": _CLASSES},
                "task": Task.OBJECT_CLASSES, "classes": _CLASS_NAMES},
     # the teacher's backbone; its representation is the class token after the final norm

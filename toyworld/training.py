@@ -48,8 +48,10 @@ _CLASSES = dict(world=World.CLASSES, train_world=1, train_images=40000, eval_wor
 RECIPES: dict[str, Recipe] = {  # in training order: spurious starts from the trained deit
     "deit": Recipe(seed=0, steps=4000, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_steps=200,
                    **{**_CLASSES, "train_images": 60000}),
-    "swin": Recipe(seed=0, steps=2500, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_steps=125, **_CLASSES),
-    "maxvit": Recipe(seed=0, steps=2400, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_steps=120, **_CLASSES),
+    "swin": Recipe(seed=0, steps=4000, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_steps=200,
+                   **{**_CLASSES, "train_images": 60000}),
+    "maxvit": Recipe(seed=0, steps=4000, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_steps=200,
+                     **{**_CLASSES, "train_images": 60000}),
     "dino": Recipe(seed=0, steps=1500, batch_size=64, lr=1e-3, weight_decay=0.04, warmup_steps=100,
                    gradient_clip=3.0, dino=DinoOptions(), **_CLASSES),
     # a linear head on the frozen deit features (a fine-tuned backbone learns the background alone)
