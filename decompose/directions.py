@@ -102,46 +102,38 @@ def _along(flat: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
 
 def shared(directions: torch.Tensor) -> Directions:
     """The same directions ``[k, D]`` (or one ``[D]``) for every component."""
-    table = _as_tensor(directions)
-    if table.dim() == 1:
-        table = table.unsqueeze(0)
-    if table.dim() != 2:
-        raise DirectionError(f"shared directions must be [k, D] (or [D]), got shape {tuple(table.shape)}")
-    return Directions(_finite(table).unsqueeze(0))
+    return Directions(_table(directions, (), "shared directions").unsqueeze(0))
 
 
 def per_component(table: torch.Tensor, row_of: Callable[[ComponentLabel], int]) -> Directions:
     """Component c scored along ``table[row_of(label c)]`` ([M, k, D], or [M, D] for k = 1). ``row_of``
     raises a ``DirectionError`` (or a subclass of ``LookupError``) for a component it has no row for."""
-    table = _as_tensor(table)
-    if table.dim() == 2:
-        table = table.unsqueeze(1)
-    if table.dim() != 3:
-        raise DirectionError(f"per-component directions must be [M, k, D] or [M, D], got {tuple(table.shape)}")
-    return Directions(_finite(table), _bounded(row_of, table.shape[0]))
+    table = _table(table, ("M",), "per-component directions")
+    return Directions(table, _bounded(row_of, table.shape[0]))
 
 
 def per_image(directions: torch.Tensor) -> Directions:
     """Image b's components along ``directions[b]`` ([B, k, D], or [B, D] for one direction per image): each
     image its own class row or text, at the cost of k shared directions."""
-    table = _as_tensor(directions)
-    if table.dim() == 2:
-        table = table.unsqueeze(1)
-    if table.dim() != 3:
-        raise DirectionError(f"directions per image must be [B, k, D] or [B, D], got shape {tuple(table.shape)}")
-    return Directions(_finite(table).unsqueeze(0))
+    return Directions(_table(directions, ("B",), "directions per image").unsqueeze(0))
 
 
 def per_component_per_image(table: torch.Tensor, row_of: Callable[[ComponentLabel], int]) -> Directions:
     """Component c of image b along ``table[row_of(label c), b]`` ([M, B, k, D], or [M, B, D] for k = 1): an
     aligner's maps pulled back for each image's own text. ``row_of`` as for ``per_component``."""
-    table = _as_tensor(table)
-    if table.dim() == 3:
-        table = table.unsqueeze(2)
-    if table.dim() != 4:
-        raise DirectionError(f"per-component directions per image must be [M, B, k, D] or [M, B, D], got "
-                             f"{tuple(table.shape)}")
-    return Directions(_finite(table), _bounded(row_of, table.shape[0]))
+    table = _table(table, ("M", "B"), "per-component directions per image")
+    return Directions(table, _bounded(row_of, table.shape[0]))
+
+
+def _table(value, lead: tuple[str, ...], what: str) -> torch.Tensor:
+    """``value`` as a finite floating table [*lead, k, D] (given as that, or [*lead, D] for k = 1)."""
+    table = _as_tensor(value)
+    if table.dim() == len(lead) + 1:
+        table = table.unsqueeze(-2)
+    if table.dim() != len(lead) + 2:
+        raise DirectionError(f"{what} must be [{', '.join((*lead, 'k', 'D'))}] or [{', '.join((*lead, 'D'))}], "
+                             f"got shape {tuple(table.shape)}")
+    return _finite(table)
 
 
 def as_directions(directions) -> Directions:
