@@ -104,6 +104,19 @@ def test_target_probes_agree_with_the_recorded_ones(name, probe_pool):
                                                                     PROBE_IMAGES - 1000), factor
 
 
+@pytest.mark.parametrize("name", ENCODING_TARGETS)
+def test_probed_representation_is_what_the_decomposition_sums_to(name, probe_pool):
+    """The encoded gate reads the decomposed node: for MaxViT the one before its tanh head, not the tanh's output."""
+    model = load_target(name)
+    images = target_preprocess(as_float(probe_pool.images[:8]))
+    dec = trace_and_decompose(model)(images, level="head")
+    features = representation(model, images)
+    torch.testing.assert_close(features, dec.components.sum(0), atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        pre_logits = model.forward_head(model.forward_features(images), pre_logits=True)
+    assert torch.allclose(features, pre_logits, atol=1e-4) == (dec.stopped_before is None)
+
+
 def test_spurious_group_accuracies_match_the_recorded_ones():
     recorded = shipped_metrics()["spurious"]
     test = spurious_split(400, seed=FRESH_WORLD + 1, train=False)
@@ -170,6 +183,18 @@ def test_train_command_writes_loadable_models(tmp_path):
     assert set(shipped_metrics(tmp_path)) == {"deit", "clip"}
     assert not load_target("deit", tmp_path).training
     assert load_toy_clip(tmp_path).encode_texts(["a red circle"]).shape == (1, 64)
+
+
+def test_a_rerun_of_training_writes_the_same_bytes(tmp_path):
+    """Every model, trained twice from its recipe (shortened), gives byte-identical weights and models.json."""
+    from vit_decompose.cli import main
+
+    for run in ("first", "second"):
+        assert main(["toyworld", "train", "--out", str(tmp_path / run), "--steps", "2", "--eval-images", "64"]) == 0
+    files = sorted(path.name for path in (tmp_path / "first").iterdir())
+    assert set(files) >= {f"{name}.safetensors" for name in TARGET_NAMES} | {"models.json"}
+    for name in files:
+        assert (tmp_path / "first" / name).read_bytes() == (tmp_path / "second" / name).read_bytes(), name
 
 
 def test_spurious_model_keeps_the_frozen_deit_backbone(tmp_path):
