@@ -31,6 +31,7 @@ from align.clip_models import ClipModel
 from align.report import Stopwatch
 from decompose import trace_and_decompose
 from decompose.store import atomic_write_text
+from tracer.vocabulary import ComponentKind
 
 from .alignment_bounds import alignment_bounds
 from .demo_records import DemoSettings, TargetResult
@@ -50,6 +51,8 @@ from .generator import FACTORS
 from .models import TARGET_CONFIGS, Task, load_target, load_toy_clip, toy_clip_preprocess
 from .sample import FACTOR_TEXTS, ToySample, toy_sample
 from .validation import selection_probe
+
+INPUT_FREE = (ComponentKind.CONSTANT, ComponentKind.BIAS)  # kinds whose value before any norm is one per model
 
 TEXT_TEMPLATES = ("{}", "a photo of {}")
 
@@ -98,7 +101,11 @@ def analyse_target(name: str, clip: ClipModel, sample: ToySample, fit: torch.Ten
     scorer.update(aligned[:, fit])
     scores, constant = scorer.scores(), scorer.constant()
     rankings = {factor: rank_components(scores, dec.keys, factor, constant=constant) for factor in FACTORS}
-    orders = {factor: [c.index for c in ranked if not bool(constant[c.index])] for factor, ranked in rankings.items()}
+    # what a selection picks from: the model's parts, not constants and biases. Those are the same for every
+    # image until a norm divides them by its per-token scale, so they all vary by that one scalar; ranked by
+    # correlation they took two of deit's top-3 for size (each read size at .63, the top part .97; 2026-12-05)
+    parts = [not bool(constant[i]) and label.kind not in INPUT_FREE for i, label in enumerate(dec.labels)]
+    orders = {factor: [c.index for c in ranked if parts[c.index]] for factor, ranked in rankings.items()}
     descriptions = describe_top_components(aligned[:, fit], rankings, constant, embeddings)
     probe = {factor: selection_probe(dec.components, orders[factor], sample.factor(factor), fit, test,
                                      len(FACTORS[factor]), settings.k) for factor in FACTORS}

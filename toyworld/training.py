@@ -46,8 +46,8 @@ PROBE_FIT_FRACTION = 2 / 3  # of a target's held-out factor-world images: probe 
 
 _CLASSES = dict(world=World.CLASSES, train_world=1, train_images=40000, eval_world=101, eval_images=3000)
 RECIPES: dict[str, Recipe] = {  # in training order: spurious starts from the trained deit
-    "deit": Recipe(seed=0, steps=4000, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_steps=200,
-                   **{**_CLASSES, "train_images": 60000}),
+    "deit": Recipe(seed=0, steps=8000, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_steps=200,
+                   **{**_CLASSES, "train_images": 120000}),
     "swin": Recipe(seed=0, steps=4000, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_steps=200,
                    **{**_CLASSES, "train_images": 60000}),
     "maxvit": Recipe(seed=0, steps=4000, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_steps=200,
