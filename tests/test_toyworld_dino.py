@@ -6,7 +6,15 @@ import pytest
 import timm
 import torch
 
-from toyworld.dino import Dino, DinoOptions, koleo, random_crops, random_grayscale
+from toyworld.dino import (
+    Dino,
+    DinoOptions,
+    koleo,
+    random_channel_permutation,
+    random_crops,
+    random_grayscale,
+    random_patch_masks,
+)
 from toyworld.models import target_preprocess
 from toyworld.pools import as_float, image_pool
 
@@ -34,6 +42,27 @@ def test_a_crop_shows_only_pixels_of_its_image():
     images = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 24, 24)
     for crop in random_crops(images, 2, 8, (0.2, 1.0), torch.Generator().manual_seed(0)):
         torch.testing.assert_close(crop, images[:, :, :8, :8])
+
+
+def test_without_flips_a_crop_keeps_left_and_right_and_with_them_swaps_them():
+    """A left-to-right ramp stays increasing in every crop when flips are off, decreasing when always on."""
+    ramp = torch.linspace(0, 1, 32).view(1, 1, 1, 32).expand(6, 3, 32, 32)
+    for probability, sign in ((0.0, 1), (1.0, -1)):
+        for crop in random_crops(ramp, 3, 16, (0.3, 1.0), torch.Generator().manual_seed(2), probability):
+            assert (sign * crop.diff(dim=-1) > 0).all()
+
+
+def test_channel_permutation_reorders_the_channels_of_the_chosen_images_only():
+    images = torch.rand(300, 3, 4, 4)
+    always = random_channel_permutation(images, 1.0, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(always.sort(1).values, images.sort(1).values)   # the same values per pixel
+    assert not (always == images).flatten(1).all(1).any()                      # never the identity
+    orders = {tuple(images[i, :, 0, 0].tolist().index(v) for v in always[i, :, 0, 0].tolist()) for i in range(300)}
+    assert len(orders) == 5
+    assert torch.equal(random_channel_permutation(images, 0.0, torch.Generator().manual_seed(0)), images)
+    half = random_channel_permutation(images, 0.5, torch.Generator().manual_seed(0))
+    assert torch.equal(half, random_channel_permutation(images, 0.5, torch.Generator().manual_seed(0)))
+    assert 0.35 < float((half != images).flatten(1).any(1).float().mean()) < 0.65
 
 
 def test_teacher_is_the_moving_average_of_the_student():
@@ -111,3 +140,55 @@ def test_koleo_term_spreads_the_student_features():
             return -float(koleo(dino.student["backbone"](target_preprocess(images))))
 
     assert nearest_distance(1.0) > nearest_distance(0.0)
+
+
+def test_patch_masks_cover_the_asked_fraction_of_the_chosen_images_and_are_reproducible():
+    masks = random_patch_masks(2, 400, 16, 0.5, (0.25, 0.5), torch.Generator().manual_seed(0))
+    assert masks.shape == (2, 400, 16) and masks.dtype == torch.bool
+    counts = masks.sum(-1)
+    chosen = counts > 0
+    assert 0.4 < float(chosen.float().mean()) < 0.6
+    assert counts[chosen].min() >= 4 and counts[chosen].max() <= 8
+    assert torch.equal(masks, random_patch_masks(2, 400, 16, 0.5, (0.25, 0.5), torch.Generator().manual_seed(0)))
+    assert not random_patch_masks(2, 10, 16, 0.0, (0.25, 0.5), torch.Generator().manual_seed(0)).any()
+
+
+def test_masking_changes_only_the_student_and_no_mask_leaves_the_backbone_as_it_is():
+    """The mask token enters the student's masked patches only: with no patch masked (and in the teacher)
+    the tokens are the backbone's own; a masked patch's embedding is the learnt mask token."""
+    dino = Dino(tiny_backbone(), dataclasses.replace(TINY, ibot_weight=1.0))
+    with torch.no_grad():
+        dino.student["mask_token"].embedding.normal_()
+    view = torch.rand(3, 3, 32, 32)
+    backbone = dino.student["backbone"]
+    unmasked = torch.zeros(3, 16, dtype=torch.bool)
+    torch.testing.assert_close(dino._student_tokens(view, unmasked), backbone.forward_features(view))
+    torch.testing.assert_close(backbone.forward_head(backbone.forward_features(view)), backbone(view))
+    masked = unmasked.clone()
+    masked[0, 5] = True
+    tokens = dino._student_tokens(view, masked)
+    torch.testing.assert_close(tokens[1:], backbone.forward_features(view)[1:])
+    assert not torch.allclose(tokens[0], backbone.forward_features(view)[0])
+    assert "mask_token" not in dict(dino.teacher_backbone.named_parameters())
+
+
+def test_ibot_term_falls_on_a_tiny_run():
+    """The student's masked patches learn to predict the teacher's patch tokens of the unmasked view:
+    after the centre's first push towards log K (as the DINO term's), the iBOT term falls well below its peak."""
+    images = as_float(image_pool(3, range(64), size=32).images)
+    options = dataclasses.replace(TINY, ibot_weight=1.0, mask_probability=1.0)
+    dino = Dino(tiny_backbone(), options, target_preprocess)
+    optimiser = torch.optim.AdamW(dino.student.parameters(), lr=1e-3)
+    generator, ibot = torch.Generator().manual_seed(0), []
+    for step in range(100):
+        terms = dino.terms(images, generator)
+        loss = terms["dino"] + terms["koleo"] * options.koleo_weight + terms["ibot"]
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        dino.update_teacher(dino.teacher_momentum(step, 100))
+        ibot.append(terms["ibot"].item())
+    assert set(terms) == {"dino", "koleo", "ibot"}
+    peak, final = max(ibot), sum(ibot[-5:]) / 5
+    assert peak > 0.7 * math.log(TINY.prototypes), ibot
+    assert final < 0.6 * peak, ibot
