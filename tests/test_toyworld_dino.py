@@ -11,6 +11,10 @@ from toyworld.dino import (
     DinoOptions,
     koleo,
     random_channel_permutation,
+    box_in_view,
+    crop,
+    random_blur,
+    random_boxes,
     random_crops,
     random_grayscale,
     random_patch_masks,
@@ -63,6 +67,18 @@ def test_channel_permutation_reorders_the_channels_of_the_chosen_images_only():
     half = random_channel_permutation(images, 0.5, torch.Generator().manual_seed(0))
     assert torch.equal(half, random_channel_permutation(images, 0.5, torch.Generator().manual_seed(0)))
     assert 0.35 < float((half != images).flatten(1).any(1).float().mean()) < 0.65
+
+
+def test_blur_keeps_constants_and_the_mean_and_smooths_only_the_chosen_images():
+    constant = torch.full((3, 3, 16, 16), 0.3)
+    torch.testing.assert_close(random_blur(constant, 1.0, (0.5, 2.0), torch.Generator().manual_seed(0)), constant)
+    noise = torch.rand(200, 3, 16, 16)
+    blurred = random_blur(noise, 0.5, (1.0, 2.0), torch.Generator().manual_seed(0))
+    changed = (blurred != noise).flatten(1).any(1)
+    assert 0.35 < float(changed.float().mean()) < 0.65
+    assert (blurred[changed].std((1, 2, 3)) < 0.6 * noise[changed].std((1, 2, 3))).all()  # smoothed
+    torch.testing.assert_close(blurred.mean(), noise.mean(), atol=2e-3, rtol=0)
+    assert torch.equal(blurred, random_blur(noise, 0.5, (1.0, 2.0), torch.Generator().manual_seed(0)))
 
 
 def test_teacher_is_the_moving_average_of_the_student():
@@ -192,3 +208,37 @@ def test_ibot_term_falls_on_a_tiny_run():
     peak, final = max(ibot), sum(ibot[-5:]) / 5
     assert peak > 0.7 * math.log(TINY.prototypes), ibot
     assert final < 0.6 * peak, ibot
+
+
+def test_box_in_view_says_where_a_crop_lies_in_another_crop():
+    """Cropping the view at the box ``box_in_view`` gives is cropping the image at the box: exact on an
+    image linear in x and y (bilinear resampling keeps it), with and without flips."""
+    rows, cols = torch.meshgrid(torch.linspace(0, 1, 48), torch.linspace(0, 1, 48), indexing="ij")
+    images = torch.stack([cols, rows, 0.3 * cols + 0.7 * rows]).expand(5, 3, 48, 48).contiguous()
+    for flips in (0.0, 0.5):
+        generator = torch.Generator().manual_seed(3)
+        views = random_boxes(1, 5, (0.6, 1.0), generator, flips)[0]                   # [B, 2, 3]
+        boxes = random_boxes(1, 5, (0.05, 0.1), generator, flips)[0]
+        half = lambda theta: theta[:, [0, 1], [0, 1]].abs()                            # [B, 2] half-sides
+        inside = ((views[:, :, 2] - boxes[:, :, 2]).abs() + half(boxes) <= half(views)).all(-1)
+        where = box_in_view(boxes, views)                                             # [B, 5]
+        theta = torch.zeros(5, 2, 3)
+        theta[:, 0, 0], theta[:, 0, 2] = where[:, 2] * where[:, 4], where[:, 0]
+        theta[:, 1, 1], theta[:, 1, 2] = where[:, 3], where[:, 1]
+        view = crop(images, views[None], 32)[0]
+        twice, direct = crop(view, theta[None], 8)[0], crop(images, boxes[None], 8)[0]
+        torch.testing.assert_close(twice[inside], direct[inside], atol=1e-4, rtol=0)
+        assert inside.sum() >= 2
+
+
+def test_region_term_trains_the_student_and_its_predictor_only():
+    options = dataclasses.replace(TINY, region_weight=1.0, region_crops=3, region_size=16, local_crops=0)
+    dino = Dino(tiny_backbone(), options, target_preprocess)
+    images = as_float(image_pool(3, range(8), size=32).images)
+    terms = dino.terms(images, torch.Generator().manual_seed(0))
+    assert set(terms) == {"dino", "koleo", "region"} and torch.isfinite(terms["region"])
+    terms["region"].backward()
+    assert dino.student["predictor"][0].weight.grad.abs().sum() > 0
+    assert dino.student["backbone"].cls_token.grad.abs().sum() > 0                 # through the class token
+    assert all(p.grad is None for p in dino.teacher.parameters())
+    assert float(dino.region_center.abs().sum()) > 0

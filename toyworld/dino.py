@@ -22,10 +22,21 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class Centering(str, Enum):
+    """How the teacher's outputs become targets (before sharpening's softmax)."""
+
+    MOMENTUM = "momentum"     # DINO: subtract a moving average of the teacher's outputs
+    SINKHORN = "sinkhorn"     # DINOv2: Sinkhorn-Knopp, each batch spread evenly over the prototypes
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass(frozen=True)
@@ -43,14 +54,22 @@ class DinoOptions:
     grayscale_probability: float = 0.5
     flip_probability: float = 0.5         # chance a crop is mirrored left-right (0: left stays left)
     channel_permutation_probability: float = 0.0  # chance a view's RGB channels are shuffled (a hue change)
+    blur_probability: float = 0.0         # chance a view is blurred (Gaussian, sigma uniform in blur_sigma pixels)
+    blur_sigma: tuple[float, float] = (0.5, 2.0)
     student_temperature: float = 0.1
     teacher_temperature: float = 0.04
     center_momentum: float = 0.9
+    centering: Centering = Centering.MOMENTUM
+    sinkhorn_iterations: int = 3
     teacher_momentum: float = 0.996       # at the start; cosine schedule to 1 at the last step
     koleo_weight: float = 0.1             # DINOv2's KoLeo term on the student's global class tokens (0: off)
     ibot_weight: float = 0.0              # DINOv2's iBOT masked-patch term (0: off)
     mask_probability: float = 0.5         # iBOT: chance a student global view has masked patches
     mask_ratio: tuple[float, float] = (0.1, 0.5)  # iBOT: fraction of such a view's patches masked (uniform)
+    region_weight: float = 0.0            # the region term: the student's global class token and a box predict
+    region_crops: int = 4                 #   the teacher's output of that crop (I-JEPA-like; 0: off)
+    region_size: int = 32
+    region_scale: tuple[float, float] = (0.1, 0.3)
 
 
 class ProjectionHead(nn.Module):
@@ -78,6 +97,18 @@ def koleo(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return -torch.log(F.pairwise_distance(unit, unit[nearest], eps=eps) + eps).mean()
 
 
+def sinkhorn_knopp(logits: torch.Tensor, temperature: float, iterations: int) -> torch.Tensor:
+    """[N, K] targets of teacher logits [N, K]: softmax(logits / temperature) rescaled ``iterations``
+    times so that each prototype gets 1/K of the batch's mass and each row sums to 1 (DINOv2)."""
+    q = torch.exp((logits - logits.max()) / temperature).T.double()                       # [K, N]
+    q /= q.sum()
+    prototypes, rows = q.shape
+    for _ in range(iterations):
+        q /= q.sum(1, keepdim=True) * prototypes
+        q /= q.sum(0, keepdim=True) * rows
+    return (q * rows).T.to(logits.dtype)
+
+
 def random_grayscale(images: torch.Tensor, probability: float, generator: torch.Generator) -> torch.Tensor:
     """images [B, 3, H, W] in [0, 1] with each image turned to grey (ITU-R 601 luma) with ``probability``."""
     luma = (images * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True).expand_as(images)
@@ -96,15 +127,43 @@ def random_channel_permutation(images: torch.Tensor, probability: float, generat
     return images.gather(1, index)
 
 
+def random_blur(images: torch.Tensor, probability: float, sigma: tuple[float, float],
+                generator: torch.Generator) -> torch.Tensor:
+    """images [B, C, H, W] with each image blurred with ``probability`` by a Gaussian of standard deviation
+    uniform in ``sigma`` (pixels; separable, kernel radius 3 sigma of the largest, reflected borders)."""
+    batch, channels, height, width = images.shape
+    draws = torch.rand(batch, 2, generator=generator)
+    sigmas = sigma[0] + (sigma[1] - sigma[0]) * draws[:, 1]                             # [B]
+    radius = math.ceil(3 * sigma[1])
+    offsets = torch.arange(-radius, radius + 1, dtype=images.dtype)
+    kernels = torch.exp(-0.5 * (offsets / sigmas.view(-1, 1)) ** 2)
+    kernels = kernels / kernels.sum(-1, keepdim=True)                                  # [B, 2r + 1]
+    kernels = kernels.repeat_interleave(channels, 0)                                   # [B * C, 2r + 1]
+    flat = images.reshape(1, batch * channels, height, width)
+    flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="reflect"), kernels.view(-1, 1, 1, 2 * radius + 1),
+                    groups=batch * channels)
+    flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="reflect"), kernels.view(-1, 1, 2 * radius + 1, 1),
+                    groups=batch * channels)
+    chosen = (draws[:, 0] < probability).view(-1, 1, 1, 1)
+    return torch.where(chosen, flat.view_as(images), images)
+
+
 def random_crops(images: torch.Tensor, count: int, size: int, scale: tuple[float, float],
                  generator: torch.Generator, flip_probability: float = 0.5) -> list[torch.Tensor]:
     """``count`` random resized crops of every image: a list of [B, C, size, size].
 
     images: [B, C, H, W] float. Each crop covers ``scale`` of the area (uniform), aspect ratio
     log-uniform in [3/4, 4/3], lies inside the image, is flipped left-right with ``flip_probability``,
-    and is resampled bilinearly.
+    and is resampled bilinearly (``random_boxes``, then ``crop``).
     """
-    batch = images.shape[0]
+    return crop(images, random_boxes(count, images.shape[0], scale, generator, flip_probability), size)
+
+
+def random_boxes(count: int, batch: int, scale: tuple[float, float], generator: torch.Generator,
+                 flip_probability: float = 0.5) -> torch.Tensor:
+    """[count, B, 2, 3] affine maps from a crop's coordinates to its image's (``affine_grid``'s theta,
+    both in [-1, 1]): a box of ``scale`` of the area, aspect log-uniform in [3/4, 4/3], inside the image,
+    mirrored left-right (a negative x scale) with ``flip_probability``."""
     draws = torch.rand(count, batch, 5, generator=generator)                    # [count, B, 5] in [0, 1)
     area = scale[0] + (scale[1] - scale[0]) * draws[..., 0]
     aspect = torch.exp(math.log(3 / 4) + math.log(16 / 9) * draws[..., 1])
@@ -115,11 +174,26 @@ def random_crops(images: torch.Tensor, count: int, size: int, scale: tuple[float
     theta = torch.zeros(count, batch, 2, 3)
     theta[..., 0, 0], theta[..., 0, 2] = width * flip, centre_x
     theta[..., 1, 1], theta[..., 1, 2] = height, centre_y
-    crops = []
-    for view in theta:                                                          # [B, 2, 3]
-        grid = F.affine_grid(view, [batch, images.shape[1], size, size], align_corners=False)
-        crops.append(F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False))
-    return crops
+    return theta
+
+
+def crop(images: torch.Tensor, theta: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """images [B, C, H, W] resampled (bilinear) through each of the maps theta [count, B, 2, 3]:
+    a list of ``count`` crops [B, C, size, size]."""
+    batch, channels = images.shape[:2]
+    grids = [F.affine_grid(view, [batch, channels, size, size], align_corners=False) for view in theta]
+    return [F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+            for grid in grids]
+
+
+def box_in_view(box: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+    """[..., 5] where a box lies in a view, both maps [..., 2, 3] as ``random_boxes`` draws them: the box's
+    centre (x, y) and half-sides (width, height) in the view's coordinates ([-1, 1] spans the view), and
+    +1 / -1: the box mirrored relative to the view or not."""
+    scale_x, scale_y = view[..., 0, 0], view[..., 1, 1]                         # signed: a flip is negative
+    return torch.stack([(box[..., 0, 2] - view[..., 0, 2]) / scale_x, (box[..., 1, 2] - view[..., 1, 2]) / scale_y,
+                        (box[..., 0, 0] / scale_x).abs(), box[..., 1, 1] / scale_y,
+                        torch.sign(box[..., 0, 0] * scale_x)], -1)
 
 
 def random_patch_masks(views: int, batch: int, patches: int, probability: float, ratio: tuple[float, float],
@@ -154,9 +228,14 @@ class Dino(nn.Module):
         self.student = nn.ModuleDict({"backbone": backbone, "head": ProjectionHead(backbone.num_features, options)})
         if options.ibot_weight:
             self.student["mask_token"] = MaskToken(backbone.embed_dim)
+        if options.region_weight:  # [B, d + 5] class token and box -> [B, d], read by the head
+            width = backbone.num_features
+            self.student["predictor"] = nn.Sequential(nn.Linear(width + 5, options.hidden), nn.GELU(),
+                                                      nn.Linear(options.hidden, width))
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
         self.register_buffer("center", torch.zeros(options.prototypes))
         self.register_buffer("patch_center", torch.zeros(options.prototypes))
+        self.register_buffer("region_center", torch.zeros(options.prototypes))
         self._mask: list[torch.Tensor | None] = [None]  # the patch mask [B, N] the student's next view takes
         if options.ibot_weight:
             backbone.patch_embed.register_forward_hook(self._masked_embedding)  # the student's only
@@ -175,35 +254,44 @@ class Dino(nn.Module):
 
     def views(self, images: torch.Tensor, generator: torch.Generator) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(2 global views, ``local_crops`` local views) of images [B, 3, H, W] in [0, 1], normalised."""
+        global_views, local_views, _ = self._views(images, generator)
+        return global_views, local_views
+
+    def _views(self, images: torch.Tensor, generator: torch.Generator):
+        """``views`` and the global views' boxes [2, B, 2, 3] (``random_boxes``)."""
         o = self.options
-        crops = (random_crops(images, 2, o.global_size, o.global_scale, generator, o.flip_probability),
+        boxes = random_boxes(2, images.shape[0], o.global_scale, generator, o.flip_probability)
+        crops = (crop(images, boxes, o.global_size),
                  random_crops(images, o.local_crops, o.local_size, o.local_scale, generator, o.flip_probability))
-        return tuple([self.normalise(self._recolour(crop, generator)) for crop in group] for group in crops)
+        global_views, local_views = ([self.normalise(self._recolour(c, generator)) for c in group] for group in crops)
+        return global_views, local_views, boxes
 
     def _recolour(self, view: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         o = self.options
         if o.channel_permutation_probability:
             view = random_channel_permutation(view, o.channel_permutation_probability, generator)
+        if o.blur_probability:
+            view = random_blur(view, o.blur_probability, o.blur_sigma, generator)
         return random_grayscale(view, o.grayscale_probability, generator)
 
     def loss(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The training loss of one batch of images [B, 3, H, W] in [0, 1]: ``terms`` weighted and summed."""
         o = self.options
         terms = self.terms(images, generator)
-        weights = {"dino": 1.0, "koleo": o.koleo_weight, "ibot": o.ibot_weight}
+        weights = {"dino": 1.0, "koleo": o.koleo_weight, "ibot": o.ibot_weight, "region": o.region_weight}
         return sum(weights[name] * term for name, term in terms.items())
 
     def terms(self, images: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """{"dino", and "koleo" / "ibot" where their weight is not 0}: the unweighted terms of one batch
+        """{"dino", and "koleo" / "ibot" / "region" where their weight is not 0}: the unweighted terms of one batch
         of images [B, 3, H, W] in [0, 1]; updates the centres."""
         o = self.options
-        global_views, local_views = self.views(images, generator)
+        global_views, local_views, global_boxes = self._views(images, generator)
         masks = self._patch_masks(images.shape[0], generator) if o.ibot_weight else [None, None]
         with torch.no_grad():
             teacher_tokens = [self.teacher["backbone"].forward_features(v) for v in global_views]  # each [B, T, d]
             teacher = torch.stack([self.teacher["head"](self.teacher["backbone"].forward_head(t))
                                    for t in teacher_tokens])                                    # [2, B, K]
-            targets = F.softmax((teacher - self.center) / o.teacher_temperature, dim=-1)
+            targets = self._targets(teacher, self.center)                                  # [2, B, K]
         student_tokens = [self._student_tokens(v, m) for v, m in zip(global_views, masks)]      # each [B, T, d]
         backbone = self.student["backbone"]
         features = [backbone.forward_head(t) for t in student_tokens] + [backbone(v) for v in local_views]
@@ -217,7 +305,28 @@ class Dino(nn.Module):
             terms["koleo"] = torch.stack([koleo(f) for f in features[:2]]).mean()
         if o.ibot_weight:
             terms["ibot"] = self._ibot(teacher_tokens, student_tokens, masks)
+        if o.region_weight:
+            terms["region"] = self._region(images, torch.stack(features[:2]), global_boxes, generator)
         return terms
+
+    def _region(self, images: torch.Tensor, features: torch.Tensor, global_boxes: torch.Tensor,
+                generator: torch.Generator) -> torch.Tensor:
+        """The region term: for each student global view (class tokens ``features`` [2, B, d], boxes
+        [2, B, 2, 3]) and each of ``region_crops`` random crops of the images (no colour changes), the
+        predictor reads the class token and where the crop lies in the view (``box_in_view``); through
+        the head it predicts the teacher's (centred, sharpened) output of the crop. A class token that
+        does not say where the object is cannot tell which crops show it. Updates ``region_center``."""
+        o = self.options
+        boxes = random_boxes(o.region_crops, images.shape[0], o.region_scale, generator, o.flip_probability)
+        with torch.no_grad():
+            teacher = torch.stack([self.teacher["head"](self.teacher["backbone"](self.normalise(c)))
+                                   for c in crop(images, boxes, o.region_size)])                # [R, B, K]
+            targets = self._targets(teacher, self.region_center)
+            self.region_center.mul_(o.center_momentum).add_(teacher.mean((0, 1)), alpha=1 - o.center_momentum)
+        where = box_in_view(boxes.unsqueeze(0), global_boxes.unsqueeze(1))                       # [2, R, B, 5]
+        tokens = features.unsqueeze(1).expand(-1, o.region_crops, -1, -1)                       # [2, R, B, d]
+        predicted = self.student["head"](self.student["predictor"](torch.cat([tokens, where], -1)))
+        return self._cross_entropy(targets.unsqueeze(0), predicted).mean()
 
     def _cross_entropy(self, target: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
         """[...] the cross-entropy of the student's logits [..., K] against the teacher's target [..., K]."""
@@ -244,12 +353,20 @@ class Dino(nn.Module):
         o, prefix = self.options, self.student["backbone"].num_prefix_tokens
         with torch.no_grad():
             teacher = torch.stack([self.teacher["head"](t[:, prefix:]) for t in teacher_tokens])   # [2, B, N, K]
-            targets = F.softmax((teacher - self.patch_center) / o.teacher_temperature, dim=-1)
+            targets = self._targets(teacher[masks], self.patch_center) if masks.any() else None   # [M, K]
             self.patch_center.mul_(o.center_momentum).add_(teacher.mean((0, 1, 2)), alpha=1 - o.center_momentum)
-        if not masks.any():
+        if targets is None:
             return teacher.new_zeros(())
         student = torch.cat([self.student["head"](t[:, prefix:][m]) for t, m in zip(student_tokens, masks)])  # [M, K]
-        return self._cross_entropy(targets[masks], student).mean()
+        return self._cross_entropy(targets, student).mean()
+
+    def _targets(self, teacher: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+        """[..., K] the teacher's sharpened targets of its logits [..., K] (``options.centering``)."""
+        o = self.options
+        if o.centering is Centering.SINKHORN:
+            flat = teacher.reshape(-1, teacher.shape[-1])
+            return sinkhorn_knopp(flat, o.teacher_temperature, o.sinkhorn_iterations).view_as(teacher)
+        return F.softmax((teacher - center) / o.teacher_temperature, dim=-1)
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
