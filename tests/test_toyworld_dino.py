@@ -7,23 +7,27 @@ import timm
 import torch
 
 from toyworld.dino import (
+    Centering,
     Dino,
     DinoOptions,
-    koleo,
-    random_channel_permutation,
     box_in_view,
     crop,
+    koleo,
     random_blur,
     random_boxes,
+    random_channel_permutation,
     random_crops,
     random_grayscale,
     random_patch_masks,
+    sincos_position_init,
 )
 from toyworld.models import target_preprocess
 from toyworld.pools import as_float, image_pool
 
 TINY = DinoOptions(prototypes=64, hidden=32, bottleneck=16, global_size=32, local_crops=2, local_size=16,
-                   teacher_momentum=0.9)
+                   teacher_momentum=0.9, global_scale=(0.5, 1.0), flip_probability=0.5, centering=Centering.MOMENTUM,
+                   sincos_positions=False, region_weight=0.0)  # DINO's own recipe (the former defaults)
+SHIPPED_TINY = DinoOptions(prototypes=64, hidden=32, bottleneck=16, global_size=32, region_size=16)  # the defaults
 
 
 def tiny_backbone():
@@ -44,16 +48,16 @@ def test_crops_have_the_asked_size_and_are_reproducible_from_the_generator():
 def test_a_crop_shows_only_pixels_of_its_image():
     """Each crop resamples inside its own image: a constant image gives that constant."""
     images = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 24, 24)
-    for crop in random_crops(images, 2, 8, (0.2, 1.0), torch.Generator().manual_seed(0)):
-        torch.testing.assert_close(crop, images[:, :, :8, :8])
+    for view in random_crops(images, 2, 8, (0.2, 1.0), torch.Generator().manual_seed(0)):
+        torch.testing.assert_close(view, images[:, :, :8, :8])
 
 
 def test_without_flips_a_crop_keeps_left_and_right_and_with_them_swaps_them():
     """A left-to-right ramp stays increasing in every crop when flips are off, decreasing when always on."""
     ramp = torch.linspace(0, 1, 32).view(1, 1, 1, 32).expand(6, 3, 32, 32)
     for probability, sign in ((0.0, 1), (1.0, -1)):
-        for crop in random_crops(ramp, 3, 16, (0.3, 1.0), torch.Generator().manual_seed(2), probability):
-            assert (sign * crop.diff(dim=-1) > 0).all()
+        for view in random_crops(ramp, 3, 16, (0.3, 1.0), torch.Generator().manual_seed(2), probability):
+            assert (sign * view.diff(dim=-1) > 0).all()
 
 
 def test_channel_permutation_reorders_the_channels_of_the_chosen_images_only():
@@ -242,3 +246,40 @@ def test_region_term_trains_the_student_and_its_predictor_only():
     assert dino.student["backbone"].cls_token.grad.abs().sum() > 0                 # through the class token
     assert all(p.grad is None for p in dino.teacher.parameters())
     assert float(dino.region_center.abs().sum()) > 0
+
+
+def test_sincos_positions_start_the_patch_embeddings_at_distinct_sin_cos_rows_and_stay_trainable():
+    backbone = tiny_backbone()
+    dino = Dino(backbone, dataclasses.replace(TINY, sincos_positions=True))
+    table = dino.student["backbone"].pos_embed                                   # [1, 1 + 16, 32]
+    assert torch.equal(table[0, 0], torch.zeros(32)) and table.requires_grad
+    rows = table[0, 1:]
+    assert rows.abs().max() <= 1 and len({tuple(r.tolist()) for r in rows}) == 16   # one row per patch
+    torch.testing.assert_close(dino.teacher_backbone.pos_embed, table)          # the teacher starts the same
+
+
+def test_sincos_positions_refuse_a_backbone_without_a_position_table():
+    backbone = tiny_backbone()
+    backbone.pos_embed = None
+    with pytest.raises(ValueError, match="sincos_positions"):
+        sincos_position_init(backbone)
+
+
+def test_the_shipped_objective_learns_on_a_tiny_run_without_collapsing():
+    """The defaults (Sinkhorn-Knopp targets, the region term, sin-cos positions): the summed loss falls
+    well below its start and the teacher does not put every image on one prototype."""
+    images = as_float(image_pool(3, range(64), size=32).images)
+    dino = Dino(tiny_backbone(), SHIPPED_TINY, target_preprocess)
+    optimiser = torch.optim.AdamW(dino.student.parameters(), lr=1e-3)
+    generator, losses = torch.Generator().manual_seed(0), []
+    for step in range(60):
+        loss = dino.loss(images, generator)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        dino.update_teacher(dino.teacher_momentum(step, 60))
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.7 * max(losses[:5]), losses
+    with torch.no_grad():
+        assigned = dino.teacher["head"](dino.teacher_backbone(target_preprocess(images))).argmax(-1)
+    assert len(assigned.unique()) > 1, assigned                     # not one prototype for every image
