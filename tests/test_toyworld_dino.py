@@ -6,12 +6,28 @@ import pytest
 import timm
 import torch
 
-from toyworld.dino import Dino, DinoOptions, koleo, random_crops, random_grayscale
+from toyworld.dino import (
+    Centering,
+    Dino,
+    DinoOptions,
+    box_in_view,
+    crop,
+    koleo,
+    random_blur,
+    random_boxes,
+    random_channel_permutation,
+    random_crops,
+    random_grayscale,
+    random_patch_masks,
+    sincos_position_init,
+)
 from toyworld.models import target_preprocess
 from toyworld.pools import as_float, image_pool
 
 TINY = DinoOptions(prototypes=64, hidden=32, bottleneck=16, global_size=32, local_crops=2, local_size=16,
-                   teacher_momentum=0.9)
+                   teacher_momentum=0.9, global_scale=(0.5, 1.0), flip_probability=0.5, centering=Centering.MOMENTUM,
+                   sincos_positions=False, region_weight=0.0)  # DINO's own recipe (the former defaults)
+SHIPPED_TINY = DinoOptions(prototypes=64, hidden=32, bottleneck=16, global_size=32, region_size=16)  # the defaults
 
 
 def tiny_backbone():
@@ -32,8 +48,41 @@ def test_crops_have_the_asked_size_and_are_reproducible_from_the_generator():
 def test_a_crop_shows_only_pixels_of_its_image():
     """Each crop resamples inside its own image: a constant image gives that constant."""
     images = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 24, 24)
-    for crop in random_crops(images, 2, 8, (0.2, 1.0), torch.Generator().manual_seed(0)):
-        torch.testing.assert_close(crop, images[:, :, :8, :8])
+    for view in random_crops(images, 2, 8, (0.2, 1.0), torch.Generator().manual_seed(0)):
+        torch.testing.assert_close(view, images[:, :, :8, :8])
+
+
+def test_without_flips_a_crop_keeps_left_and_right_and_with_them_swaps_them():
+    """A left-to-right ramp stays increasing in every crop when flips are off, decreasing when always on."""
+    ramp = torch.linspace(0, 1, 32).view(1, 1, 1, 32).expand(6, 3, 32, 32)
+    for probability, sign in ((0.0, 1), (1.0, -1)):
+        for view in random_crops(ramp, 3, 16, (0.3, 1.0), torch.Generator().manual_seed(2), probability):
+            assert (sign * view.diff(dim=-1) > 0).all()
+
+
+def test_channel_permutation_reorders_the_channels_of_the_chosen_images_only():
+    images = torch.rand(300, 3, 4, 4)
+    always = random_channel_permutation(images, 1.0, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(always.sort(1).values, images.sort(1).values)   # the same values per pixel
+    assert not (always == images).flatten(1).all(1).any()                      # never the identity
+    orders = {tuple(images[i, :, 0, 0].tolist().index(v) for v in always[i, :, 0, 0].tolist()) for i in range(300)}
+    assert len(orders) == 5
+    assert torch.equal(random_channel_permutation(images, 0.0, torch.Generator().manual_seed(0)), images)
+    half = random_channel_permutation(images, 0.5, torch.Generator().manual_seed(0))
+    assert torch.equal(half, random_channel_permutation(images, 0.5, torch.Generator().manual_seed(0)))
+    assert 0.35 < float((half != images).flatten(1).any(1).float().mean()) < 0.65
+
+
+def test_blur_keeps_constants_and_the_mean_and_smooths_only_the_chosen_images():
+    constant = torch.full((3, 3, 16, 16), 0.3)
+    torch.testing.assert_close(random_blur(constant, 1.0, (0.5, 2.0), torch.Generator().manual_seed(0)), constant)
+    noise = torch.rand(200, 3, 16, 16)
+    blurred = random_blur(noise, 0.5, (1.0, 2.0), torch.Generator().manual_seed(0))
+    changed = (blurred != noise).flatten(1).any(1)
+    assert 0.35 < float(changed.float().mean()) < 0.65
+    assert (blurred[changed].std((1, 2, 3)) < 0.6 * noise[changed].std((1, 2, 3))).all()  # smoothed
+    torch.testing.assert_close(blurred.mean(), noise.mean(), atol=2e-3, rtol=0)
+    assert torch.equal(blurred, random_blur(noise, 0.5, (1.0, 2.0), torch.Generator().manual_seed(0)))
 
 
 def test_teacher_is_the_moving_average_of_the_student():
@@ -111,3 +160,126 @@ def test_koleo_term_spreads_the_student_features():
             return -float(koleo(dino.student["backbone"](target_preprocess(images))))
 
     assert nearest_distance(1.0) > nearest_distance(0.0)
+
+
+def test_patch_masks_cover_the_asked_fraction_of_the_chosen_images_and_are_reproducible():
+    masks = random_patch_masks(2, 400, 16, 0.5, (0.25, 0.5), torch.Generator().manual_seed(0))
+    assert masks.shape == (2, 400, 16) and masks.dtype == torch.bool
+    counts = masks.sum(-1)
+    chosen = counts > 0
+    assert 0.4 < float(chosen.float().mean()) < 0.6
+    assert counts[chosen].min() >= 4 and counts[chosen].max() <= 8
+    assert torch.equal(masks, random_patch_masks(2, 400, 16, 0.5, (0.25, 0.5), torch.Generator().manual_seed(0)))
+    assert not random_patch_masks(2, 10, 16, 0.0, (0.25, 0.5), torch.Generator().manual_seed(0)).any()
+
+
+def test_masking_changes_only_the_student_and_no_mask_leaves_the_backbone_as_it_is():
+    """The mask token enters the student's masked patches only: with no patch masked (and in the teacher)
+    the tokens are the backbone's own; a masked patch's embedding is the learnt mask token."""
+    dino = Dino(tiny_backbone(), dataclasses.replace(TINY, ibot_weight=1.0))
+    with torch.no_grad():
+        dino.student["mask_token"].embedding.normal_()
+    view = torch.rand(3, 3, 32, 32)
+    backbone = dino.student["backbone"]
+    unmasked = torch.zeros(3, 16, dtype=torch.bool)
+    torch.testing.assert_close(dino._student_tokens(view, unmasked), backbone.forward_features(view))
+    torch.testing.assert_close(backbone.forward_head(backbone.forward_features(view)), backbone(view))
+    masked = unmasked.clone()
+    masked[0, 5] = True
+    tokens = dino._student_tokens(view, masked)
+    torch.testing.assert_close(tokens[1:], backbone.forward_features(view)[1:])
+    assert not torch.allclose(tokens[0], backbone.forward_features(view)[0])
+    assert "mask_token" not in dict(dino.teacher_backbone.named_parameters())
+
+
+def test_ibot_term_falls_on_a_tiny_run():
+    """The student's masked patches learn to predict the teacher's patch tokens of the unmasked view:
+    after the centre's first push towards log K (as the DINO term's), the iBOT term falls well below its peak."""
+    images = as_float(image_pool(3, range(64), size=32).images)
+    options = dataclasses.replace(TINY, ibot_weight=1.0, mask_probability=1.0)
+    dino = Dino(tiny_backbone(), options, target_preprocess)
+    optimiser = torch.optim.AdamW(dino.student.parameters(), lr=1e-3)
+    generator, ibot = torch.Generator().manual_seed(0), []
+    for step in range(100):
+        terms = dino.terms(images, generator)
+        loss = terms["dino"] + terms["koleo"] * options.koleo_weight + terms["ibot"]
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        dino.update_teacher(dino.teacher_momentum(step, 100))
+        ibot.append(terms["ibot"].item())
+    assert set(terms) == {"dino", "koleo", "ibot"}
+    peak, final = max(ibot), sum(ibot[-5:]) / 5
+    assert peak > 0.7 * math.log(TINY.prototypes), ibot
+    assert final < 0.6 * peak, ibot
+
+
+def test_box_in_view_says_where_a_crop_lies_in_another_crop():
+    """Cropping the view at the box ``box_in_view`` gives is cropping the image at the box: exact on an
+    image linear in x and y (bilinear resampling keeps it), with and without flips."""
+    rows, cols = torch.meshgrid(torch.linspace(0, 1, 48), torch.linspace(0, 1, 48), indexing="ij")
+    images = torch.stack([cols, rows, 0.3 * cols + 0.7 * rows]).expand(5, 3, 48, 48).contiguous()
+    for flips in (0.0, 0.5):
+        generator = torch.Generator().manual_seed(3)
+        views = random_boxes(1, 5, (0.6, 1.0), generator, flips)[0]                   # [B, 2, 3]
+        boxes = random_boxes(1, 5, (0.05, 0.1), generator, flips)[0]
+        half = lambda theta: theta[:, [0, 1], [0, 1]].abs()                            # [B, 2] half-sides
+        inside = ((views[:, :, 2] - boxes[:, :, 2]).abs() + half(boxes) <= half(views)).all(-1)
+        where = box_in_view(boxes, views)                                             # [B, 5]
+        theta = torch.zeros(5, 2, 3)
+        theta[:, 0, 0], theta[:, 0, 2] = where[:, 2] * where[:, 4], where[:, 0]
+        theta[:, 1, 1], theta[:, 1, 2] = where[:, 3], where[:, 1]
+        view = crop(images, views[None], 32)[0]
+        twice, direct = crop(view, theta[None], 8)[0], crop(images, boxes[None], 8)[0]
+        torch.testing.assert_close(twice[inside], direct[inside], atol=1e-4, rtol=0)
+        assert inside.sum() >= 2
+
+
+def test_region_term_trains_the_student_and_its_predictor_only():
+    options = dataclasses.replace(TINY, region_weight=1.0, region_crops=3, region_size=16, local_crops=0)
+    dino = Dino(tiny_backbone(), options, target_preprocess)
+    images = as_float(image_pool(3, range(8), size=32).images)
+    terms = dino.terms(images, torch.Generator().manual_seed(0))
+    assert set(terms) == {"dino", "koleo", "region"} and torch.isfinite(terms["region"])
+    terms["region"].backward()
+    assert dino.student["predictor"][0].weight.grad.abs().sum() > 0
+    assert dino.student["backbone"].cls_token.grad.abs().sum() > 0                 # through the class token
+    assert all(p.grad is None for p in dino.teacher.parameters())
+    assert float(dino.region_center.abs().sum()) > 0
+
+
+def test_sincos_positions_start_the_patch_embeddings_at_distinct_sin_cos_rows_and_stay_trainable():
+    backbone = tiny_backbone()
+    dino = Dino(backbone, dataclasses.replace(TINY, sincos_positions=True))
+    table = dino.student["backbone"].pos_embed                                   # [1, 1 + 16, 32]
+    assert torch.equal(table[0, 0], torch.zeros(32)) and table.requires_grad
+    rows = table[0, 1:]
+    assert rows.abs().max() <= 1 and len({tuple(r.tolist()) for r in rows}) == 16   # one row per patch
+    torch.testing.assert_close(dino.teacher_backbone.pos_embed, table)          # the teacher starts the same
+
+
+def test_sincos_positions_refuse_a_backbone_without_a_position_table():
+    backbone = tiny_backbone()
+    backbone.pos_embed = None
+    with pytest.raises(ValueError, match="sincos_positions"):
+        sincos_position_init(backbone)
+
+
+def test_the_shipped_objective_learns_on_a_tiny_run_without_collapsing():
+    """The defaults (Sinkhorn-Knopp targets, the region term, sin-cos positions): the summed loss falls
+    well below its start and the teacher does not put every image on one prototype."""
+    images = as_float(image_pool(3, range(64), size=32).images)
+    dino = Dino(tiny_backbone(), SHIPPED_TINY, target_preprocess)
+    optimiser = torch.optim.AdamW(dino.student.parameters(), lr=1e-3)
+    generator, losses = torch.Generator().manual_seed(0), []
+    for step in range(60):
+        loss = dino.loss(images, generator)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        dino.update_teacher(dino.teacher_momentum(step, 60))
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.7 * max(losses[:5]), losses
+    with torch.no_grad():
+        assigned = dino.teacher["head"](dino.teacher_backbone(target_preprocess(images))).argmax(-1)
+    assert len(assigned.unique()) > 1, assigned                     # not one prototype for every image
