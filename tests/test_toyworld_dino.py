@@ -100,21 +100,27 @@ def test_teacher_is_the_moving_average_of_the_student():
     assert dino.teacher_momentum(0, 10) == TINY.teacher_momentum and dino.teacher_momentum(9, 10) == 1.0
 
 
-def test_training_steps_lower_the_loss_on_a_tiny_run():
-    """From a random start the outputs first spread over the prototypes (the centre pushes the loss up
-    towards log K, the loss of a uniform output); training then brings it well below that, without
-    collapsing the teacher onto one prototype."""
+def tiny_run(options: DinoOptions, steps: int = 60):
+    """(losses, trained Dino, its images in [0, 1]): ``steps`` AdamW steps on 64 tiny images."""
     images = as_float(image_pool(3, range(64), size=32).images)
-    dino = Dino(tiny_backbone(), TINY, target_preprocess)
+    dino = Dino(tiny_backbone(), options, target_preprocess)
     optimiser = torch.optim.AdamW(dino.student.parameters(), lr=1e-3)
     generator, losses = torch.Generator().manual_seed(0), []
-    for step in range(60):
+    for step in range(steps):
         loss = dino.loss(images, generator)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
-        dino.update_teacher(dino.teacher_momentum(step, 60))
+        dino.update_teacher(dino.teacher_momentum(step, steps))
         losses.append(loss.item())
+    return losses, dino, images
+
+
+def test_training_steps_lower_the_loss_on_a_tiny_run():
+    """From a random start the outputs first spread over the prototypes (the centre pushes the loss up
+    towards log K, the loss of a uniform output); training then brings it well below that, without
+    collapsing the teacher onto one prototype."""
+    losses, dino, images = tiny_run(TINY)
     peak, final = max(losses), sum(losses[-5:]) / 5
     assert peak > 0.7 * math.log(TINY.prototypes), losses
     assert final < 0.5 * peak, losses
@@ -268,17 +274,7 @@ def test_sincos_positions_refuse_a_backbone_without_a_position_table():
 def test_the_shipped_objective_learns_on_a_tiny_run_without_collapsing():
     """The defaults (Sinkhorn-Knopp targets, the region term, sin-cos positions): the summed loss falls
     well below its start and the teacher does not put every image on one prototype."""
-    images = as_float(image_pool(3, range(64), size=32).images)
-    dino = Dino(tiny_backbone(), SHIPPED_TINY, target_preprocess)
-    optimiser = torch.optim.AdamW(dino.student.parameters(), lr=1e-3)
-    generator, losses = torch.Generator().manual_seed(0), []
-    for step in range(60):
-        loss = dino.loss(images, generator)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        dino.update_teacher(dino.teacher_momentum(step, 60))
-        losses.append(loss.item())
+    losses, dino, images = tiny_run(SHIPPED_TINY)
     assert sum(losses[-5:]) / 5 < 0.7 * max(losses[:5]), losses
     with torch.no_grad():
         assigned = dino.teacher["head"](dino.teacher_backbone(target_preprocess(images))).argmax(-1)
