@@ -186,16 +186,14 @@ def test_train_command_writes_loadable_models(tmp_path):
     assert load_toy_clip(tmp_path).encode_texts(["a red circle"]).shape == (1, 64)
 
 
-def test_a_rerun_of_training_writes_the_same_bytes(tmp_path):
-    """Every model, trained twice from its recipe (shortened), gives byte-identical weights and models.json."""
-    from vit_decompose.cli import main
-
-    for run in ("first", "second"):
-        assert main(["toyworld", "train", "--out", str(tmp_path / run), "--steps", "2", "--eval-images", "64"]) == 0
-    files = sorted(path.name for path in (tmp_path / "first").iterdir())
+def test_a_rerun_of_training_writes_the_same_bytes(tmp_path, shortened_toy_weights, train_shortened):
+    """Every model, trained again from its recipe (shortened), gives byte-identical weights and models.json."""
+    train_shortened(tmp_path)
+    files = sorted(path.name for path in shortened_toy_weights.iterdir())
     assert set(files) >= {f"{name}.safetensors" for name in TARGET_NAMES} | {"models.json"}
+    assert files == sorted(path.name for path in tmp_path.iterdir())
     for name in files:
-        assert (tmp_path / "first" / name).read_bytes() == (tmp_path / "second" / name).read_bytes(), name
+        assert (shortened_toy_weights / name).read_bytes() == (tmp_path / name).read_bytes(), name
 
 
 def test_spurious_model_keeps_the_frozen_deit_backbone(tmp_path):

@@ -63,15 +63,16 @@ def factor_embeddings(clip: ClipModel) -> dict[str, torch.Tensor]:
             for factor in FACTORS}
 
 
-def describe_top_components(aligned: torch.Tensor, rankings: dict[str, list], constant: torch.Tensor,
+def describe_top_components(aligned: torch.Tensor, rankings: dict[str, list], skipped: torch.Tensor,
                             embeddings: dict[str, torch.Tensor]) -> dict[str, list[tuple[str, float]]]:
-    """TextSpan of each factor's top component over a bank of every factor's value phrases."""
+    """TextSpan of each factor's top component over a bank of every factor's value phrases (none where the
+    top is ``skipped`` [C]: a constant or bias ranked first because every component is one)."""
     texts = [text for factor in FACTORS for text in FACTOR_TEXTS[factor].values()]
     bank = torch.cat([embeddings[factor] for factor in FACTORS])
     described = {}
     for ranked in rankings.values():
         top = ranked[0]
-        if not bool(constant[top.index]) and top.key not in described:
+        if not bool(skipped[top.index]) and top.key not in described:
             span = text_span(aligned[top.index], bank, texts, count=3)
             described[top.key] = list(zip(span.texts, span.variance_explained))
     return described
@@ -100,13 +101,13 @@ def analyse_target(name: str, clip: ClipModel, sample: ToySample, fit: torch.Ten
     scorer = PropertyScorer(bases)
     scorer.update(aligned[:, fit])
     scores, constant = scorer.scores(), scorer.constant()
-    rankings = {factor: rank_components(scores, dec.keys, factor, constant=constant) for factor in FACTORS}
-    # what a selection picks from: the model's parts, not constants and biases. Those are the same for every
-    # image until a norm divides them by its per-token scale, so they all vary by that one scalar; ranked by
+    # rankings lead with the model's parts: constants and biases go last. Those are the same for every image
+    # until a norm divides them by its per-token scale, so they all vary by that one scalar; ranked by
     # correlation they took two of deit's top-3 for size (each read size at .63, the top part .97; 2026-12-05)
-    parts = [not bool(constant[i]) and label.kind not in INPUT_FREE for i, label in enumerate(dec.labels)]
-    orders = {factor: [c.index for c in ranked if parts[c.index]] for factor, ranked in rankings.items()}
-    descriptions = describe_top_components(aligned[:, fit], rankings, constant, embeddings)
+    not_parts = constant | torch.tensor([label.kind in INPUT_FREE for label in dec.labels])
+    rankings = {factor: rank_components(scores, dec.keys, factor, constant=not_parts) for factor in FACTORS}
+    orders = {factor: [c.index for c in ranked if not bool(not_parts[c.index])] for factor, ranked in rankings.items()}
+    descriptions = describe_top_components(aligned[:, fit], rankings, not_parts, embeddings)
     probe = {factor: selection_probe(dec.components, orders[factor], sample.factor(factor), fit, test,
                                      len(FACTORS[factor]), settings.k) for factor in FACTORS}
     watch.lap("score")

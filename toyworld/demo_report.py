@@ -22,6 +22,7 @@ from .demo_records import DemoSettings, TargetResult
 from .generator import FACTORS
 from .models import read_manifest, shipped_metrics
 from .sample import ToySample
+from .validation import RANDOM_DRAWS
 
 EXAMPLE_FACTORS = ("colour", "pattern")   # retrieval examples drawn in the report
 SPURIOUS_FACTORS = ("scene", "shape")     # the spurious claim needs both: the background and the label's factor
@@ -135,8 +136,9 @@ def _rankings(report: Report, results: list[TargetResult]) -> None:
 
 def _probe(report: Report, results: list[TargetResult], settings: DemoSettings) -> None:
     report.section("property-probe", f"Linear probe of each factor from {settings.k} selected components")
-    report.paragraph("Logistic regression on the sum of the selected components' raw contributions, fit on the "
-                     "fit images, accuracy on the held-out images; random-k is the mean of 5 draws.")
+    report.paragraph("Ridge-regression probe on the sum of the selected components' raw contributions, fit on "
+                     "the fit images, accuracy on the held-out images. Selections are among the model's parts, not "
+                     f"its constants and biases; random-k is the mean of {RANDOM_DRAWS} draws.")
     for r in results:
         report.heading(r.name)
         report.table(["factor", "k", "top-k", "random-k", "bottom-k"],

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 
 import torch
 
+from decompose import trace_and_decompose
+
 from .generator import FACTORS
 from .validation import linear_probe_accuracy
 
@@ -53,8 +55,6 @@ def representation(model: torch.nn.Module, images: torch.Tensor, batch_size: int
     [N, 3, H, W]: timm's pre-logits features, or the node before a nonlinear pre-logits head (MaxViT's
     tanh: ``Decomposition.stopped_before``). A probe on the tanh's output read scene at 0.43 where the
     decomposed node reads it at 0.97 (the tiny MaxViT's saturated tanh, 2026-12-05)."""
-    from decompose import trace_and_decompose
-
-    decomposer = trace_and_decompose(model.eval())
+    decomposer = trace_and_decompose(model)  # an eval-mode copy: the model itself is left as it is
     return torch.cat([decomposer(images[i:i + batch_size], level="branch").representation
                       for i in range(0, len(images), batch_size)])

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+RANDOM_DRAWS = 50  # random selections averaged into ``selection_probe``'s random_k
+
 
 def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
                           test_y: torch.Tensor, classes: int, ridge: float = 1.0) -> float:
@@ -26,7 +28,7 @@ def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: 
 
 
 def selection_probe(components: torch.Tensor, order: list[int], labels: torch.Tensor, train: torch.Tensor,
-                    test: torch.Tensor, classes: int, k: int, draws: int = 50, seed: int = 0) -> dict[str, float]:
+                    test: torch.Tensor, classes: int, k: int, draws: int = RANDOM_DRAWS, seed: int = 0) -> dict[str, float]:
     """Probe accuracy from Σ of the top-k, k random and the bottom-k components of ``order``.
 
     random_k is the mean over ``draws`` random selections: with 5 the toy deit's pattern baseline
