@@ -169,6 +169,27 @@ def test_structural_reads_are_listed(vit_graph):
     assert any("blockwise_linear" in site for site in graph.structural)
 
 
+def test_early_poolings_check_runs_on_the_example_while_recording():
+    """An average-pooled ViT without a class token pools early; its per-batch check that the trunk after the
+    pool is still a per-token multiple of the unit tail read the batch and stopped the recording (found by
+    ``test_properties_hold_on_the_graph``). It runs on the example; the graph sums exactly on new images."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, embed_dim=16, num_heads=1,
+                              patch_size=16, img_size=32, class_token=False, global_pool="avg", reg_tokens=4,
+                              fc_norm=False, num_classes=7).double().eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    decomposer = trace_and_decompose(model)
+    example, images = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    for level in LEVELS:
+        graph = decomposer.compiled(level, example)
+        assert "early pooling's per-token multiple" in graph.checks
+        assert_sums_to(graph.decompose(images), pre_logits(model, images), level)
+
+
 def test_a_decision_on_the_batch_refuses_to_record():
     with pytest.warns(UserWarning, match="could not trace into gate"):
         decomposer = trace_and_decompose(gated_model())

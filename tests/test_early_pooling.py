@@ -213,3 +213,22 @@ def test_heads_in_column_blocks_take_their_block_of_the_projection(name, monkeyp
     assert blocks.keys == masked.keys
     torch.testing.assert_close(blocks.components, masked.components, rtol=1e-9, atol=1e-12)
     assert blocks.relative_error() <= 1e-10
+
+
+def test_a_batch_that_breaks_the_per_token_structure_raises():
+    """Early pooling's weights hold where each token's adjoint is its weight times the unit tail's at its
+    slot; a batch whose adjoints leave that line raises and names the way out (``prune=False``)."""
+    from torch import fx
+
+    from decompose.pooling.layout import _check_per_token_multiple
+
+    node = fx.Graph().placeholder("trunk")
+    unit = torch.randn(3, 5, dtype=torch.float64)                             # [K, F]
+    slots = torch.tensor([0, 1, 2, 3])                                        # token 3: no slot (a zero row)
+    gamma = torch.randn(2, 4, dtype=torch.float64)                            # [B, T]
+    rows = torch.cat([unit, unit.new_zeros(1, 5)])[slots]                     # [T, F]
+    real = gamma.unsqueeze(-1) * rows                                         # [B, T, F]
+    _check_per_token_multiple(node, real, gamma, unit, slots)
+    real[1, 2] += 1e-3 * real[1, 2].norm() * torch.randn(5, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="not a per-token multiple.*prune=False"):
+        _check_per_token_multiple(node, real, gamma, unit, slots)

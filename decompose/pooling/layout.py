@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from tracer.recording import is_recording
+from tracer.recording import check, is_recording
 from tracer.tracing import describe
 from tracer.vocabulary import ComponentKind, Vocabulary
 
@@ -120,16 +120,7 @@ class EarlyPooling:
         dual = unit / torch.where(squared > 0, squared, torch.ones_like(squared))          # [K, F]
         slots = pooled.slots.to(real.device)
         gamma = (real * torch.cat([dual, dual.new_zeros(1, dual.shape[1])])[slots]).sum(-1)  # [B, T]
-        spread = torch.arange(0, real.shape[1], max(1, real.shape[1] // RESIDUAL_TOKENS), device=real.device)
-        sample = real[:, spread]
-        unit_rows = torch.cat([unit, unit.new_zeros(1, unit.shape[1])])[slots[spread]]
-        residual = (sample - gamma[:, spread].unsqueeze(-1) * unit_rows).norm()
-        tolerance = RESIDUAL_TOLERANCE.get(real.dtype, 1e-3)
-        if float(residual) > tolerance * float(sample.norm()):
-            raise RuntimeError(
-                f"early pooling at {describe(node)}: for this batch the trunk after it is not a per-token "
-                f"multiple of the unit tail found on the probe image (relative residual "
-                f"{float(residual / sample.norm().clamp_min(1e-30)):.1e}); decompose with prune=False")
+        check(lambda: _check_per_token_multiple(node, real, gamma, unit, slots), "early pooling's per-token multiple")
         return gamma
 
     def tokens(self, node: fx.Node, values: torch.Tensor) -> torch.Tensor:
@@ -183,6 +174,22 @@ class EarlyPooling:
         """Pooled rows (from ``pool``) through the unit tail: ``{node: [rows, 1, *output shape[1:]]}``."""
         first = next(iter(injections.values()))
         return self.tail.run(self.start_shape, injections, dtype=first.dtype, device=first.device)
+
+
+def _check_per_token_multiple(node: fx.Node, real: torch.Tensor, gamma: torch.Tensor, unit: torch.Tensor,
+                              slots: torch.Tensor) -> None:
+    """Raise unless a spread of the batch's token adjoints ``real`` [B, T, F] are ``gamma`` [B, T] times the
+    unit tail's ``unit`` [K, F] at their ``slots`` [T] (a batch that broke the structure found on the probe)."""
+    spread = torch.arange(0, real.shape[1], max(1, real.shape[1] // RESIDUAL_TOKENS), device=real.device)
+    sample = real[:, spread]
+    unit_rows = torch.cat([unit, unit.new_zeros(1, unit.shape[1])])[slots[spread]]
+    residual = (sample - gamma[:, spread].unsqueeze(-1) * unit_rows).norm()
+    tolerance = RESIDUAL_TOLERANCE.get(real.dtype, 1e-3)
+    if float(residual) > tolerance * float(sample.norm()):
+        raise RuntimeError(
+            f"early pooling at {describe(node)}: for this batch the trunk after it is not a per-token "
+            f"multiple of the unit tail found on the probe image (relative residual "
+            f"{float(residual / sample.norm().clamp_min(1e-30)):.1e}); decompose with prune=False")
 
 
 def weighted_segment_sum(values: torch.Tensor, segment: torch.Tensor, weight: torch.Tensor, count: int
