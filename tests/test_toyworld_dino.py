@@ -254,6 +254,17 @@ def test_region_term_trains_the_student_and_its_predictor_only():
     assert float(dino.region_center.abs().sum()) > 0
 
 
+def test_only_momentum_centering_moves_the_centres():
+    images = as_float(image_pool(3, range(8), size=32).images)
+    for centering, moved in ((Centering.MOMENTUM, True), (Centering.SINKHORN, False)):
+        options = dataclasses.replace(TINY, centering=centering, region_weight=1.0, region_crops=2, region_size=16,
+                                      ibot_weight=1.0, mask_probability=1.0)
+        dino = Dino(tiny_backbone(), options, target_preprocess)
+        dino.terms(images, torch.Generator().manual_seed(0))
+        for center in (dino.center, dino.patch_center, dino.region_center):
+            assert bool(center.abs().sum() > 0) is moved, (centering, center)
+
+
 def test_sincos_positions_start_the_patch_embeddings_at_distinct_sin_cos_rows_and_stay_trainable():
     backbone = tiny_backbone()
     dino = Dino(backbone, dataclasses.replace(TINY, sincos_positions=True))

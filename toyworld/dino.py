@@ -366,7 +366,7 @@ class Dino(nn.Module):
 
     def terms(self, images: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """{"dino", and "koleo" / "ibot" / "region" where their weight is not 0}: the unweighted terms of one batch
-        of images [B, 3, H, W] in [0, 1]; updates the centres."""
+        of images [B, 3, H, W] in [0, 1]; updates the centres (momentum centering)."""
         o = self.options
         global_views, local_views, global_boxes = self._views(images, generator)
         masks = self._patch_masks(images.shape[0], generator) if o.ibot_weight else [None, None]
@@ -381,8 +381,7 @@ class Dino(nn.Module):
         student = [self.student["head"](f) for f in features]                               # each [B, K]
         pairs = [self._cross_entropy(target, view).mean() for t, target in enumerate(targets)
                  for s, view in enumerate(student) if s != t]
-        with torch.no_grad():
-            self.center.mul_(o.center_momentum).add_(teacher.mean((0, 1)), alpha=1 - o.center_momentum)
+        self._update_center(self.center, teacher.mean((0, 1)))
         terms = {"dino": torch.stack(pairs).mean()}
         if o.koleo_weight:
             terms["koleo"] = torch.stack([koleo(f) for f in features[:2]]).mean()
@@ -405,7 +404,7 @@ class Dino(nn.Module):
             teacher = torch.stack([self.teacher["head"](self.teacher["backbone"](self.normalise(c)))
                                    for c in crop(images, boxes, o.region_size)])                # [R, B, K]
             targets = self._targets(teacher, self.region_center)
-            self.region_center.mul_(o.center_momentum).add_(teacher.mean((0, 1)), alpha=1 - o.center_momentum)
+            self._update_center(self.region_center, teacher.mean((0, 1)))
         where = box_in_view(boxes.unsqueeze(0), global_boxes.unsqueeze(1))                       # [2, R, B, 5]
         tokens = features.unsqueeze(1).expand(-1, o.region_crops, -1, -1)                       # [2, R, B, d]
         predicted = self.student["head"](self.student["predictor"](torch.cat([tokens, where], -1)))
@@ -433,11 +432,11 @@ class Dino(nn.Module):
               masks: torch.Tensor) -> torch.Tensor:
         """iBOT: the student's masked patch tokens predict the teacher's (centred, sharpened) tokens of the
         same unmasked view, through the shared head; mean over the masked patches. Updates ``patch_center``."""
-        o, prefix = self.options, self.student["backbone"].num_prefix_tokens
+        prefix = self.student["backbone"].num_prefix_tokens
         with torch.no_grad():
             teacher = torch.stack([self.teacher["head"](t[:, prefix:]) for t in teacher_tokens])   # [2, B, N, K]
             targets = self._targets(teacher[masks], self.patch_center) if masks.any() else None   # [M, K]
-            self.patch_center.mul_(o.center_momentum).add_(teacher.mean((0, 1, 2)), alpha=1 - o.center_momentum)
+            self._update_center(self.patch_center, teacher.mean((0, 1, 2)))
         if targets is None:
             return teacher.new_zeros(())
         student = torch.cat([self.student["head"](t[:, prefix:][m]) for t, m in zip(student_tokens, masks)])  # [M, K]
@@ -450,6 +449,12 @@ class Dino(nn.Module):
             flat = teacher.reshape(-1, teacher.shape[-1])
             return sinkhorn_knopp(flat, o.teacher_temperature, o.sinkhorn_iterations).view_as(teacher)
         return F.softmax((teacher - center) / o.teacher_temperature, dim=-1)
+
+    @torch.no_grad()
+    def _update_center(self, center: torch.Tensor, mean: torch.Tensor) -> None:
+        """Move ``center`` [K] towards the teacher's batch mean [K]; only momentum centering reads it."""
+        if self.options.centering is Centering.MOMENTUM:
+            center.mul_(self.options.center_momentum).add_(mean, alpha=1 - self.options.center_momentum)
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
