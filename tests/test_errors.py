@@ -31,6 +31,36 @@ def test_train_mode_warns_and_leaves_model_in_train_mode(vit):
         vit.eval()
 
 
+def test_model_with_an_eval_cache_filled_with_gradients_on():
+    """LeViT, EfficientFormer and TinyViT keep their attention biases in an eval-mode cache; a forward
+    with gradients on fills it with a tensor deepcopy refuses. The copy detaches it; the model keeps its own."""
+
+    class CachedBias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Conv2d(3, 4, 4, 4)
+            self.bias = nn.Parameter(torch.randn(4))
+            self.cache: dict[str, torch.Tensor] = {}
+
+        def forward(self, images):
+            x = self.embed(images).flatten(2).transpose(1, 2)
+            if self.training:
+                bias = 2 * self.bias
+            else:
+                bias = self.cache.setdefault(str(x.device), 2 * self.bias)
+            return (x + torch.tanh(x) + bias).mean(1)
+
+    model = CachedBias().eval()
+    images = torch.randn(2, 3, 16, 16)
+    expected = model(images)
+    cached = model.cache["cpu"]
+    assert cached.grad_fn is not None
+    dec = trace_and_decompose(model)(images, level="branch")
+    assert torch.allclose(dec.representation, expected.detach(), atol=1e-6)
+    assert dec.relative_error() < 1e-6
+    assert model.cache["cpu"] is cached
+
+
 @pytest.mark.parametrize("shape, match", [
     ((3, 32, 32), "4-D batch"),
     ((2, 3, 48, 48), "failed on input of shape .*pretrained_cfg gives input_size"),

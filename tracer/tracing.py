@@ -171,10 +171,34 @@ def frozen_eval_copy(model: nn.Module) -> nn.Module:
             "the model is in train mode (dropout, drop-path and batch statistics make its "
             "output random); vit-decompose decomposes an eval-mode copy and leaves your "
             "model as it is. Call model.eval() to silence this warning.", stacklevel=3)
-    copied = copy.deepcopy(model)
+    copied = copy.deepcopy(model, _detached_caches(model))
     copied.eval()
     copied.requires_grad_(False)
     return copied
+
+
+def _detached_caches(model: nn.Module) -> dict[int, torch.Tensor]:
+    """A deepcopy memo mapping every tensor with autograd history that a module keeps as a plain
+    attribute (LeViT's, EfficientFormer's and TinyViT's eval-mode attention-bias caches, filled by
+    a forward with gradients on) to a detached clone: deepcopy refuses such tensors."""
+    memo: dict[int, torch.Tensor] = {}
+
+    def visit(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.grad_fn is not None:
+                memo[id(value)] = value.detach().clone()
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+
+    for module in model.modules():
+        for name, value in vars(module).items():
+            if name not in ("_parameters", "_buffers", "_modules"):
+                visit(value)
+    return memo
 
 
 def module_path(node: fx.Node) -> str:
