@@ -51,9 +51,12 @@ FAMILIES = {
     "gcvit": lambda: gcvit.GlobalContextVit(depths=(1, 1, 1, 1), embed_dim=16, num_heads=(1, 2, 2, 2), img_size=64),
     "efficientformer_l1": lambda: timm.create_model("efficientformer_l1", depths=(1, 1, 1, 1),
                                                     embed_dims=(16, 32, 48, 64), num_vit=1),
+    "levit_128s": lambda: timm.create_model("levit_128s", img_size=64, depth=(1, 1, 1), embed_dim=(32, 48, 64),
+                                            num_heads=(2, 2, 2)),
 }
 # options a family needs (see the family's comment), and image sizes of models that take no img_size
-OPTIONS = {"hiera_tiny_224": dict(cut_nonlinear_trunk=True)}
+# LeViT: a hardswish in each attention downsampling, between residual blocks
+OPTIONS = {"hiera_tiny_224": dict(cut_nonlinear_trunk=True), "levit_128s": dict(cut_nonlinear_trunk=True)}
 # csatv2 at 128: its stem's output is pooled early; efficientformer_l1's attention biases fix its input size
 IMAGE_SIZES = {"csatv2": 128, "efficientformer_l1": 224}
 
@@ -74,6 +77,7 @@ def test_unnamed_architecture_is_exactly_decomposed(family):
     model = FAMILIES[family]().eval()
     size = IMAGE_SIZES.get(family) or _image_size(model)
     images = torch.randn(2, 3, size, size)
+    model(images)  # run first, gradients on, as a user would have: fills eval-mode caches (LeViT, EfficientFormer)
     decomposer = trace_and_decompose(model, **OPTIONS.get(family, {}))
     for level in ("branch", "head"):
         dec = decomposer(images, level=level)
