@@ -7,74 +7,18 @@ weight-normalised prototypes); the teacher sees two global crops, the student th
 teacher's centred (``centering``), sharpened softmax of another view. No labels. Crops are random
 resized crops drawn on the whole batch at once (``random_boxes``, ``crop``); each view is turned to
 grey with probability ``grayscale_probability``, so that matching views needs more than their
-colours, while colour stays a cue most pairs of views share. DINOv2's KoLeo term (``koleo_weight``)
+colours, while colour stays a cue most pairs of views share. A global view's background is swapped
+for another scene's texture with probability ``background_swap_probability`` (``swap_backgrounds``,
+Ryali et al. 2021), so that two views of an image may share only the object. DINOv2's KoLeo term (``koleo_weight``)
 pushes the student's class tokens of a batch apart on the sphere; its iBOT term (``ibot_weight``)
 has masked student patches predict the teacher's. The region term (``region_weight``, I-JEPA-like)
 has the student's global class token, told where a small crop lies in its view, predict the
 teacher's output of that crop.
 
-The former recipe (flips, global crops of 0.5-1 of the area, 4 local crops, momentum centering,
-teacher momentum 0.996, timm's position initialisation) read colour, scene, size and pattern but
-shape (held-out probe 0.23) and position (0.27) stayed at chance, and the linear fit of the tiny
-CLIP's embedding from the representation reached 0.640. Two causes: the views disagreed on where
-the object is (crops and flips), and -- the larger one -- timm's position embeddings (normal, std
-0.02) are so small beside the patches' that the tiny ViT does not learn to read position at all:
-even trained on position labels, 1000 steps left its probe at 0.35; from 2-D sin-cos embeddings
-(``sincos_positions``) 300 steps reach 0.97. Variants of 500 steps (no flips, global crops 0.8-1,
-no local crops, unless said; probes shape / pattern / position; fit; 2026-12-05):
-
-====================================================  ====  =======  ========  =====
-variant                                               shape pattern  position  fit
-====================================================  ====  =======  ========  =====
-momentum centering                                    0.22  0.71     0.23      0.655
-+ channel permutation 0.8                             0.19  0.64     0.23      0.633
-+ iBOT 1.0                                            0.21  0.65     0.22      0.661
-Sinkhorn-Knopp centering                              0.21  0.69     0.26      0.657
-Sinkhorn, global crops 0.5-1                          0.21  0.65     0.21      0.648
-Sinkhorn, channel permutation 0.8, blur 0.5           0.22  0.66     0.22      0.639
-Sinkhorn, teacher momentum 0.98                       0.22  0.67     0.20      0.646
-Sinkhorn, 0.98, permutation 0.8, KoLeo 1.0, lr 2e-3   0.20  0.55     0.22      0.582
-Sinkhorn, 0.98, region term 1.0                       0.23  0.68     0.21      0.664
-Sinkhorn, 0.98, sin-cos positions                     0.20  0.62     0.73      0.687
-Sinkhorn, 0.98, sin-cos positions, region term 1.0    0.17  0.63     0.67      0.695
-the same with momentum centering                      0.20  0.60     0.65      0.678
-====================================================  ====  =======  ========  =====
-
-Colour (0.82-0.94), scene (1.00) and size (0.76-0.86) stayed encoded throughout. Shape stays out
-of reach at this budget (the class-trained deit read it at 0.41 after 4000 steps of 128, and at
-0.61 after 8000 on twice the images). The
-defaults are the last but one row's recipe. Trained by ``train_models`` (RECIPES["dino"]): 500
-steps (289 s on one thread) encode 5 of 6 (colour 0.94, pattern 0.63, scene 1.00, position 0.65,
-size 0.81; shape 0.21), fit 0.693; 1500 steps (808 s) read position better (0.83, fit 0.707) but
-pattern falls below its gate (0.58 < 0.625): 4 of 6 (2026-12-05).
-
-Further ideas, measured with scratch code that is not kept (2026-12-05, on top of the defaults; probes
-shape / pattern / position / size at the step named; fit):
-
-=========================================================================  =====  ====  =======  ========  ====  =====
-variant                                                                    steps  shape pattern  position  size  fit
-=========================================================================  =====  ====  =======  ========  ====  =====
-the defaults, a 3000-step schedule                                         1000   0.21  0.55     0.88      0.83  0.711
-+ masked pixels (SimMIM: masked student patches predict their pixels)      1000   0.20  0.51     0.61      0.78  0.700
-+ background swaps 0.5 (Ryali et al. 2021; see below)                      2000   0.23  0.73     0.93      0.76  0.731
-+ swaps 0.5 and 4 magnified local crops (0.05-0.25 of the area, 48 px)     1000   0.25  0.66     0.85      0.70  0.718
-+ swaps always, channel permutation 0.8                                    2000   0.25  0.53     0.72      0.72  0.672
-+ swaps always, channel permutation 0.8, blur 0.5                          2000   0.26  0.49     0.74      0.68  0.670
-+ swaps always, channel permutation 0.8, blur always (sigma 1-2)           2000   0.24  0.47     0.72      0.68  0.663
-+ batches of 8 x 8 neighbours in the teacher's features (from step 200)    1000   0.22  0.54     0.52      0.72  0.647
-+ those batches and swaps 0.5                                              1000   0.21  0.58     0.66      0.66  0.657
-=========================================================================  =====  ====  =======  ========  ====  =====
-
-A background swap replaces a view's pixels outside the object's mask with an object-free texture of a
-random scene, so that views of one image share only the object. Neighbour batches (every 100 steps the
-teacher embeds the training images; a batch is 8 random images and each one's 7 nearest) put images that
-agree on what the teacher reads side by side, so that only what it misses could tell them apart. The same
-backbone trained on shape labels directly (batch 64, lr 1e-3) reads shape at 0.31 after 500 steps, 0.65
-after 1000 and 0.81 after 2000: it can learn shape at this budget, but none of these objectives asks for
-it. Our reading: colour, pattern, size, position and the scene's texture already tell every image of a
-batch apart in both of its views. Even with the background swapped in every view, colours permuted and the
-pattern blurred away, shape stays at 0.24 (what is left, size, position and the colour some views keep,
-still tells them apart), and those augmentations cost the other factors their probes.
+The shipped target (``RECIPES["dino"]``: these defaults, 6000 steps, 2026-12-05) encodes 5 of 6 factors
+(held-out probes colour 0.99, pattern 0.78, scene 1.00, position 1.00, size 0.96; shape 0.29) and the
+linear fit of the tiny CLIP's embedding from it reaches 0.797. Every variant measured on the way, and why
+shape stays unread, is in ``docs/toyworld-dino.md``.
 """
 from __future__ import annotations
 
@@ -116,6 +60,7 @@ class DinoOptions:
     channel_permutation_probability: float = 0.0  # chance a view's RGB channels are shuffled (a hue change)
     blur_probability: float = 0.0         # chance a view is blurred (Gaussian, sigma uniform in blur_sigma pixels)
     blur_sigma: tuple[float, float] = (0.5, 2.0)
+    background_swap_probability: float = 0.5  # chance a global view's background is swapped (``swap_backgrounds``)
     student_temperature: float = 0.1
     teacher_temperature: float = 0.04
     center_momentum: float = 0.9
@@ -186,6 +131,18 @@ def random_channel_permutation(images: torch.Tensor, probability: float, generat
     chosen = torch.where((draws[:, 0] < probability).view(-1, 1), chosen, torch.arange(3))
     index = chosen.view(-1, 3, 1, 1).expand_as(images)
     return images.gather(1, index)
+
+
+def swap_backgrounds(images: torch.Tensor, masks: torch.Tensor, backgrounds: torch.Tensor, probability: float,
+                     generator: torch.Generator) -> torch.Tensor:
+    """images [B, 3, H, W] with, for each image with ``probability``, every pixel outside its object (masks
+    [B, H, W] bool) taken from one of ``backgrounds`` [V, 3, H, W] (uniform; object-free scene textures):
+    the background augmentation of Ryali et al. 2021, so that two views of an image may share only the object."""
+    draws = torch.rand(images.shape[0], generator=generator)
+    chosen = torch.randint(len(backgrounds), (images.shape[0],), generator=generator)
+    inside = masks.unsqueeze(1).to(images.dtype)
+    swapped = inside * images + (1 - inside) * backgrounds[chosen]
+    return torch.where((draws < probability).view(-1, 1, 1, 1), swapped, images)
 
 
 def random_blur(images: torch.Tensor, probability: float, sigma: tuple[float, float],
@@ -303,9 +260,13 @@ class Dino(nn.Module):
     ``teacher_backbone`` is the model to keep."""
 
     def __init__(self, backbone: nn.Module, options: DinoOptions = DinoOptions(),
-                 normalise: Callable[[torch.Tensor], torch.Tensor] = lambda images: images):
+                 normalise: Callable[[torch.Tensor], torch.Tensor] = lambda images: images,
+                 backgrounds: torch.Tensor | None = None):
         super().__init__()
-        self.options, self.normalise = options, normalise
+        if options.background_swap_probability and backgrounds is None:
+            raise ValueError("background_swap_probability needs backgrounds: object-free textures [V, 3, H, W] "
+                             "in [0, 1] (toyworld.generator.scene_textures)")
+        self.options, self.normalise, self.backgrounds = options, normalise, backgrounds
         if options.sincos_positions:
             sincos_position_init(backbone)
         self.student = nn.ModuleDict({"backbone": backbone, "head": ProjectionHead(backbone.num_features, options)})
@@ -335,16 +296,25 @@ class Dino(nn.Module):
     def teacher_backbone(self) -> nn.Module:
         return self.teacher["backbone"]
 
-    def views(self, images: torch.Tensor, generator: torch.Generator) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """(2 global views, ``local_crops`` local views) of images [B, 3, H, W] in [0, 1], normalised."""
-        global_views, local_views, _ = self._views(images, generator)
+    def views(self, images: torch.Tensor, generator: torch.Generator, masks: torch.Tensor | None = None
+              ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(2 global views, ``local_crops`` local views) of images [B, 3, H, W] in [0, 1], normalised;
+        masks [B, H, W] bool: the objects' pixels (needed for background swaps only)."""
+        global_views, local_views, _ = self._views(images, generator, masks)
         return global_views, local_views
 
-    def _views(self, images: torch.Tensor, generator: torch.Generator):
+    def _views(self, images: torch.Tensor, generator: torch.Generator, masks: torch.Tensor | None = None):
         """``views`` and the global views' boxes [2, B, 2, 3] (``random_boxes``)."""
         o = self.options
         boxes = random_boxes(2, images.shape[0], o.global_scale, generator, o.flip_probability)
-        crops = (crop(images, boxes, o.global_size),
+        if o.background_swap_probability:
+            if masks is None:
+                raise ValueError("background_swap_probability needs the objects' masks [B, H, W]")
+            global_crops = [crop(swap_backgrounds(images, masks, self.backgrounds, o.background_swap_probability,
+                                                  generator), box[None], o.global_size)[0] for box in boxes]
+        else:
+            global_crops = crop(images, boxes, o.global_size)
+        crops = (global_crops,
                  random_crops(images, o.local_crops, o.local_size, o.local_scale, generator, o.flip_probability))
         global_views, local_views = ([self.normalise(self._recolour(c, generator)) for c in group] for group in crops)
         return global_views, local_views, boxes
@@ -357,18 +327,22 @@ class Dino(nn.Module):
             view = random_blur(view, o.blur_probability, o.blur_sigma, generator)
         return random_grayscale(view, o.grayscale_probability, generator)
 
-    def loss(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """The training loss of one batch of images [B, 3, H, W] in [0, 1]: ``terms`` weighted and summed."""
+    def loss(self, images: torch.Tensor, generator: torch.Generator, masks: torch.Tensor | None = None
+             ) -> torch.Tensor:
+        """The training loss of one batch of images [B, 3, H, W] in [0, 1] (objects' ``masks`` [B, H, W]
+        for background swaps): ``terms`` weighted and summed."""
         o = self.options
-        terms = self.terms(images, generator)
+        terms = self.terms(images, generator, masks)
         weights = {"dino": 1.0, "koleo": o.koleo_weight, "ibot": o.ibot_weight, "region": o.region_weight}
         return sum(weights[name] * term for name, term in terms.items())
 
-    def terms(self, images: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def terms(self, images: torch.Tensor, generator: torch.Generator, masks: torch.Tensor | None = None
+              ) -> dict[str, torch.Tensor]:
         """{"dino", and "koleo" / "ibot" / "region" where their weight is not 0}: the unweighted terms of one batch
-        of images [B, 3, H, W] in [0, 1]; updates the centres (momentum centering)."""
+        of images [B, 3, H, W] in [0, 1] (objects' ``masks`` [B, H, W] for background swaps); updates the
+        centres (momentum centering)."""
         o = self.options
-        global_views, local_views, global_boxes = self._views(images, generator)
+        global_views, local_views, global_boxes = self._views(images, generator, masks)
         masks = self._patch_masks(images.shape[0], generator) if o.ibot_weight else [None, None]
         with torch.no_grad():
             teacher_tokens = [self.teacher["backbone"].forward_features(v) for v in global_views]  # each [B, T, d]

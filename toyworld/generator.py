@@ -97,6 +97,11 @@ def scene(name: str, size: int, rng: np.random.Generator) -> np.ndarray:
     return _scene_bank(name, size)[int(rng.integers(SCENE_VARIANTS))]
 
 
+def scene_textures(size: int) -> np.ndarray:
+    """[len(SCENES) * SCENE_VARIANTS, size, size, 3] float32 in [0, 255]: every object-free background."""
+    return np.concatenate([_scene_bank(name, size) for name in SCENES])
+
+
 @functools.lru_cache(maxsize=64)
 def _scene_bank(name: str, size: int) -> np.ndarray:
     """[SCENE_VARIANTS, size, size, 3] textures of one scene (drawn once per size)."""

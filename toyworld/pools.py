@@ -35,12 +35,14 @@ class World(str, Enum):
 @dataclass
 class ImagePool:
     """images [N, 3, S, S] uint8; factors [N, F] value indices (``FACTORS`` order); N captions;
-    classes [N] object class per image (``classes.class_of``; -1 where the object is no class)."""
+    classes [N] object class per image (``classes.class_of``; -1 where the object is no class);
+    masks [N, S, S] bool, the object's pixels."""
 
     images: torch.Tensor
     factors: torch.Tensor
     captions: list[str]
     classes: torch.Tensor
+    masks: torch.Tensor
 
     def factor(self, name: str) -> torch.Tensor:
         """[N] value indices of one factor."""
@@ -57,7 +59,8 @@ def image_pool(world: int, indices: Sequence[int], size: int = 64, kind: World =
     factors = torch.tensor([[FACTORS[name].index(item.factors[name]) for name in FACTORS] for item in items])
     classes = [item.label if item.label is not None else class_of(item.factors) for item in items]
     return ImagePool(images, factors, [item.caption for item in items],
-                     torch.tensor([-1 if c is None else c for c in classes]))
+                     torch.tensor([-1 if c is None else c for c in classes]),
+                     torch.from_numpy(np.stack([item.mask for item in items])))
 
 
 def as_float(images: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from torch import nn
 from .clip_training import train_toy_clip
 from .dino import Dino, DinoOptions
 from .encoding import ENCODED_MARGIN, encoded_factors, factor_probes, representation
-from .generator import FACTORS
+from .generator import FACTORS, scene_textures
 from .manifest import rounded, save_weights, write_manifest
 from .models import (
     CLIP_MEAN,
@@ -52,9 +52,9 @@ RECIPES: dict[str, Recipe] = {  # in training order: spurious starts from the tr
                    **{**_CLASSES, "train_images": 60000}),
     "maxvit": Recipe(seed=0, steps=4000, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_steps=200,
                      **{**_CLASSES, "train_images": 60000}),
-    # DinoOptions' defaults: no flips, near-whole global crops, sin-cos positions, Sinkhorn-Knopp, the region term;
-    # 500 steps encode pattern (0.63), 1500 do not (0.58) (toyworld.dino's docstring)
-    "dino": Recipe(seed=0, steps=500, batch_size=64, lr=1e-3, weight_decay=0.04, warmup_steps=100,
+    # DinoOptions' defaults: no flips, near-whole global crops, background swaps 0.5, sin-cos positions,
+    # Sinkhorn-Knopp, the region term (docs/toyworld-dino.md measures the others)
+    "dino": Recipe(seed=0, steps=6000, batch_size=64, lr=1e-3, weight_decay=0.04, warmup_steps=100,
                    gradient_clip=3.0, dino=DinoOptions(), **_CLASSES),
     # a linear head on the frozen deit features (a fine-tuned backbone learns the background alone)
     "spurious": Recipe(seed=0, steps=300, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_steps=20,
@@ -85,15 +85,17 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     return model.eval()
 
 
-def train_dino(name: str, images: torch.Tensor, recipe: Recipe, log: Callable[[str], None] = print) -> nn.Module:
-    """The DINO teacher's backbone after ``recipe.steps`` steps on uint8 images [N, 3, S, S] (no labels),
-    as target ``name`` (built from its config, eval mode)."""
+def train_dino(name: str, pool: ImagePool, recipe: Recipe, log: Callable[[str], None] = print) -> nn.Module:
+    """The DINO teacher's backbone after ``recipe.steps`` steps on the pool's images (no labels; the
+    objects' masks for background swaps), as target ``name`` (built from its config, eval mode)."""
     student = build_target(name, dynamic_img_size=True)  # reads the small local crops too
-    dino = Dino(student, recipe.dino or DinoOptions(), target_preprocess)
+    size = pool.images.shape[-1]
+    backgrounds = torch.from_numpy(scene_textures(size)).permute(0, 3, 1, 2).round() / 255   # [V, 3, S, S]
+    dino = Dino(student, recipe.dino or DinoOptions(), target_preprocess, backgrounds)
     generator = torch.Generator().manual_seed(recipe.seed)
     adamw, scheduler = optimiser(dino.student, recipe)
-    for step, batch in enumerate(batches(len(images), recipe, generator)):
-        loss = dino.loss(as_float(images[batch]), generator)
+    for step, batch in enumerate(batches(len(pool), recipe, generator)):
+        loss = dino.loss(as_float(pool.images[batch]), generator, pool.masks[batch])
         adamw.zero_grad(set_to_none=True)
         loss.backward()
         clip_gradients(dino.student.parameters(), recipe)
@@ -147,7 +149,7 @@ def train_target(name: str, recipe: Recipe, pools: PoolCache, out: Path, log: Ca
         return _train_spurious(name, recipe, out, log)
     images = pools.world(recipe.train_world, recipe.train_images, recipe.world)
     if task is Task.SELF_SUPERVISED:
-        model, metrics = train_dino(name, images.images, recipe, log), {}
+        model, metrics = train_dino(name, images, recipe, log), {}
     else:
         model = train_classifier(build_target(name), images.images, images.classes, recipe, log)
         held_out = pools.world(recipe.eval_world, recipe.eval_images, World.CLASSES)
