@@ -22,14 +22,13 @@ from toyworld.dino import (
     sincos_position_init,
     swap_backgrounds,
 )
-from toyworld.generator import scene_textures
 from toyworld.models import target_preprocess
-from toyworld.pools import as_float, image_pool
+from toyworld.pools import as_float, background_textures, image_pool
 
+# DINO's own recipe (the former defaults)
 TINY = DinoOptions(prototypes=64, hidden=32, bottleneck=16, global_size=32, local_crops=2, local_size=16,
                    teacher_momentum=0.9, global_scale=(0.5, 1.0), flip_probability=0.5, centering=Centering.MOMENTUM,
-                   sincos_positions=False, region_weight=0.0, background_swap_probability=0.0)  # DINO's own
-# recipe (the former defaults)
+                   sincos_positions=False, region_weight=0.0, background_swap_probability=0.0)
 SHIPPED_TINY = DinoOptions(prototypes=64, hidden=32, bottleneck=16, global_size=32, region_size=16)  # the defaults
 
 
@@ -103,15 +102,11 @@ def test_teacher_is_the_moving_average_of_the_student():
     assert dino.teacher_momentum(0, 10) == TINY.teacher_momentum and dino.teacher_momentum(9, 10) == 1.0
 
 
-def tiny_backgrounds(size: int = 32) -> torch.Tensor:
-    return torch.from_numpy(scene_textures(size)).permute(0, 3, 1, 2) / 255
-
-
 def tiny_run(options: DinoOptions, steps: int = 60):
     """(losses, trained Dino, its images in [0, 1]): ``steps`` AdamW steps on 64 tiny images."""
     pool = image_pool(3, range(64), size=32)
     images = as_float(pool.images)
-    dino = Dino(tiny_backbone(), options, target_preprocess, tiny_backgrounds())
+    dino = Dino(tiny_backbone(), options, target_preprocess, background_textures(32))
     optimiser = torch.optim.AdamW(dino.student.parameters(), lr=1e-3)
     generator, losses = torch.Generator().manual_seed(0), []
     for step in range(steps):
@@ -302,7 +297,7 @@ def test_the_shipped_objective_learns_on_a_tiny_run_without_collapsing():
 
 def test_background_swaps_keep_the_object_and_take_every_other_pixel_from_one_texture():
     pool = image_pool(4, range(6), size=32)
-    images, backgrounds = as_float(pool.images), tiny_backgrounds()
+    images, backgrounds = as_float(pool.images), background_textures(32)
     inside = pool.masks.unsqueeze(1).expand_as(images)
     assert torch.equal(swap_backgrounds(images, pool.masks, backgrounds, 0.0, torch.Generator()), images)
     swapped = swap_backgrounds(images, pool.masks, backgrounds, 1.0, torch.Generator().manual_seed(0))
@@ -318,7 +313,7 @@ def test_background_swaps_keep_the_object_and_take_every_other_pixel_from_one_te
 def test_background_swaps_name_what_they_need():
     with pytest.raises(ValueError, match="needs backgrounds"):
         Dino(tiny_backbone(), SHIPPED_TINY, target_preprocess)
-    dino = Dino(tiny_backbone(), SHIPPED_TINY, target_preprocess, tiny_backgrounds())
+    dino = Dino(tiny_backbone(), SHIPPED_TINY, target_preprocess, background_textures(32))
     with pytest.raises(ValueError, match="needs the objects' masks"):
         dino.loss(torch.rand(4, 3, 32, 32), torch.Generator())
 

@@ -265,7 +265,7 @@ class Dino(nn.Module):
         super().__init__()
         if options.background_swap_probability and backgrounds is None:
             raise ValueError("background_swap_probability needs backgrounds: object-free textures [V, 3, H, W] "
-                             "in [0, 1] (toyworld.generator.scene_textures)")
+                             "in [0, 1] (toyworld.pools.background_textures)")
         self.options, self.normalise, self.backgrounds = options, normalise, backgrounds
         if options.sincos_positions:
             sincos_position_init(backbone)
@@ -343,13 +343,13 @@ class Dino(nn.Module):
         centres (momentum centering)."""
         o = self.options
         global_views, local_views, global_boxes = self._views(images, generator, masks)
-        masks = self._patch_masks(images.shape[0], generator) if o.ibot_weight else [None, None]
+        patch_masks = self._patch_masks(images.shape[0], generator) if o.ibot_weight else [None, None]
         with torch.no_grad():
             teacher_tokens = [self.teacher["backbone"].forward_features(v) for v in global_views]  # each [B, T, d]
             teacher = torch.stack([self.teacher["head"](self.teacher["backbone"].forward_head(t))
                                    for t in teacher_tokens])                                    # [2, B, K]
             targets = self._targets(teacher, self.center)                                  # [2, B, K]
-        student_tokens = [self._student_tokens(v, m) for v, m in zip(global_views, masks)]      # each [B, T, d]
+        student_tokens = [self._student_tokens(v, m) for v, m in zip(global_views, patch_masks)]  # each [B, T, d]
         backbone = self.student["backbone"]
         features = [backbone.forward_head(t) for t in student_tokens] + [backbone(v) for v in local_views]
         student = [self.student["head"](f) for f in features]                               # each [B, K]
@@ -360,7 +360,7 @@ class Dino(nn.Module):
         if o.koleo_weight:
             terms["koleo"] = torch.stack([koleo(f) for f in features[:2]]).mean()
         if o.ibot_weight:
-            terms["ibot"] = self._ibot(teacher_tokens, student_tokens, masks)
+            terms["ibot"] = self._ibot(teacher_tokens, student_tokens, patch_masks)
         if o.region_weight:
             terms["region"] = self._region(images, torch.stack(features[:2]), global_boxes, generator)
         return terms

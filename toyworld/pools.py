@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .classes import class_image, class_of
-from .generator import FACTORS, ToyImage, toy_image
+from .generator import FACTORS, ToyImage, scene_textures, toy_image
 
 
 class World(str, Enum):
@@ -61,6 +61,12 @@ def image_pool(world: int, indices: Sequence[int], size: int = 64, kind: World =
     return ImagePool(images, factors, [item.caption for item in items],
                      torch.tensor([-1 if c is None else c for c in classes]),
                      torch.from_numpy(np.stack([item.mask for item in items])))
+
+
+def background_textures(size: int) -> torch.Tensor:
+    """[V, 3, size, size] in [0, 1]: every object-free scene texture (``generator.scene_textures``), rounded
+    to the 8-bit values a generated image's background holds."""
+    return torch.from_numpy(scene_textures(size)).permute(0, 3, 1, 2).round() / 255
 
 
 def as_float(images: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from torch import nn
 from .clip_training import train_toy_clip
 from .dino import Dino, DinoOptions
 from .encoding import ENCODED_MARGIN, encoded_factors, factor_probes, representation
-from .generator import FACTORS, scene_textures
+from .generator import FACTORS
 from .manifest import rounded, save_weights, write_manifest
 from .models import (
     CLIP_MEAN,
@@ -37,7 +37,7 @@ from .models import (
     clip_config,
     target_preprocess,
 )
-from .pools import ImagePool, PoolCache, World, as_float, image_pool
+from .pools import ImagePool, PoolCache, World, as_float, background_textures, image_pool
 from .recipes import Recipe, batches, clip_gradients, optimiser, shortened
 from .spurious import BACKGROUND_GROUPS, TRAIN_AGREEMENT, spurious_split
 
@@ -89,8 +89,7 @@ def train_dino(name: str, pool: ImagePool, recipe: Recipe, log: Callable[[str], 
     """The DINO teacher's backbone after ``recipe.steps`` steps on the pool's images (no labels; the
     objects' masks for background swaps), as target ``name`` (built from its config, eval mode)."""
     student = build_target(name, dynamic_img_size=True)  # reads the small local crops too
-    size = pool.images.shape[-1]
-    backgrounds = torch.from_numpy(scene_textures(size)).permute(0, 3, 1, 2).round() / 255   # [V, 3, S, S]
+    backgrounds = background_textures(pool.images.shape[-1])                          # [V, 3, S, S]
     dino = Dino(student, recipe.dino or DinoOptions(), target_preprocess, backgrounds)
     generator = torch.Generator().manual_seed(recipe.seed)
     adamw, scheduler = optimiser(dino.student, recipe)
