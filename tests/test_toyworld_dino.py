@@ -1,4 +1,5 @@
 """The DINO-style objective: crops, the teacher's moving average, and a training step that learns."""
+import copy
 import dataclasses
 import math
 
@@ -12,6 +13,7 @@ from toyworld.dino import (
     DinoOptions,
     box_in_view,
     crop,
+    info_nce,
     koleo,
     random_blur,
     random_boxes,
@@ -19,6 +21,7 @@ from toyworld.dino import (
     random_crops,
     random_grayscale,
     random_patch_masks,
+    restyle_objects,
     sincos_position_init,
     swap_backgrounds,
 )
@@ -314,6 +317,48 @@ def test_background_swaps_name_what_they_need():
     with pytest.raises(ValueError, match="needs backgrounds"):
         Dino(tiny_backbone(), SHIPPED_TINY, target_preprocess)
     dino = Dino(tiny_backbone(), SHIPPED_TINY, target_preprocess, background_textures(32))
-    with pytest.raises(ValueError, match="needs the objects' masks"):
+    with pytest.raises(ValueError, match="need the objects' masks"):
         dino.loss(torch.rand(4, 3, 32, 32), torch.Generator())
 
+
+def test_object_restyles_keep_the_background_and_fill_each_chosen_object_with_one_colour():
+    pool = image_pool(4, range(40), size=32)
+    images = as_float(pool.images)
+    outside = ~pool.masks.unsqueeze(1).expand_as(images)
+    assert torch.equal(restyle_objects(images, pool.masks, 0.0, torch.Generator()), images)
+    restyled = restyle_objects(images, pool.masks, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(restyled[outside], images[outside])
+    for image, original, mask in zip(restyled, images, pool.masks):
+        fill = image[:, mask]                                                 # [3, pixels of the object]
+        assert torch.equal(fill, fill[:, :1].expand_as(fill)), "the object is not one flat colour"
+        assert not torch.equal(fill, original[:, mask])
+    half = restyle_objects(images, pool.masks, 0.5, torch.Generator().manual_seed(1))
+    changed = (half != images).flatten(1).any(1).float().mean()
+    assert 0.25 < float(changed) < 0.75
+
+
+def test_info_nce_is_low_when_each_query_finds_its_own_key_and_log_batch_when_none_can():
+    keys = torch.eye(8)
+    assert float(info_nce(3 * keys, keys, 0.1)) < 1e-3                    # directions only; each row's own key
+    assert float(info_nce(keys, keys[torch.arange(8).roll(1)], 0.1)) > 5  # every query nearest a wrong key
+    same = torch.ones(8, 4)
+    assert float(info_nce(same, same, 0.2)) == pytest.approx(math.log(8), abs=1e-5)
+
+
+def test_contrastive_term_trains_the_student_only_and_falls_on_a_fixed_batch():
+    """Descending the contrastive term alone on one batch's views (restyled objects on) lowers it: the
+    student's class token of each view moves towards the teacher's of the image's other view."""
+    options = dataclasses.replace(SHIPPED_TINY, restyle_probability=0.5, contrastive_weight=1.0)
+    pool = image_pool(3, range(32), size=32)
+    dino = Dino(tiny_backbone(), options, target_preprocess, background_textures(32))
+    teacher = copy.deepcopy(dino.teacher.state_dict())
+    optimiser = torch.optim.AdamW(dino.student.parameters(), lr=1e-3)
+    values = []
+    for _ in range(30):
+        term = dino.terms(as_float(pool.images), torch.Generator().manual_seed(0), pool.masks)["contrastive"]
+        optimiser.zero_grad()
+        term.backward()
+        optimiser.step()
+        values.append(term.item())
+    assert values[-1] < 0.8 * values[0], values
+    assert all(torch.equal(value, teacher[name]) for name, value in dino.teacher.state_dict().items())

@@ -9,11 +9,14 @@ resized crops drawn on the whole batch at once (``random_boxes``, ``crop``); eac
 grey with probability ``grayscale_probability``, so that matching views needs more than their
 colours, while colour stays a cue most pairs of views share. A global view's background is swapped
 for another scene's texture with probability ``background_swap_probability`` (``swap_backgrounds``,
-Ryali et al. 2021), so that two views of an image may share only the object. DINOv2's KoLeo term (``koleo_weight``)
-pushes the student's class tokens of a batch apart on the sphere; its iBOT term (``ibot_weight``)
-has masked student patches predict the teacher's. The region term (``region_weight``, I-JEPA-like)
-has the student's global class token, told where a small crop lies in its view, predict the
-teacher's output of that crop.
+Ryali et al. 2021), so that two views of an image may share only the object; an object restyle
+(``restyle_probability``, ``restyle_objects``) fills the object with one flat colour, so that they may
+share only its outline. A contrastive term (``contrastive_weight``, MoCo v3's InfoNCE) has each student
+global view's class token pick the teacher's of the image's other view among the batch's. DINOv2's
+KoLeo term (``koleo_weight``) pushes the student's class tokens of a batch apart on the sphere; its iBOT
+term (``ibot_weight``) has masked student patches predict the teacher's. The region term
+(``region_weight``, I-JEPA-like) has the student's global class token, told where a small crop lies in
+its view, predict the teacher's output of that crop.
 
 The shipped target (``RECIPES["dino"]``: these defaults, 6000 steps, 2026-12-05) encodes 5 of 6 factors
 (held-out probes colour 0.99, pattern 0.78, scene 1.00, position 1.00, size 0.96; shape 0.29) and the
@@ -61,6 +64,9 @@ class DinoOptions:
     blur_probability: float = 0.0         # chance a view is blurred (Gaussian, sigma uniform in blur_sigma pixels)
     blur_sigma: tuple[float, float] = (0.5, 2.0)
     background_swap_probability: float = 0.5  # chance a global view's background is swapped (``swap_backgrounds``)
+    restyle_probability: float = 0.0     # chance a global view's object turns one flat colour (``restyle_objects``)
+    contrastive_weight: float = 0.0      # MoCo v3's InfoNCE between the views' class tokens (0: off)
+    contrastive_temperature: float = 0.2
     student_temperature: float = 0.1
     teacher_temperature: float = 0.04
     center_momentum: float = 0.9
@@ -143,6 +149,25 @@ def swap_backgrounds(images: torch.Tensor, masks: torch.Tensor, backgrounds: tor
     inside = masks.unsqueeze(1).to(images.dtype)
     swapped = inside * images + (1 - inside) * backgrounds[chosen]
     return torch.where((draws < probability).view(-1, 1, 1, 1), swapped, images)
+
+
+def restyle_objects(images: torch.Tensor, masks: torch.Tensor, probability: float,
+                    generator: torch.Generator) -> torch.Tensor:
+    """images [B, 3, H, W] in [0, 1] with, for each image with ``probability``, its object's pixels (masks
+    [B, H, W] bool) set to one uniformly random colour: the silhouette stays, its colour and pattern go (as
+    Stylized-ImageNet keeps shapes and changes textures)."""
+    draws = torch.rand(images.shape[0], generator=generator)
+    fill = torch.rand(images.shape[0], 3, 1, 1, generator=generator)
+    inside = masks.unsqueeze(1).to(images.dtype)
+    restyled = inside * fill + (1 - inside) * images
+    return torch.where((draws < probability).view(-1, 1, 1, 1), restyled, images)
+
+
+def info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[] InfoNCE of queries [B, d] against keys [B, d] (row i's positive is key i, the other rows its
+    negatives), on L2-normalised vectors."""
+    logits = F.normalize(queries, dim=-1) @ F.normalize(keys, dim=-1).T / temperature                 # [B, B]
+    return F.cross_entropy(logits, torch.arange(len(queries)))
 
 
 def random_blur(images: torch.Tensor, probability: float, sigma: tuple[float, float],
@@ -299,7 +324,7 @@ class Dino(nn.Module):
     def views(self, images: torch.Tensor, generator: torch.Generator, masks: torch.Tensor | None = None
               ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(2 global views, ``local_crops`` local views) of images [B, 3, H, W] in [0, 1], normalised;
-        masks [B, H, W] bool: the objects' pixels (needed for background swaps only)."""
+        masks [B, H, W] bool: the objects' pixels (needed for background swaps and object restyles only)."""
         global_views, local_views, _ = self._views(images, generator, masks)
         return global_views, local_views
 
@@ -307,17 +332,26 @@ class Dino(nn.Module):
         """``views`` and the global views' boxes [2, B, 2, 3] (``random_boxes``)."""
         o = self.options
         boxes = random_boxes(2, images.shape[0], o.global_scale, generator, o.flip_probability)
-        if o.background_swap_probability:
+        if o.background_swap_probability or o.restyle_probability:
             if masks is None:
-                raise ValueError("background_swap_probability needs the objects' masks [B, H, W]")
-            global_crops = [crop(swap_backgrounds(images, masks, self.backgrounds, o.background_swap_probability,
-                                                  generator), box[None], o.global_size)[0] for box in boxes]
+                raise ValueError("background swaps and object restyles need the objects' masks [B, H, W]")
+            global_crops = [crop(self._swap_and_restyle(images, masks, generator), box[None], o.global_size)[0]
+                            for box in boxes]
         else:
             global_crops = crop(images, boxes, o.global_size)
         crops = (global_crops,
                  random_crops(images, o.local_crops, o.local_size, o.local_scale, generator, o.flip_probability))
         global_views, local_views = ([self.normalise(self._recolour(c, generator)) for c in group] for group in crops)
         return global_views, local_views, boxes
+
+    def _swap_and_restyle(self, images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator
+                          ) -> torch.Tensor:
+        o = self.options
+        if o.background_swap_probability:
+            images = swap_backgrounds(images, masks, self.backgrounds, o.background_swap_probability, generator)
+        if o.restyle_probability:
+            images = restyle_objects(images, masks, o.restyle_probability, generator)
+        return images
 
     def _recolour(self, view: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         o = self.options
@@ -330,24 +364,25 @@ class Dino(nn.Module):
     def loss(self, images: torch.Tensor, generator: torch.Generator, masks: torch.Tensor | None = None
              ) -> torch.Tensor:
         """The training loss of one batch of images [B, 3, H, W] in [0, 1] (objects' ``masks`` [B, H, W]
-        for background swaps): ``terms`` weighted and summed."""
+        for background swaps and object restyles): ``terms`` weighted and summed."""
         o = self.options
         terms = self.terms(images, generator, masks)
-        weights = {"dino": 1.0, "koleo": o.koleo_weight, "ibot": o.ibot_weight, "region": o.region_weight}
+        weights = {"dino": 1.0, "koleo": o.koleo_weight, "ibot": o.ibot_weight, "region": o.region_weight,
+                   "contrastive": o.contrastive_weight}
         return sum(weights[name] * term for name, term in terms.items())
 
     def terms(self, images: torch.Tensor, generator: torch.Generator, masks: torch.Tensor | None = None
               ) -> dict[str, torch.Tensor]:
-        """{"dino", and "koleo" / "ibot" / "region" where their weight is not 0}: the unweighted terms of one batch
-        of images [B, 3, H, W] in [0, 1] (objects' ``masks`` [B, H, W] for background swaps); updates the
-        centres (momentum centering)."""
+        """{"dino", and "koleo" / "ibot" / "region" / "contrastive" where their weight is not 0}: the unweighted
+        terms of one batch of images [B, 3, H, W] in [0, 1] (objects' ``masks`` [B, H, W] for swaps and
+        restyles); updates the centres (momentum centering)."""
         o = self.options
         global_views, local_views, global_boxes = self._views(images, generator, masks)
         patch_masks = self._patch_masks(images.shape[0], generator) if o.ibot_weight else [None, None]
         with torch.no_grad():
             teacher_tokens = [self.teacher["backbone"].forward_features(v) for v in global_views]  # each [B, T, d]
-            teacher = torch.stack([self.teacher["head"](self.teacher["backbone"].forward_head(t))
-                                   for t in teacher_tokens])                                    # [2, B, K]
+            teacher_features = [self.teacher["backbone"].forward_head(t) for t in teacher_tokens]  # each [B, d]
+            teacher = torch.stack([self.teacher["head"](f) for f in teacher_features])          # [2, B, K]
             targets = self._targets(teacher, self.center)                                  # [2, B, K]
         student_tokens = [self._student_tokens(v, m) for v, m in zip(global_views, patch_masks)]  # each [B, T, d]
         backbone = self.student["backbone"]
@@ -363,6 +398,9 @@ class Dino(nn.Module):
             terms["ibot"] = self._ibot(teacher_tokens, student_tokens, patch_masks)
         if o.region_weight:
             terms["region"] = self._region(images, torch.stack(features[:2]), global_boxes, generator)
+        if o.contrastive_weight:  # each student global view against the teacher's other view
+            terms["contrastive"] = (info_nce(features[0], teacher_features[1], o.contrastive_temperature)
+                                    + info_nce(features[1], teacher_features[0], o.contrastive_temperature)) / 2
         return terms
 
     def _region(self, images: torch.Tensor, features: torch.Tensor, global_boxes: torch.Tensor,
