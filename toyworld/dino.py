@@ -332,21 +332,20 @@ class Dino(nn.Module):
         """``views`` and the global views' boxes [2, B, 2, 3] (``random_boxes``)."""
         o = self.options
         boxes = random_boxes(2, images.shape[0], o.global_scale, generator, o.flip_probability)
-        if o.background_swap_probability or o.restyle_probability:
-            if masks is None:
-                raise ValueError("background swaps and object restyles need the objects' masks [B, H, W]")
-            global_crops = [crop(self._swap_and_restyle(images, masks, generator), box[None], o.global_size)[0]
-                            for box in boxes]
-        else:
-            global_crops = crop(images, boxes, o.global_size)
+        global_crops = [crop(self._swap_and_restyle(images, masks, generator), box[None], o.global_size)[0]
+                        for box in boxes]
         crops = (global_crops,
                  random_crops(images, o.local_crops, o.local_size, o.local_scale, generator, o.flip_probability))
         global_views, local_views = ([self.normalise(self._recolour(c, generator)) for c in group] for group in crops)
         return global_views, local_views, boxes
 
-    def _swap_and_restyle(self, images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator
+    def _swap_and_restyle(self, images: torch.Tensor, masks: torch.Tensor | None, generator: torch.Generator
                           ) -> torch.Tensor:
+        """images [B, 3, H, W] with backgrounds swapped and objects restyled as the options ask (each global
+        view draws its own)."""
         o = self.options
+        if (o.background_swap_probability or o.restyle_probability) and masks is None:
+            raise ValueError("background swaps and object restyles need the objects' masks [B, H, W]")
         if o.background_swap_probability:
             images = swap_backgrounds(images, masks, self.backgrounds, o.background_swap_probability, generator)
         if o.restyle_probability:
