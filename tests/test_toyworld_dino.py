@@ -31,7 +31,8 @@ from toyworld.pools import as_float, background_textures, image_pool
 # DINO's own recipe (the former defaults)
 TINY = DinoOptions(prototypes=64, hidden=32, bottleneck=16, global_size=32, local_crops=2, local_size=16,
                    teacher_momentum=0.9, global_scale=(0.5, 1.0), flip_probability=0.5, centering=Centering.MOMENTUM,
-                   sincos_positions=False, region_weight=0.0, background_swap_probability=0.0)
+                   sincos_positions=False, region_weight=0.0, background_swap_probability=0.0,
+                   restyle_probability=0.0, contrastive_weight=0.0)
 SHIPPED_TINY = DinoOptions(prototypes=64, hidden=32, bottleneck=16, global_size=32, region_size=16)  # the defaults
 
 
@@ -289,10 +290,24 @@ def test_sincos_positions_refuse_a_backbone_without_a_position_table():
 
 
 def test_the_shipped_objective_learns_on_a_tiny_run_without_collapsing():
-    """The defaults (background swaps, Sinkhorn-Knopp targets, the region term, sin-cos positions): the
-    summed loss falls well below its start and the teacher does not put every image on one prototype."""
+    """The defaults (background swaps, object restyles, Sinkhorn-Knopp targets, the region and contrastive
+    terms, sin-cos positions): on one fixed batch of views every term falls (DINO, KoLeo and region terms
+    well below their start; the contrastive one from above log B towards it), and the teacher does not put
+    every image on one prototype."""
+    pool = image_pool(3, range(64), size=32)
+
+    def terms(dino: Dino) -> dict[str, float]:
+        with torch.no_grad():
+            measured = dino.terms(as_float(pool.images), torch.Generator().manual_seed(1), pool.masks)
+        return {name: term.item() for name, term in measured.items()}
+
+    before = terms(Dino(tiny_backbone(), SHIPPED_TINY, target_preprocess, background_textures(32)))
     losses, dino, images = tiny_run(SHIPPED_TINY)
-    assert sum(losses[-5:]) / 5 < 0.7 * max(losses[:5]), losses
+    after = terms(dino)
+    assert set(after) == {"dino", "koleo", "region", "contrastive"}, after
+    assert all(after[name] < 0.8 * before[name] for name in ("dino", "koleo", "region")), (before, after)
+    assert after["contrastive"] < before["contrastive"] - 0.5, (before, after)
+    assert sum(losses[-5:]) / 5 < 0.8 * max(losses[:5]), losses
     with torch.no_grad():
         assigned = dino.teacher["head"](dino.teacher_backbone(target_preprocess(images))).argmax(-1)
     assert len(assigned.unique()) > 1, assigned                     # not one prototype for every image
